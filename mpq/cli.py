@@ -1,0 +1,187 @@
+"""The `mpq` command: the only place where names map to solvers, models and formats.
+
+Bad input exits with status 2 and one ``error:`` line that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mpq.errors import MpqError
+
+
+def _common_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="bundled id (smollm2-135m, minilm-l6, mobilenet-v2) or a local HF folder",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="only targets whose name matches (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="skip targets whose name matches (repeatable; default: the model's own)",
+    )
+    p.add_argument(
+        "--no-ties",
+        action="store_true",
+        help="do not tie q/k/v and gate/up projections to one format",
+    )
+
+
+def _common_data(
+    p: argparse.ArgumentParser, default: str, split: str, n: int, seq: int | None
+) -> None:
+    p.add_argument("--data", default=default, help="wiki | bbc (text), photos (CNN)")
+    p.add_argument("--split", default=split, help="calib | heldout")
+    p.add_argument("--n", type=int, default=n, help="windows / documents / images")
+    p.add_argument("--seq-len", type=int, default=seq, help="tokens per window")
+
+
+def _formats(text: str) -> list:
+    from mpq.formats import QuantFormat
+
+    return [QuantFormat.parse(s) for s in text.split(",") if s.strip()]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mpq.formats import KEEP
+    from mpq.pipeline import prepare
+    from mpq.plan import uniform_plan
+
+    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    rows = []
+    for t in prep.targets:
+        macs = prep.cost.macs[t.name] if prep.cost.macs else 0
+        alias = f" (also {', '.join(t.aliases)})" if t.aliases else ""
+        rows.append(
+            f"{t.name:<48} {t.kind:<9} {str(list(t.shape)):<16} {macs:>12,} {t.tie or '-'}{alias}"
+        )
+    keep = prep.cost.plan_cost(uniform_plan(prep.targets, KEEP, prep.loaded.model_id))
+    print(f"{'target':<48} {'kind':<9} {'shape':<16} {'MACs/sample':>12} tie group")
+    print("\n".join(rows))
+    ties = {t.tie for t in prep.targets if t.tie}
+    print(
+        f"\n{len(prep.targets)} targets, {len(ties)} tie groups, "
+        f"{prep.cost.target_numel:,} target weights of {prep.cost.model_numel:,} model values.\n"
+        f"fp32 model: {prep.cost.fp_bits // 8:,} bytes; targets kept at fp16: "
+        f"{keep.total_bytes:,} bytes; fixed (non-target) tensors: "
+        f"{prep.cost.fixed_bits // 8:,} bytes."
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mpq.pipeline import Evaluator, prepare, task_for
+    from mpq.plan import parse_plan_arg
+
+    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    plan = (
+        None if args.plan == "fp" else parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)
+    )
+    task = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
+    result, seconds = Evaluator(prep, task)(plan, label=args.plan)
+    out = dict(result.metrics)
+    if plan is not None:
+        out.update(prep.cost.plan_cost(plan).summary())
+    out["seconds"] = seconds
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from mpq.pipeline import damage_table, prepare, solve, task_for
+    from mpq.problem import parse_budget
+
+    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    formats = _formats(args.formats)
+    budget = parse_budget(args.budget)
+    table = None
+    if args.solver != "uniform":
+        calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
+        table = damage_table(prep, formats, calib)
+    plan, sol = solve(prep, args.solver, formats, budget, table)
+    plan.save(args.out)
+    cost = prep.cost.plan_cost(plan)
+    print(
+        f"{sol.solver}: {sol.status} in {sol.wall_time:.3f}s; effective bits "
+        f"{cost.effective_bits:.4f}, model {cost.total_bytes:,} bytes; plan written to {args.out}"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mpq.compare import run_compare
+    from mpq.config import load_config
+
+    cfg = load_config(args.config)
+    t0 = time.perf_counter()
+    folder = run_compare(cfg, Path(args.out))
+    print(f"report: {folder / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list targets, shapes, tie groups and fp bytes")
+    _common_model(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="evaluate a plan (or fp) on held-out data")
+    _common_model(p)
+    p.add_argument(
+        "--plan", required=True, help="plan JSON file, 'uniform:4', 'uniform:4:g128:asym', or 'fp'"
+    )
+    _common_data(p, "wiki", "heldout", 8, None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("solve", help="allocate bits under a budget and write a plan")
+    _common_model(p)
+    p.add_argument("--solver", default="greedy", choices=["uniform", "greedy"])
+    p.add_argument("--budget", required=True, help="e.g. 'bits=4.0', '4.0', 'bytes=80e6'")
+    p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
+    p.add_argument("--out", required=True, help="where to write the plan JSON")
+    _common_data(p, "wiki", "calib", 2, 128)
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("compare", help="run a comparison config and write a report")
+    p.add_argument(
+        "--config", required=True, help="TOML file, e.g. experiments/configs/smollm2.toml"
+    )
+    p.add_argument("--out", default="reports", help="folder for reports/<name>/")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("MPQ_THREADS", os.cpu_count() or 1)))
+        return int(args.func(args))
+    except MpqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Comparison configs (TOML) as frozen dataclasses, validated with clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpq.errors import MpqError
+from mpq.formats import QuantFormat
+from mpq.problem import parse_budget
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    data: tuple[str, ...]
+    split: str
+    n: int | None
+    seq_len: int | None
+    batch_size: int | None
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    solver: str
+    budgets: tuple[dict[str, float], ...]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    name: str
+    model: str
+    formats: tuple[QuantFormat, ...]
+    uniform: tuple[QuantFormat, ...]
+    calibration: DataSpec
+    evaluation: DataSpec
+    solves: tuple[SolveSpec, ...]
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] | None = None
+    ties: bool = True
+    source: str = field(default="", compare=False)
+
+
+SOLVERS = ("uniform", "greedy")
+_TOP = {
+    "name",
+    "model",
+    "formats",
+    "uniform",
+    "calibration",
+    "evaluation",
+    "solve",
+    "include",
+    "exclude",
+    "ties",
+}
+
+
+def _data(d: Any, where: str, default_split: str) -> DataSpec:
+    if not isinstance(d, dict):
+        raise MpqError(f"[{where}] must be a table with at least `data = ...`")
+    unknown = set(d) - {"data", "split", "n", "seq_len", "batch_size"}
+    if unknown:
+        raise MpqError(f"[{where}] has unknown keys {sorted(unknown)}")
+    data = d.get("data")
+    if isinstance(data, str):
+        data = [data]
+    if not data:
+        raise MpqError(f'[{where}] needs `data` (e.g. "wiki" or ["wiki", "bbc"])')
+    n = d.get("n")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise MpqError(f"[{where}] n must be a positive integer, got {n!r}")
+    return DataSpec(
+        tuple(data), str(d.get("split", default_split)), n, d.get("seq_len"), d.get("batch_size")
+    )
+
+
+def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
+    unknown = set(obj) - _TOP
+    if unknown:
+        raise MpqError(f"config {source}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
+    for key in ("name", "model", "formats", "calibration", "evaluation"):
+        if key not in obj:
+            raise MpqError(f"config {source}: missing `{key}`")
+    formats = tuple(QuantFormat.parse(str(f)) for f in obj["formats"])
+    uniform = tuple(QuantFormat.parse(str(f)) for f in obj.get("uniform", []))
+    solves = []
+    for s in obj.get("solve", []):
+        solver = s.get("solver")
+        if solver not in SOLVERS:
+            raise MpqError(f"config {source}: solver {solver!r} is unknown; use one of {SOLVERS}")
+        budgets = tuple(parse_budget(str(b)) for b in s.get("budgets", []))
+        if not budgets:
+            raise MpqError(f"config {source}: solver {solver!r} needs `budgets`")
+        solves.append(SolveSpec(solver, budgets))
+    exclude = obj.get("exclude")
+    return CompareConfig(
+        name=str(obj["name"]),
+        model=str(obj["model"]),
+        formats=formats,
+        uniform=uniform,
+        calibration=_data(obj["calibration"], "calibration", "calib"),
+        evaluation=_data(obj["evaluation"], "evaluation", "heldout"),
+        solves=tuple(solves),
+        include=tuple(obj.get("include", ())),
+        exclude=tuple(exclude) if exclude is not None else None,
+        ties=bool(obj.get("ties", True)),
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> CompareConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise MpqError(f"config file {str(p)!r} does not exist")
+    try:
+        obj = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise MpqError(f"config {str(p)!r} is not valid TOML: {exc}") from exc
+    return parse_config(obj, str(p))

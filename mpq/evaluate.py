@@ -1,0 +1,117 @@
+"""What a quantized model lost, against its own fp32 outputs and, where there are labels, the truth.
+
+One evaluation loop serves every model family through a :class:`~mpq.tasks.Task`, whose head
+turns a batch into logits ``[units, positions, classes]`` (units: text windows, documents or
+images). Per unit we record the mean KL(fp || quantized), top-1 agreement with fp, and (with
+labels) the mean NLL and accuracy. Standard errors are over units; perplexity's 95% interval is
+``exp(mean NLL +- 1.96 se)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpq.errors import MpqError
+from mpq.tasks import Task
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The fp model's log-probabilities on every batch of one task, computed once."""
+
+    logprobs: tuple[torch.Tensor, ...]
+
+
+def reference(task: Task, model: nn.Module, progress: bool = False) -> Reference:
+    out = []
+    with torch.no_grad():
+        for batch in tqdm(task.batches, desc="fp reference", disable=not progress, leave=False):
+            out.append(torch.log_softmax(task.head(model, batch).float(), dim=-1))
+    return Reference(tuple(out))
+
+
+@dataclass(frozen=True)
+class UnitStats:
+    """Per-unit measurements of one evaluation (one row per window / document / image)."""
+
+    kl: torch.Tensor
+    agree: torch.Tensor
+    nll: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    positions: int = 1
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    x = x.double()
+    mean = float(x.mean())
+    se = float(x.std(unbiased=True) / math.sqrt(x.numel())) if x.numel() > 1 else float("nan")
+    return mean, se
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+
+def batch_stats(
+    logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: torch.Tensor | None
+) -> UnitStats:
+    """Per-unit KL, agreement, NLL and accuracy from logits ``[U, P, C]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1).mean(-1)
+    agree = (logp.argmax(-1) == ref_logprobs.argmax(-1)).float().mean(-1)
+    nll = correct = None
+    if labels is not None:
+        nll = -logp.gather(-1, labels[..., None]).squeeze(-1).mean(-1)
+        correct = (logp.argmax(-1) == labels).float().mean(-1)
+    return UnitStats(kl=kl, agree=agree, nll=nll, correct=correct, positions=logits.shape[1])
+
+
+def summarize(stats: Sequence[UnitStats]) -> EvalResult:
+    kl = torch.cat([s.kl for s in stats])
+    agree = torch.cat([s.agree for s in stats])
+    m: dict[str, float] = {"n_units": float(kl.numel())}
+    m["n_positions"] = float(sum(s.kl.numel() * s.positions for s in stats))
+    m["kl"], m["kl_se"] = _mean_se(kl)
+    m["agree"], m["agree_se"] = _mean_se(agree)
+    if all(s.nll is not None for s in stats):
+        nll = torch.cat([s.nll for s in stats if s.nll is not None])
+        m["nll"], m["nll_se"] = _mean_se(nll)
+        se = m["nll_se"] if math.isfinite(m["nll_se"]) else 0.0
+        m["ppl"] = math.exp(m["nll"])
+        m["ppl_lo"] = math.exp(m["nll"] - Z95 * se)
+        m["ppl_hi"] = math.exp(m["nll"] + Z95 * se)
+    if all(s.correct is not None for s in stats):
+        correct = torch.cat([s.correct for s in stats if s.correct is not None])
+        m["acc"], m["acc_se"] = _mean_se(correct)
+    return EvalResult(m)
+
+
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    ref: Reference,
+    *,
+    progress: bool = False,
+    desc: str = "eval",
+) -> EvalResult:
+    """Evaluate ``model`` on ``task`` against the fp reference ``ref``."""
+    if len(ref.logprobs) != len(task.batches):
+        raise MpqError("reference and task have different batches; recompute the reference")
+    stats = []
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(task.batches, desc=desc, disable=not progress, leave=False)):
+            labels = task.labels[i] if task.labels is not None else None
+            stats.append(batch_stats(task.head(model, batch), ref.logprobs[i], labels))
+    return summarize(stats)

@@ -1,0 +1,142 @@
+"""`QuantFormat`: how one weight tensor is stored.
+
+A format is data: bit-width of the codes, grouping, symmetry, scale dtype, method, and the bits of
+the activations that feed the layer. Its storage cost lives in :mod:`mpq.cost`, nowhere else.
+
+Spec strings (CLI and configs): ``"4"``, ``"4:g128"``, ``"4:g128:asym"``, ``"3:asym:bf16"``,
+``"8:a8"``, ``"16"`` (keep in high precision). Tokens after the bits, in any order:
+``g<N>`` group size (default: one group per output channel), ``sym``/``asym``,
+``fp16``/``bf16``/``fp32`` scale dtype, ``rtn``/``gptq`` method, ``a<N>`` activation bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mpq.errors import MpqError
+
+KEEP_BITS = 16
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+SUPPORTED_BITS = (*QUANT_BITS, KEEP_BITS)
+SCALE_DTYPES = {"float16": 16, "bfloat16": 16, "float32": 32}
+_SCALE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+METHODS = ("rtn", "gptq")
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """Storage of one weight: ``bits`` codes (2..8) or 16 = kept as float16.
+
+    ``group_size=None`` means one scale (and zero-point) per output channel; otherwise one per
+    ``group_size`` consecutive input weights of a row. ``act_bits`` is the bit-width of the layer's
+    input activations (16 = not quantized), used by BOPs budgets.
+    """
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+    scale_dtype: str = "float16"
+    method: str = "rtn"
+    act_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise MpqError(
+                f"bits={self.bits} is not supported: use one of {list(QUANT_BITS)} "
+                f"or {KEEP_BITS} (keep in high precision)"
+            )
+        if self.group_size is not None and (self.group_size < 1):
+            raise MpqError(f"group_size={self.group_size} must be a positive integer or None")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise MpqError(
+                f"scale_dtype={self.scale_dtype!r} is unknown: use one of {sorted(SCALE_DTYPES)}"
+            )
+        if self.method not in METHODS:
+            raise MpqError(f"method={self.method!r} is unknown: use one of {list(METHODS)}")
+        if self.act_bits not in ACT_BITS:
+            raise MpqError(
+                f"act_bits={self.act_bits} is not supported: use one of {list(ACT_BITS)}"
+            )
+
+    @property
+    def keep(self) -> bool:
+        """True when the weight stays in high precision (float16)."""
+        return self.bits == KEEP_BITS
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    def spec(self) -> str:
+        """The canonical spec string; ``QuantFormat.parse(f.spec()) == f``."""
+        if self.keep:
+            return "16" if self.act_bits == KEEP_BITS else f"16:a{self.act_bits}"
+        parts = [str(self.bits)]
+        if self.group_size is not None:
+            parts.append(f"g{self.group_size}")
+        if not self.symmetric:
+            parts.append("asym")
+        if self.scale_dtype != "float16":
+            parts.append({v: k for k, v in _SCALE_ALIASES.items()}[self.scale_dtype])
+        if self.method != "rtn":
+            parts.append(self.method)
+        if self.act_bits != KEEP_BITS:
+            parts.append(f"a{self.act_bits}")
+        return ":".join(parts)
+
+    def __str__(self) -> str:
+        return self.spec()
+
+    @classmethod
+    def parse(cls, spec: str) -> QuantFormat:
+        """Parse a spec string such as ``"4:g128:asym"`` (see the module docstring)."""
+        tokens = [t.strip().lower() for t in str(spec).split(":") if t.strip()]
+        if not tokens or not tokens[0].isdigit():
+            raise MpqError(
+                f"format {spec!r} must start with the bit-width, e.g. '4', '4:g128:asym' or '16'"
+            )
+        kwargs: dict[str, Any] = {"bits": int(tokens[0])}
+        for tok in tokens[1:]:
+            if tok.startswith("g") and tok[1:].isdigit():
+                kwargs["group_size"] = int(tok[1:])
+            elif tok in ("sym", "asym"):
+                kwargs["symmetric"] = tok == "sym"
+            elif tok in _SCALE_ALIASES:
+                kwargs["scale_dtype"] = _SCALE_ALIASES[tok]
+            elif tok in METHODS:
+                kwargs["method"] = tok
+            elif tok.startswith("a") and tok[1:].isdigit():
+                kwargs["act_bits"] = int(tok[1:])
+            else:
+                raise MpqError(
+                    f"format {spec!r}: unknown token {tok!r}; expected g<N>, sym, asym, "
+                    f"fp16, bf16, fp32, rtn, gptq or a<N>"
+                )
+        if kwargs["bits"] == KEEP_BITS:
+            kwargs = {"bits": KEEP_BITS, "act_bits": kwargs.get("act_bits", KEEP_BITS)}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> QuantFormat:
+        if not isinstance(data, dict):
+            raise MpqError(f"a format must be a JSON object, got {type(data).__name__}: {data!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown or "bits" not in data:
+            raise MpqError(
+                f"format {data!r}: unknown keys {sorted(unknown)} or missing 'bits'; "
+                f"allowed keys are {sorted(known)}"
+            )
+        return cls(**data)
+
+
+KEEP = QuantFormat(bits=KEEP_BITS)

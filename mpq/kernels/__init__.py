@@ -1,0 +1,1 @@
+"""Bit packing and the kernels that run packed low-bit weights."""

@@ -1,0 +1,231 @@
+"""Reports of a comparison: ``report.md``, ``results.csv``, plots and the plans.
+
+The verdict lines compare each mixed plan with the best uniform plan that uses no more
+effective bits, on the primary metric of the task (perplexity, accuracy or KL), and say plainly
+when the mixed plan loses.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mpq import __version__
+from mpq.plan import atomic_write_text
+from mpq.sensitivity.table import SensitivityTable
+
+if TYPE_CHECKING:
+    from mpq.compare import PlanEntry
+    from mpq.config import CompareConfig
+
+
+def primary_metric(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:
+    """(metric, lower_is_better) for the rows of one dataset."""
+    keys = set(rows[0]) if rows else set()
+    if "ppl" in keys:
+        return "ppl", True
+    if "acc" in keys:
+        return "acc", False
+    return "kl", True
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per mixed plan: does it beat the best uniform plan within its effective bits?"""
+    metric, lower = primary_metric(rows)
+    uniform = [r for r in rows if r["policy"] == "uniform"]
+    out = []
+    for r in rows:
+        if r["policy"] in ("uniform", "fp32"):
+            continue
+        fits = [u for u in uniform if u["effective_bits"] <= r["effective_bits"] + 1e-9]
+        above = [u for u in uniform if u["effective_bits"] > r["effective_bits"] + 1e-9]
+        mine = r[metric]
+        line = f"- **{r['plan']}** ({r['effective_bits']:.3f} bits, {metric} {_fmt(mine)}): "
+        if not fits:
+            line += "no uniform plan fits within its bits."
+        else:
+            best = (min if lower else max)(fits, key=lambda u: u[metric])
+            worse = mine > best[metric] if lower else mine < best[metric]
+            word = "LOSES to" if worse else "beats"
+            line += (
+                f"{word} the best uniform plan within its bits, {best['plan']} "
+                f"({best['effective_bits']:.3f} bits, {metric} {_fmt(best[metric])})."
+            )
+        if above:
+            nxt = min(above, key=lambda u: u["effective_bits"])
+            cmp = "better" if (nxt[metric] < mine if lower else nxt[metric] > mine) else "worse"
+            line += (
+                f" The next uniform plan up, {nxt['plan']}, spends {nxt['effective_bits']:.3f} "
+                f"bits and is {cmp} ({metric} {_fmt(nxt[metric])})."
+            )
+        out.append(line)
+    return out
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    metric, _ = primary_metric(rows)
+    head = ["plan", "eff. bits", "model bits", "MB", "BOPs"]
+    if metric == "ppl":
+        head += ["ppl", "ppl 95% CI", "ppl se"]
+    if "acc" in rows[0]:
+        head += ["acc", "acc se"]
+    head += ["KL", "KL se", "top-1 agree", "est. s", "solve s", "eval s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["effective_bits"], r["plan"])):
+        cells = [
+            r["plan"],
+            f"{r['effective_bits']:.3f}",
+            f"{r['model_bits']:.3f}",
+            f"{r['bytes'] / 1e6:.2f}",
+            f"{r['bops']:.3g}" if r["bops"] else "-",
+        ]
+        if metric == "ppl":
+            se = r["ppl"] * r["nll_se"] if math.isfinite(r.get("nll_se", math.nan)) else math.nan
+            cells += [_fmt(r["ppl"]), f"[{_fmt(r['ppl_lo'])}, {_fmt(r['ppl_hi'])}]", _fmt(se, 3)]
+        if "acc" in r:
+            cells += [_fmt(r["acc"]), _fmt(r["acc_se"], 2)]
+        cells += [
+            _fmt(r["kl"]),
+            _fmt(r["kl_se"], 2),
+            _fmt(r["agree"]),
+            f"{r['estimator_s']:.0f}",
+            f"{r['solver_s']:.3f}",
+            f"{r['eval_s']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Primary metric vs effective bits, one panel per dataset, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["data"] for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, data in zip(axes[0], datasets, strict=True):
+        sub = [r for r in rows if r["data"] == data]
+        metric, lower = primary_metric(sub)
+        for policy in dict.fromkeys(r["policy"] for r in sub):
+            if policy == "fp32":
+                continue
+            pts = sorted(
+                (r["effective_bits"], r[metric], r["plan"]) for r in sub if r["policy"] == policy
+            )
+            xs, ys, names = zip(*pts, strict=True)
+            style = "o-" if policy == "uniform" else "s--"
+            ax.plot(xs, ys, style, label=policy)
+            if policy == "uniform":
+                for x, y, n in pts:
+                    ax.annotate(
+                        n.split(":", 1)[1],
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                    )
+        fp = [r for r in sub if r["policy"] == "fp32"]
+        if fp:
+            ax.axhline(fp[0][metric], color="gray", ls=":", label="fp32")
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("effective bits per target weight (scales included)")
+        ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
+        ax.set_title(f"{data}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
+    """Per-layer weight bits of each mixed plan (rows: plans, columns: targets in model order)."""
+    mixed = [e for e in entries if e.policy not in ("uniform", "fp32") and e.plan is not None]
+    if not mixed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(mixed[0].plan.formats) if mixed[0].plan else []
+    grid = np.array([[e.plan.formats[n].bits for n in names] for e in mixed if e.plan])
+    fig, ax = plt.subplots(figsize=(max(8, len(names) / 12), 1 + 0.5 * len(mixed)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(mixed)), [e.name for e in mixed])
+    ax.set_xlabel("target (model order)")
+    fig.colorbar(im, ax=ax, label="weight bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    cfg: CompareConfig,
+    folder: Path,
+    rows: list[dict[str, Any]],
+    entries: Sequence[PlanEntry],
+    table: SensitivityTable | None,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        if entry.plan is not None:
+            entry.plan.save(folder / "plans" / f"{entry.name.replace('/', '_')}.json")
+    if table is not None:
+        table.save(folder / "sensitivity.json")
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "results.csv", buf.getvalue())
+    plot_quality(rows, folder / "quality_vs_bits.png")
+    bits_png = plot_bits(entries, folder / "plan_bits.png")
+    e = cfg.evaluation
+    c = cfg.calibration
+    md = [
+        f"# {cfg.name}",
+        "",
+        f"Model `{cfg.model}`; candidate formats {', '.join(f.spec() for f in cfg.formats)} "
+        f"(RTN; `g<N>` = group size, else per output channel; `asym` = with zero-points; "
+        f"fp16 scales unless noted). Effective bits count codes, scales and zero-points of "
+        f"every target; model bits and MB count every tensor of the model.",
+        f"Calibration: `{c.data[0]}` {c.split}, n={c.n}, seq_len={c.seq_len}. "
+        f"Evaluation: {', '.join(e.data)} {e.split}, n={e.n}, seq_len={e.seq_len}. "
+        f"95% CIs are over evaluation units (windows / documents / images).",
+        f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by mpq "
+        f"{__version__} from `{cfg.source}`.",
+        "",
+        "![quality vs bits](quality_vs_bits.png)",
+    ]
+    if bits_png is not None:
+        md += ["", "![per-layer bits of the mixed plans](plan_bits.png)"]
+    for data in dict.fromkeys(r["data"] for r in rows):
+        sub = [r for r in rows if r["data"] == data]
+        md += ["", f"## {data}", "", _table(sub), ""]
+        v = verdicts(sub)
+        if v:
+            md += ["Mixed vs uniform:", "", *v]
+    atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
+    return folder

@@ -1,0 +1,115 @@
+"""`SensitivityTable`: the output of every estimator, as versioned JSON.
+
+Per target a ``score`` and, where the estimator measures it, a ``distortion`` per format spec
+(e.g. ``{"4": 0.012, "3": 0.081}``), with standard errors where the estimator is stochastic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from mpq.errors import MpqError
+
+TABLE_TYPE = "SensitivityTable"
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    estimator: str
+    model_id: str
+    data_id: str
+    distortions: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    scores: Mapping[str, float] = field(default_factory=dict)
+    stderr: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [
+            f"{name}@{spec}"
+            for name, row in self.distortions.items()
+            for spec, v in row.items()
+            if not math.isfinite(v)
+        ] + [name for name, v in self.scores.items() if not math.isfinite(v)]
+        if bad:
+            raise MpqError(
+                f"sensitivity table from {self.estimator!r} has NaN/inf values for {bad[:5]}"
+                f"{' ...' if len(bad) > 5 else ''}; recompute it (check the calibration data "
+                f"and that the model's fp outputs are finite)"
+            )
+        object.__setattr__(
+            self,
+            "distortions",
+            MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.distortions.items()}),
+        )
+        for name in ("scores", "stderr", "params"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def distortion(self, target: str, spec: str) -> float:
+        try:
+            return self.distortions[target][spec]
+        except KeyError:
+            raise MpqError(
+                f"the sensitivity table has no distortion for {target!r} at format {spec!r}; "
+                f"measure it with the candidate formats you solve over"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "_type": TABLE_TYPE,
+            "_version": TABLE_VERSION,
+            "_data": {
+                "estimator": self.estimator,
+                "model_id": self.model_id,
+                "data_id": self.data_id,
+                "params": dict(self.params),
+                "scores": dict(self.scores),
+                "stderr": dict(self.stderr),
+                "distortions": {k: dict(v) for k, v in self.distortions.items()},
+            },
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from mpq.plan import atomic_write_text
+
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> SensitivityTable:
+        if not isinstance(obj, dict) or obj.get("_type") != TABLE_TYPE:
+            raise MpqError('not a sensitivity table: expected "_type": "SensitivityTable"')
+        if obj.get("_version") != TABLE_VERSION:
+            raise MpqError(
+                f"sensitivity table version {obj.get('_version')!r} is not supported "
+                f"(reads {TABLE_VERSION}); recompute it with `mpq sensitivity`"
+            )
+        d = obj.get("_data")
+        if not isinstance(d, dict):
+            raise MpqError('sensitivity table has no "_data" object; the file is malformed')
+        return cls(
+            estimator=str(d.get("estimator")),
+            model_id=str(d.get("model_id")),
+            data_id=str(d.get("data_id")),
+            distortions={
+                k: {s: float(x) for s, x in v.items()} for k, v in d["distortions"].items()
+            },
+            scores={k: float(v) for k, v in d.get("scores", {}).items()},
+            stderr={k: float(v) for k, v in d.get("stderr", {}).items()},
+            params=dict(d.get("params", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityTable:
+        p = Path(path)
+        if not p.is_file():
+            raise MpqError(f"sensitivity table {str(p)!r} does not exist")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise MpqError(f"sensitivity table {str(p)!r} is not valid JSON: {exc}") from exc
