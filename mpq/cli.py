@@ -107,9 +107,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from mpq.pipeline import damage_table, prepare, solve, task_for
     from mpq.problem import parse_budget
 
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    if Path(args.out).is_dir():
+        raise MpqError(f"--out {args.out!r} is a folder; give the path of the plan file to write")
     formats = _formats(args.formats)
     budget = parse_budget(args.budget)
+    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     table = None
     if args.solver != "uniform":
         calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)

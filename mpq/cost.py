@@ -171,11 +171,7 @@ def count_macs(model: nn.Module, names: Iterable[str], sample: Any) -> dict[str,
 
     for name, module in model.named_modules():
         if name in wanted:
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o, name=name: hook(name, m, o)
-                )
-            )
+            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: hook(name, m, o)))
     try:
         with torch.no_grad():
             model(sample) if not isinstance(sample, dict) else model(**sample)

@@ -42,6 +42,12 @@ class QuantFormat:
     act_bits: int = 16
 
     def __post_init__(self) -> None:
+        for name in ("bits", "act_bits", "group_size"):
+            value = getattr(self, name)
+            if value is None and name == "group_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MpqError(f"{name}={value!r} must be an integer")
         if self.bits not in SUPPORTED_BITS:
             raise MpqError(
                 f"bits={self.bits} is not supported: use one of {list(QUANT_BITS)} "

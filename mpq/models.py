@@ -23,6 +23,13 @@ from torch import nn
 from mpq.errors import MpqError
 
 Family = str  # "causal_lm" | "encoder" | "cnn"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+)
 
 
 def cache_root() -> Path:
@@ -125,7 +132,14 @@ def _load_hf_folder(path: Path, model_id: str) -> LoadedModel:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise MpqError(f"{str(path)!r} has no config.json; give a Hugging Face model folder")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MpqError(
+            f"{str(cfg_file)!r} is not valid JSON ({exc}); the folder is broken"
+        ) from None
+    if not isinstance(config, dict):
+        raise MpqError(f"{str(cfg_file)!r} must hold a JSON object; the folder is broken")
     archs = config.get("architectures") or []
     causal = any(str(a).endswith("ForCausalLM") for a in archs)
     cls = AutoModelForCausalLM if causal else AutoModel
@@ -134,10 +148,12 @@ def _load_hf_folder(path: Path, model_id: str) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise MpqError(f"could not load the model in {str(path)!r}: {exc}") from exc
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
+    # Without tokenizer files, AutoTokenizer may build a useless all-[UNK] tokenizer: don't ask.
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
     model.eval()
     return LoadedModel(
         model_id=model_id,

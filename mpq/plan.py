@@ -101,6 +101,11 @@ class BitPlan:
             raise MpqError('plan file has no "_data.formats" object; the file is malformed')
         if not isinstance(data.get("model_id"), str):
             raise MpqError('plan file has no "_data.model_id" string; the file is malformed')
+        for key in ("budget", "meta"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise MpqError(
+                    f'plan file "_data.{key}" must be a JSON object; the file is malformed'
+                )
         formats = {}
         for name, f in data["formats"].items():
             try:
@@ -134,7 +139,11 @@ class BitPlan:
         p = Path(path)
         if not p.is_file():
             raise MpqError(f"plan file {str(p)!r} does not exist")
-        return cls.from_json(p.read_text())
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MpqError(f"plan file {str(p)!r} is not text; give a plan JSON file") from None
+        return cls.from_json(text)
 
     def validate(self, targets: Sequence[Target]) -> None:
         """Check names, formats and tie groups against a model's targets; list every problem."""

@@ -10,6 +10,7 @@ Budgets are given in user units and turned into limits on the decisions' costs h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,8 @@ def parse_budget(text: str) -> dict[str, float]:
             out[key] = float(value)
         except ValueError:
             raise MpqError(f"budget {part!r}: {value!r} is not a number") from None
+        if not math.isfinite(out[key]):
+            raise MpqError(f"budget {part!r}: {value!r} is not a finite number")
     if not out:
         raise MpqError(f"budget {text!r} is empty; write e.g. 'bits=4.0' or 'bytes=80e6'")
     return out

@@ -117,6 +117,7 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     datasets = list(dict.fromkeys(r["data"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
@@ -126,12 +127,20 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         for policy in dict.fromkeys(r["policy"] for r in sub):
             if policy == "fp32":
                 continue
-            pts = sorted(
-                (r["effective_bits"], r[metric], r["plan"]) for r in sub if r["policy"] == policy
+            mine = sorted(
+                (r for r in sub if r["policy"] == policy), key=lambda r: r["effective_bits"]
             )
-            xs, ys, names = zip(*pts, strict=True)
+            pts = [(r["effective_bits"], r[metric], r["plan"]) for r in mine]
+            xs, ys, _ = zip(*pts, strict=True)
             style = "o-" if policy == "uniform" else "s--"
-            ax.plot(xs, ys, style, label=policy)
+            if metric == "ppl":
+                err = [
+                    [r["ppl"] - r["ppl_lo"] for r in mine],
+                    [r["ppl_hi"] - r["ppl"] for r in mine],
+                ]
+                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=f"{policy} (95% CI)")
+            else:
+                ax.plot(xs, ys, style, label=policy)
             if policy == "uniform":
                 for x, y, n in pts:
                     ax.annotate(
@@ -146,6 +155,9 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.axhline(fp[0][metric], color="gray", ls=":", label="fp32")
         if metric == "ppl":
             ax.set_yscale("log")
+            fmt = FuncFormatter(lambda y, _: f"{y:g}")
+            ax.yaxis.set_major_formatter(fmt)
+            ax.yaxis.set_minor_formatter(fmt)
         ax.set_xlabel("effective bits per target weight (scales included)")
         ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
         ax.set_title(f"{data}")

@@ -110,12 +110,13 @@ def train_probe(
 
 
 def encoder_task(
-    loaded: LoadedModel, n_docs: int | None, seq_len: int, batch_size: int = 32
+    loaded: LoadedModel, split: str, n_docs: int | None, seq_len: int, batch_size: int = 32
 ) -> Task:
+    """BBC documents of ``split`` (calib = the probe's train split, heldout = test)."""
     if loaded.tokenizer is None:
         raise MpqError(f"{loaded.model_id} has no tokenizer; an encoder task needs one")
     w, b = train_probe(loaded.model, loaded.tokenizer, seq_len, batch_size)
-    texts, labels = data.labeled_texts("bbc", "test")
+    texts, labels = data.labeled_texts("bbc", split)
     texts, labels = texts[:n_docs], labels[:n_docs]
     batches = _tokenize(loaded.tokenizer, texts, seq_len, batch_size)
     lab = torch.tensor(labels, dtype=torch.long)
@@ -124,7 +125,7 @@ def encoder_task(
     def head(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (mean_pool(model, batch) @ w.T + b)[:, None, :]
 
-    return Task("encoder", "bbc", "test", batches, label_batches, head)
+    return Task("encoder", "bbc", split, batches, label_batches, head)
 
 
 def cnn_head(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,11 @@ def make_task(
     batch_size: int | None = None,
 ) -> Task:
     """The task for ``loaded``'s family on ``data_id``: ``n`` windows, documents or images."""
-    seq = seq_len or loaded.seq_len
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise MpqError(f"n={n!r}: give a positive number of windows / documents / images")
+    seq = loaded.seq_len if seq_len is None else seq_len
+    if seq < 2:
+        raise MpqError(f"seq_len={seq}: a window needs at least 2 tokens")
     if loaded.family == "causal_lm":
         if loaded.tokenizer is None:
             raise MpqError(f"{loaded.model_id} has no tokenizer; text evaluation needs one")
@@ -153,9 +158,11 @@ def make_task(
     if loaded.family == "encoder":
         if data_id != "bbc":
             raise MpqError(f"encoder models are evaluated on 'bbc' classification, not {data_id!r}")
-        return encoder_task(loaded, n, seq, batch_size or 32)
+        return encoder_task(loaded, split, n, seq, batch_size or 32)
     if loaded.family == "cnn":
         if data_id != "photos":
             raise MpqError(f"CNN models are evaluated on 'photos', not {data_id!r}")
-        return cnn_task(n or 64, seed=0 if split == "heldout" else 1, batch_size=batch_size or 16)
+        return cnn_task(
+            64 if n is None else n, seed=0 if split == "heldout" else 1, batch_size=batch_size or 16
+        )
     raise MpqError(f"unknown model family {loaded.family!r}")

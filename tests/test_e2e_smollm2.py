@@ -1,0 +1,108 @@
+"""One end-to-end run on the real model (SmolLM2-135M), at small size."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpq.compare import run_compare
+from mpq.config import parse_config
+from mpq.cost import tensor_bits, unique_tensors
+from mpq.evaluate import evaluate, reference
+from mpq.executor import apply_plan
+from mpq.formats import QuantFormat
+from mpq.pipeline import Prepared, prepare, task_for
+from mpq.plan import BitPlan, uniform_plan
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MPQ_CACHE", str(tmp_path_factory.mktemp("mpq-cache")))
+    yield prepare("smollm2-135m")
+    mp.undo()
+
+
+def test_targets_and_exact_bytes_on_the_real_model(prep: Prepared) -> None:
+    targets = prep.targets
+    assert len(targets) == 30 * 7
+    assert len({t.tie for t in targets if t.tie}) == 60  # qkv and gate_up of 30 blocks
+    assert prep.cost.model_numel == 134_515_008
+    plan = uniform_plan(targets, QuantFormat.parse("4:asym"), "smollm2-135m")
+    packed = apply_plan(prep.loaded.model, plan, targets)
+    actual = sum(tensor_bits(t) for t in unique_tensors(packed.state_dict()).values())
+    report = prep.cost.plan_cost(plan)
+    assert report.total_bits == actual
+    # Per-channel 4-bit asym: 4 bits + (16-bit scale + packed 4-bit zero) per row.
+    assert 4.0 < report.effective_bits < 4.05
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = packed(ids).logits
+        b = apply_plan(prep.loaded.model, plan, targets, mode="fake")(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_quality_ordering_on_heldout_text(prep: Prepared) -> None:
+    task = task_for(prep, "wiki", "heldout", 1, 128, None)
+    ref = reference(task, prep.loaded.model)
+    fp = evaluate(task, prep.loaded.model, ref)
+    assert fp["kl"] == pytest.approx(0.0, abs=1e-6) and fp["agree"] == 1.0
+    assert 5 < fp["ppl"] < 80  # DATA.md measured ~23 over 512-token windows
+    kls = []
+    for spec in ("8:asym", "4:asym", "3:asym"):
+        plan = uniform_plan(prep.targets, QuantFormat.parse(spec), "smollm2-135m")
+        kls.append(
+            evaluate(task, apply_plan(prep.loaded.model, plan, prep.targets, mode="fake"), ref)[
+                "kl"
+            ]
+        )
+    assert kls[0] < kls[1] < kls[2]
+
+
+def test_compare_grid_writes_report_and_resumes(prep: Prepared, tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "name": "e2e",
+            "model": "smollm2-135m",
+            "formats": ["3:asym", "4:asym", "8:asym"],
+            "uniform": ["4:asym", "8:asym"],
+            "include": [r"layers\.(0|29)\."],
+            "calibration": {"data": "wiki", "n": 1, "seq_len": 32},
+            "evaluation": {"data": ["wiki"], "n": 1, "seq_len": 64},
+            "solve": [{"solver": "greedy", "budgets": ["bits=4.5"]}],
+        },
+        "test",
+    )
+    folder = run_compare(cfg, tmp_path, progress=False)
+    for name in (
+        "report.md",
+        "results.csv",
+        "quality_vs_bits.png",
+        "plan_bits.png",
+        "sensitivity.json",
+        "plans/greedy@bits=4.5.json",
+    ):
+        assert (folder / name).is_file(), name
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert [r["plan"] for r in rows] == [
+        "fp32",
+        "uniform:4:asym",
+        "uniform:8:asym",
+        "greedy@bits=4.5",
+    ]
+    greedy = BitPlan.load(folder / "plans/greedy@bits=4.5.json")
+    assert float(rows[3]["effective_bits"]) <= 4.5
+    assert len(greedy.formats) == 14  # the included blocks 0 and 29, 7 linears each
+    assert {f.bits for f in greedy.formats.values()} <= {3, 4, 8}
+    report = (folder / "report.md").read_text()
+    assert "greedy@bits=4.5" in report and ("LOSES to" in report or "beats" in report)
+    # A second run is served from the caches: identical numbers.
+    rows2 = list(
+        csv.DictReader((run_compare(cfg, tmp_path, progress=False) / "results.csv").open())
+    )
+    assert [r["ppl"] for r in rows2] == [r["ppl"] for r in rows]

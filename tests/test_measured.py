@@ -1,0 +1,102 @@
+"""Measured damage: equals a direct single-layer measurement; resumes after a kill."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from mpq.evaluate import evaluate, reference
+from mpq.formats import QuantFormat
+from mpq.quantize import fake_quantize
+from mpq.sensitivity.measured import measured_damage
+from mpq.targets import discover
+from mpq.tasks import Task, lm_head
+
+FORMATS = [QuantFormat(bits=2), QuantFormat(bits=4, symmetric=False)]
+
+
+def _task() -> Task:
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    batches = list(ids.split(2))
+    return Task("causal_lm", "synthetic", "calib", batches, [b[:, 1:] for b in batches], lm_head)
+
+
+def test_matches_direct_single_layer_measurement(tmp_path) -> None:
+    model = tiny_llama()
+    targets = discover(model)
+    task = _task()
+    ref = reference(task, model)
+    table = measured_damage(
+        model, targets, FORMATS, task, ref, model_id="tiny", cache_root=tmp_path, progress=False
+    )
+    for name in ("model.layers.0.mlp.down_proj", "model.embed_tokens"):
+        for fmt in FORMATS:
+            one = copy.deepcopy(model)  # independent path: a fresh copy, one layer quantized
+            w = one.get_submodule(name).weight
+            w.data = fake_quantize(w.data, fmt)
+            direct = evaluate(task, one, ref)["kl"]
+            assert table.distortion(name, fmt.spec()) == pytest.approx(max(direct, 0.0), rel=1e-6)
+    # 2 bits hurt more than 4 bits on every layer.
+    assert all(row["2"] > row["4:asym"] for row in table.distortions.values())
+    # The model is restored exactly.
+    fresh = tiny_llama()
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_resume_after_kill_recomputes_at_most_one_target(tmp_path) -> None:
+    model = tiny_llama()
+    targets = discover(model)
+    task = _task()
+    ref = reference(task, model)
+    done: list[str] = []
+
+    def kill_after_five(name: str) -> None:
+        done.append(name)
+        if len(done) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measured_damage(
+            model,
+            targets,
+            FORMATS,
+            task,
+            ref,
+            model_id="tiny",
+            cache_root=tmp_path,
+            progress=False,
+            on_target=kill_after_five,
+        )
+    resumed: list[str] = []
+    table = measured_damage(
+        model,
+        targets,
+        FORMATS,
+        task,
+        ref,
+        model_id="tiny",
+        cache_root=tmp_path,
+        progress=False,
+        on_target=resumed.append,
+    )
+    assert len(resumed) == len(targets) - 5
+    assert not set(resumed) & set(done)
+    assert set(table.distortions) == {t.name for t in targets}
+    # A different key (other formats) does not reuse the cache.
+    again: list[str] = []
+    measured_damage(
+        model,
+        targets,
+        FORMATS[:1],
+        task,
+        ref,
+        model_id="tiny",
+        cache_root=tmp_path,
+        progress=False,
+        on_target=again.append,
+    )
+    assert len(again) == len(targets)

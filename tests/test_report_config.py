@@ -1,0 +1,90 @@
+"""Report verdicts say plainly when a mixed plan loses; configs fail with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpq.config import load_config, parse_config
+from mpq.errors import MpqError
+from mpq.report import verdicts
+
+
+def _row(plan: str, policy: str, bits: float, ppl: float) -> dict:
+    return {"plan": plan, "policy": policy, "effective_bits": bits, "ppl": ppl, "kl": 0.0}
+
+
+def test_verdicts_compare_with_best_uniform_within_bits() -> None:
+    rows = [
+        _row("fp32", "fp32", 32, 20.0),
+        _row("uniform:3", "uniform", 3.03, 90.0),
+        _row("uniform:4", "uniform", 4.03, 30.0),
+        _row("greedy@3.5", "greedy", 3.5, 40.0),
+        _row("greedy@4.0", "greedy", 4.0, 95.0),
+    ]
+    v = verdicts(rows)
+    assert len(v) == 2
+    assert "greedy@3.5" in v[0] and "beats" in v[0] and "uniform:3 " in v[0]
+    assert "next uniform plan up, uniform:4" in v[0] and "is better" in v[0]
+    assert "greedy@4.0" in v[1] and "LOSES to" in v[1]
+    low = verdicts([_row("uniform:4", "uniform", 4.03, 30.0), _row("g", "greedy", 3.0, 50.0)])
+    assert "no uniform plan fits" in low[0]
+
+
+def test_accuracy_is_higher_is_better() -> None:
+    rows = [
+        {"plan": "uniform:4", "policy": "uniform", "effective_bits": 4.0, "acc": 0.9, "kl": 0},
+        {"plan": "g", "policy": "greedy", "effective_bits": 4.0, "acc": 0.8, "kl": 0},
+    ]
+    assert "LOSES to" in verdicts(rows)[0]
+
+
+def _base() -> dict:
+    return {
+        "name": "x",
+        "model": "m",
+        "formats": ["4", "8"],
+        "calibration": {"data": "wiki"},
+        "evaluation": {"data": ["wiki"]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"colour": 1}, "unknown keys"),
+        ({"formats": ["4", "9"]}, "bits=9"),
+        ({"solve": [{"solver": "magic", "budgets": ["4"]}]}, "solver 'magic' is unknown"),
+        ({"solve": [{"solver": "greedy"}]}, "needs `budgets`"),
+        ({"solve": [{"solver": "greedy", "budgets": ["watts=3"]}]}, "unknown resource"),
+        ({"calibration": {"data": "wiki", "n": 0}}, "positive integer"),
+        ({"evaluation": {"n": 3}}, "needs `data`"),
+    ],
+)
+def test_config_errors(patch: dict, expected: str) -> None:
+    cfg = {**_base(), **patch}
+    with pytest.raises(MpqError, match=expected):
+        parse_config(cfg, "t")
+
+
+def test_missing_keys_and_files(tmp_path: Path) -> None:
+    cfg = _base()
+    del cfg["model"]
+    with pytest.raises(MpqError, match="missing `model`"):
+        parse_config(cfg)
+    with pytest.raises(MpqError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [")
+    with pytest.raises(MpqError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_shipped_configs_parse() -> None:
+    root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    configs = sorted(root.glob("*.toml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.formats and cfg.evaluation.data
