@@ -69,7 +69,9 @@ def batch_stats(
 ) -> UnitStats:
     """Per-unit KL, agreement, NLL and accuracy from logits ``[U, P, C]``."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1).mean(-1)
+    p_ref = ref_logprobs.exp()
+    # 0 * log 0 = 0: classes the reference gives no mass add nothing (and never NaN).
+    kl = torch.where(p_ref > 0, p_ref * (ref_logprobs - logp), 0.0).sum(-1).mean(-1)
     agree = (logp.argmax(-1) == ref_logprobs.argmax(-1)).float().mean(-1)
     nll = correct = None
     if labels is not None:

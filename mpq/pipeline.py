@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpq import __version__
 from mpq.cost import CostModel, build_cost_model
 from mpq.errors import MpqError
 from mpq.evaluate import EvalResult, Reference, evaluate, reference
@@ -94,8 +95,9 @@ def solve(
 
 
 def plan_digest(plan: BitPlan) -> str:
+    """Identifies what a plan computes (formats, model, mpq version), not its metadata."""
     body = json.dumps({n: f.to_dict() for n, f in plan.formats.items()}, sort_keys=True)
-    return hashlib.sha256(f"{plan.model_id}|{body}".encode()).hexdigest()[:20]
+    return hashlib.sha256(f"{__version__}|{plan.model_id}|{body}".encode()).hexdigest()[:20]
 
 
 @dataclass

@@ -208,6 +208,11 @@ def parse_plan_arg(arg: str, targets: Sequence[Target], model_id: str) -> BitPla
                 f"or 'uniform:4:g128:asym'"
             )
         plan = BitPlan.load(arg)
+        if plan.model_id != model_id:
+            raise MpqError(
+                f"plan {arg!r} was made for model {plan.model_id!r}, not {model_id!r}; "
+                f"pass --model {plan.model_id} or solve a plan for this model"
+            )
     plan.validate(targets)
     return plan
 

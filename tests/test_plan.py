@@ -105,3 +105,11 @@ def test_uniform_plan_json_shape() -> None:
     obj = json.loads(uniform_plan(targets, QuantFormat(bits=4), "tiny").to_json())
     assert obj["_type"] == "BitPlan" and obj["_version"] == 1
     assert obj["_data"]["formats"][targets[0].name]["bits"] == 4
+
+
+def test_plan_for_another_model_is_refused(tmp_path) -> None:
+    targets = discover(tiny_llama())
+    path = uniform_plan(targets, QuantFormat(bits=4), "other-model").save(tmp_path / "p.json")
+    with pytest.raises(MpqError, match="was made for model 'other-model', not 'tiny'"):
+        parse_plan_arg(str(path), targets, "tiny")
+    assert len(parse_plan_arg(str(path), targets, "other-model").formats) == len(targets)
