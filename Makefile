@@ -31,6 +31,7 @@ demo: setup
 
 bench: setup
 	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_executor.py
+	$(BIN)/python experiments/bench/bench_solvers.py
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

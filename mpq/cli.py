@@ -15,6 +15,9 @@ from pathlib import Path
 
 from mpq.errors import MpqError
 
+# Kept in step with mpq.pipeline.SOLVER_FUNCS (a test checks), so `--help` needs no torch import.
+SOLVER_NAMES = ["closed_form", "greedy", "ilp", "ilp-cbc", "pareto", "uniform"]
+
 
 def _common_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -126,6 +129,34 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bounds(args: argparse.Namespace) -> int:
+    from mpq.pipeline import damage_table, prepare, task_for
+    from mpq.problem import build_problem, parse_budget, to_limit, to_user
+    from mpq.solvers.bounds import headroom
+
+    formats = _formats(args.formats)
+    budgets = (
+        [parse_budget(b) for b in args.budgets.split(";") if b.strip()] if args.budgets else []
+    )
+    resource = next(iter(budgets[0])) if budgets else "bits"
+    if any(set(b) != {resource} for b in budgets):
+        raise MpqError("--budgets must all use one resource, e.g. 'bits=3.5;bits=4.0'")
+    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
+    table = damage_table(prep, formats, calib)
+    # The widest feasible budget: every decision at its most expensive candidate.
+    problem = build_problem(prep.cost, formats, {}, table)
+    limits = [to_limit(prep.cost, resource, b[resource]) for b in budgets] or None
+    report = headroom(problem, resource, limits)
+
+    def unit(r: str, v: float) -> float:
+        return to_user(prep.cost, r, v)
+
+    name = "bits per weight" if resource == "bits" else resource
+    print(report.to_markdown(unit=unit, unit_name=name))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from mpq.compare import run_compare
     from mpq.config import load_config
@@ -155,12 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("solve", help="allocate bits under a budget and write a plan")
     _common_model(p)
-    p.add_argument("--solver", default="greedy", choices=["uniform", "greedy"])
+    p.add_argument("--solver", default="greedy", choices=SOLVER_NAMES)
     p.add_argument("--budget", required=True, help="e.g. 'bits=4.0', '4.0', 'bytes=80e6'")
     p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
     p.add_argument("--out", required=True, help="where to write the plan JSON")
     _common_data(p, "wiki", "calib", 2, 128)
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("bounds", help="headroom: feasible budgets, uniform points, lower bounds")
+    _common_model(p)
+    p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
+    p.add_argument("--budgets", default="", help="budgets for lower bounds, ';'-separated")
+    _common_data(p, "wiki", "calib", 2, 128)
+    p.set_defaults(func=cmd_bounds)
 
     p = sub.add_parser("compare", help="run a comparison config and write a report")
     p.add_argument(

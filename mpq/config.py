@@ -42,7 +42,7 @@ class CompareConfig:
     source: str = field(default="", compare=False)
 
 
-SOLVERS = ("uniform", "greedy")
+SOLVERS = ("closed_form", "greedy", "ilp", "ilp-cbc", "pareto", "uniform")
 _TOP = {
     "name",
     "model",

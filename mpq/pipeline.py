@@ -21,13 +21,23 @@ from mpq.plan import BitPlan, atomic_write_text, uniform_plan
 from mpq.problem import build_problem, solution_to_plan
 from mpq.sensitivity.measured import measured_damage
 from mpq.sensitivity.table import SensitivityTable
-from mpq.solvers.base import Solution
+from mpq.solvers.base import Solution, Solver
+from mpq.solvers.closed_form import solve_closed_form
 from mpq.solvers.greedy import solve_greedy
+from mpq.solvers.ilp import solve_ilp, solve_ilp_cbc
+from mpq.solvers.pareto import solve_pareto
 from mpq.solvers.uniform import solve_uniform
 from mpq.targets import DEFAULT_TIE_RULES, Target, discover
 from mpq.tasks import Task, make_task
 
-SOLVER_FUNCS = {"uniform": solve_uniform, "greedy": solve_greedy}
+SOLVER_FUNCS: dict[str, Solver] = {
+    "uniform": solve_uniform,
+    "greedy": solve_greedy,
+    "ilp": solve_ilp,
+    "ilp-cbc": solve_ilp_cbc,
+    "pareto": solve_pareto,
+    "closed_form": solve_closed_form,
+}
 
 
 @dataclass

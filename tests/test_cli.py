@@ -425,3 +425,36 @@ def test_library_raises_mpq_error_not_exit(tiny: Tiny) -> None:
 
     with pytest.raises(MpqError, match="bits=9 is not supported"):
         parse_plan_arg("uniform:9", tiny.targets, tiny.loaded.model_id)
+
+
+def test_solver_names_match_the_registry() -> None:
+    from mpq.cli import SOLVER_NAMES
+    from mpq.config import SOLVERS
+    from mpq.pipeline import SOLVER_FUNCS
+
+    assert sorted(SOLVER_FUNCS) == SOLVER_NAMES == sorted(SOLVERS)
+
+
+@pytest.mark.parametrize("solver", ["ilp", "pareto", "closed_form"])
+def test_solve_with_exact_and_convex_solvers(
+    solver: str, tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "plan.json"
+    argv = ["solve", "--model", tiny.model, "--solver", solver, "--budget", "bits=4.5"]
+    run_ok(capsys, [*argv, "--formats", "3,4,8", "--n", "1", "--seq-len", "16", "--out", str(out)])
+    plan = BitPlan.load(out)
+    plan.validate(tiny.targets)
+    cost = build_cost_model(tiny.loaded.model, tiny.targets, tiny.loaded.model_id)
+    assert cost.plan_cost(plan).effective_bits <= 4.5
+
+
+def test_bounds_reports_feasible_range_and_uniform_points(
+    tiny: Tiny, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bounds", "--model", tiny.model, "--formats", "3,4,8"]
+    out = run_ok(capsys, [*argv, "--budgets", "bits=3.6;bits=4.5", "--n", "1", "--seq-len", "16"])
+    cost = build_cost_model(tiny.loaded.model, tiny.targets, tiny.loaded.model_id)
+    least = cost.plan_cost(uniform_plan(tiny.targets, QuantFormat(3), "x")).effective_bits
+    assert f"{least:.4g}"[:4] in out
+    for spec in ("3", "4", "8"):
+        assert spec in out

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mpq.solvers.validate import check_problem_data
+
 STATUSES = ("optimal", "feasible", "infeasible", "time_limit")
 
 
@@ -27,17 +29,7 @@ class AllocationProblem:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        shape = (len(self.decisions), len(self.options))
-        if self.distortion.shape != shape:
-            raise ValueError(f"distortion has shape {self.distortion.shape}, expected {shape}")
-        for r, c in self.costs.items():
-            if c.shape != shape:
-                raise ValueError(f"cost {r!r} has shape {c.shape}, expected {shape}")
-        for r in self.limits:
-            if r not in self.costs:
-                raise ValueError(f"budget on {r!r} but the problem has no such cost")
-        if np.isnan(self.distortion).any():
-            raise ValueError("distortion contains NaN")
+        check_problem_data(self.decisions, self.options, self.distortion, self.costs, self.limits)
 
     @property
     def allowed(self) -> np.ndarray:
