@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mpq.errors import MpqError
+from mpq.sensitivity import ESTIMATOR_NAMES
 
 # Kept in step with mpq.pipeline.SOLVER_FUNCS (a test checks), so `--help` needs no torch import.
 SOLVER_NAMES = ["closed_form", "greedy", "ilp", "ilp-cbc", "pareto", "uniform"]
@@ -129,6 +130,34 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from mpq.pipeline import prepare, sensitivity_table, task_for
+    from mpq.sensitivity.runner import make_estimator, parse_params
+
+    if Path(args.out).is_dir():
+        raise MpqError(f"--out {args.out!r} is a folder; give the path of the table file to write")
+    estimator = make_estimator(args.estimator, parse_params(args.param))
+    formats = _formats(args.formats)
+    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    calib = task_for(prep, args.data, args.split, args.n, args.seq_len, args.batch_size)
+    t0 = time.perf_counter()
+    table = sensitivity_table(prep, estimator, formats, calib)
+    table.save(args.out)
+    print(
+        f"{table.estimator}: {len(table.scores)} targets in {time.perf_counter() - t0:.0f} s; "
+        f"table written to {args.out}"
+    )
+    return 0
+
+
+def cmd_plot_sensitivity(args: argparse.Namespace) -> int:
+    from mpq.sensitivity.plot import plot_sensitivity
+    from mpq.sensitivity.table import SensitivityTable
+
+    print(f"plot written to {plot_sensitivity(SensitivityTable.load(args.table), args.out)}")
+    return 0
+
+
 def cmd_bounds(args: argparse.Namespace) -> int:
     from mpq.pipeline import damage_table, prepare, task_for
     from mpq.problem import build_problem, parse_budget, to_limit, to_user
@@ -192,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the plan JSON")
     _common_data(p, "wiki", "calib", 2, 128)
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("sensitivity", help="score every target with one estimator; write a table")
+    _common_model(p)
+    p.add_argument("--estimator", required=True, choices=ESTIMATOR_NAMES)
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="estimator parameter, e.g. tol=0.05 (repeatable)")  # fmt: skip
+    p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration batch size")
+    p.add_argument("--out", required=True, help="where to write the table JSON")
+    _common_data(p, "wiki", "calib", 2, 128)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("plot-sensitivity", help="plot a table's per-layer scores by depth (PNG)")
+    p.add_argument("table", help="a sensitivity table JSON (from `mpq sensitivity`)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_plot_sensitivity)
 
     p = sub.add_parser("bounds", help="headroom: feasible budgets, uniform points, lower bounds")
     _common_model(p)

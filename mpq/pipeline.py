@@ -19,7 +19,9 @@ from mpq.formats import QuantFormat
 from mpq.models import LoadedModel, cache_root, load_model, sample_input
 from mpq.plan import BitPlan, atomic_write_text, uniform_plan
 from mpq.problem import build_problem, solution_to_plan
+from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.measured import measured_damage
+from mpq.sensitivity.runner import run_estimator
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import Solution, Solver
 from mpq.solvers.closed_form import solve_closed_form
@@ -80,6 +82,27 @@ def damage_table(
         calib,
         ref,
         model_id=prep.loaded.model_id,
+        cache_root=cache_root() / "sensitivity",
+        progress=progress,
+    )
+
+
+def sensitivity_table(
+    prep: Prepared,
+    estimator: Estimator,
+    formats: Sequence[QuantFormat],
+    calib: Task,
+    *,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Any estimator's table for ``prep``'s targets, cached per target under the mpq cache."""
+    return run_estimator(
+        estimator,
+        prep.loaded.model,
+        prep.targets,
+        calib,
+        model_id=prep.loaded.model_id,
+        formats=formats,
         cache_root=cache_root() / "sensitivity",
         progress=progress,
     )

@@ -458,3 +458,32 @@ def test_bounds_reports_feasible_range_and_uniform_points(
     assert f"{least:.4g}"[:4] in out
     for spec in ("3", "4", "8"):
         assert spec in out
+
+
+@pytest.mark.parametrize("estimator", ["fisher", "taylor", "measured"])
+def test_sensitivity_command_writes_a_table_and_a_plot(
+    estimator: str, tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mpq.sensitivity.table import SensitivityTable
+
+    out = tmp_path / "table.json"
+    argv = ["sensitivity", "--model", tiny.model, "--estimator", estimator, "--formats", "3,8"]
+    run_ok(capsys, [*argv, "--n", "1", "--seq-len", "16", "--out", str(out)])
+    table = SensitivityTable.load(out)
+    assert set(table.distortions) == {t.name for t in tiny.targets}
+    # Every estimator's distortion model ranks 3 bits as no better than 8 bits on any layer.
+    rows = table.distortions.values()
+    assert all(row["3"] >= row["8"] for row in rows)
+    assert sum(row["3"] for row in rows) > sum(row["8"] for row in rows)
+    png = tmp_path / "s.png"
+    run_ok(capsys, ["plot-sensitivity", str(out), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sensitivity_bad_param_is_a_clear_error(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sensitivity", "--model", tiny.model, "--estimator", "fisher", "--param", "nonsense=1"]
+    msg = run_err(capsys, [*argv, "--out", str(tmp_path / "t.json")])
+    assert "nonsense" in msg
+    assert not (tmp_path / "t.json").exists()

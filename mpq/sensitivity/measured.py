@@ -1,24 +1,36 @@
 """Measured damage (ZeroQ, MixDQ): quantize one target alone, measure what the output lost.
 
-For every target and candidate format, the target's weight is fake-quantized in place, the
-model is run on the calibration batches, and the mean KL(fp || quantized) of the outputs is the
-distortion of that (target, format). The weight is restored exactly afterwards. Results are
-cached per target, so a killed run resumes with at most the interrupted target recomputed.
+(ZeroQ, "A Novel Zero Shot Quantization Framework": the KL divergence of the outputs when one
+layer is quantized; MixDQ, "Memory-Efficient Few-Step Text-to-Image Diffusion Models with
+Metric-Decoupled Mixed Precision Quantization": per-layer sensitivity measured on the outputs,
+one metric per concern.) For every target and candidate format, the target's
+weight is fake-quantized in place, the model is run on the calibration batches, and
+
+- ``kl``: the mean KL(fp || quantized) of the output distributions (the same number as
+  :func:`mpq.evaluate.evaluate`'s ``kl``), and
+- ``loss``: the change of the calibration loss (:mod:`mpq.sensitivity.loss`: cross-entropy
+  against the labels, or the fp model's pseudo-labels)
+
+are recorded; the weight is restored exactly afterwards. ``metric`` picks which one is the
+table's distortion (both are cached together, so switching is free); the table clamps
+negative values to 0 and its score is the largest distortion over the formats.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from mpq.evaluate import Reference, evaluate
+from mpq.evaluate import Reference, batch_stats, evaluate
 from mpq.formats import QuantFormat
-from mpq.quantize import check_format, fake_quantize
-from mpq.sensitivity.cache import TargetCache
+from mpq.quantize import fake_quantize
+from mpq.sensitivity.base import Context, EstimatorBase, TargetResult, choice
+from mpq.sensitivity.loss import logits_loss
 from mpq.sensitivity.table import SensitivityTable
 from mpq.targets import Target
 from mpq.tasks import Task
@@ -45,6 +57,57 @@ def measure_target(
     return out
 
 
+@dataclass(frozen=True)
+class Measured(EstimatorBase):
+    """ZeroQ / MixDQ measured damage: ΔKL and Δloss with only one target quantized."""
+
+    name: ClassVar[str] = "measured"
+    per_format: ClassVar[bool] = True
+    view_params: ClassVar[tuple[str, ...]] = ("metric",)
+
+    metric: str = "kl"
+
+    def __post_init__(self) -> None:
+        choice(self.metric, ("kl", "loss"), "metric")
+
+    def label(self) -> str:
+        return f"measured_{self.metric}"
+
+    def distortion_row(self) -> str:
+        return self.metric
+
+    def score(self, result: TargetResult, target: Target) -> float:
+        row = result.distortions.get(self.metric, {})
+        return max([max(v, 0.0) for v in row.values()], default=0.0)
+
+    def compute(self, ctx: Context, targets: Sequence[Target]) -> dict[str, TargetResult]:
+        ref = ctx.reference()
+        labels = ctx.calib.labels()
+        base = ctx.calib.base_loss()
+        out = {}
+        for t in targets:
+            weight = ctx.weight(t)
+            original = weight.detach().clone()
+            kl: dict[str, float] = {}
+            dloss: dict[str, float] = {}
+            try:
+                with torch.no_grad():
+                    for fmt in ctx.fitting_formats(t):
+                        weight.copy_(fake_quantize(original, fmt))
+                        kls, total = [], 0.0
+                        for i, batch in enumerate(ctx.task.batches):
+                            logits = ctx.task.head(ctx.model, batch)
+                            kls.append(batch_stats(logits, ref.logprobs[i], None).kl)
+                            total += float(logits_loss(logits, labels[i], i))
+                        kl[fmt.spec()] = float(torch.cat(kls).double().mean())
+                        dloss[fmt.spec()] = total / len(ctx.task.batches) - base
+            finally:
+                with torch.no_grad():
+                    weight.copy_(original)
+            out[t.name] = TargetResult(values={}, distortions={"kl": kl, "loss": dloss})
+        return out
+
+
 def measured_damage(
     model: nn.Module,
     targets: Sequence[Target],
@@ -56,43 +119,24 @@ def measured_damage(
     cache_root: Path | None = None,
     progress: bool = True,
     on_target: Callable[[str], None] | None = None,
+    metric: str = "kl",
 ) -> SensitivityTable:
-    """Per-(target, format) KL damage, cached per target under ``cache_root`` when given.
+    """Per-(target, format) KL (or Δloss) damage, cached per target under ``cache_root``.
 
+    A thin wrapper over :func:`mpq.sensitivity.runner.run_estimator` with :class:`Measured`.
     ``on_target(name)`` is called after each newly computed target (used by the resume test).
     """
-    formats = [f for f in formats if not f.keep]
-    params = {"formats": [f.spec() for f in formats], "task": task.key}
-    cache = (
-        TargetCache(cache_root, {"estimator": ESTIMATOR, "model": model_id, **params})
-        if cache_root is not None
-        else None
-    )
-    distortions: dict[str, dict[str, float]] = {}
-    for t in tqdm(targets, desc="measured damage", disable=not progress):
-        usable = [f for f in formats if _fits(t, f)]
-        hit = cache.get(t.name) if cache is not None else None
-        if hit is None:
-            hit = measure_target(model, t, usable, task, ref)
-            if cache is not None:
-                cache.put(t.name, hit)
-            if on_target is not None:
-                on_target(t.name)
-        distortions[t.name] = hit
-    scores = {n: max(d.values()) if d else 0.0 for n, d in distortions.items()}
-    return SensitivityTable(
-        estimator=ESTIMATOR,
+    from mpq.sensitivity.runner import run_estimator
+
+    return run_estimator(
+        Measured(metric=metric),
+        model,
+        targets,
+        task,
         model_id=model_id,
-        data_id=task.key,
-        distortions=distortions,
-        scores=scores,
-        params=params,
+        formats=formats,
+        cache_root=cache_root,
+        progress=progress,
+        on_target=on_target,
+        reference=ref,
     )
-
-
-def _fits(target: Target, fmt: QuantFormat) -> bool:
-    try:
-        check_format(target.shape, fmt)
-    except ValueError:
-        return False
-    return True

@@ -1,0 +1,355 @@
+"""The one runner: any estimator, on any model and calibration task, cached per target.
+
+:func:`run_estimator` validates the request (targets, kinds, calibration data, attention for
+HVPs), prepares the model (eval mode; gradients only on the weights being differentiated;
+everything restored afterwards), reads the per-target cache, hands the missing targets to the
+estimator in groups of its ``group_size()`` (1 = one target at a time; None = all together),
+writes each target's result as soon as its group is done, and assembles the
+:class:`~mpq.sensitivity.table.SensitivityTable`.
+
+Cache: ``<cache_root>/<digest of key>/<target>.json`` (:class:`~mpq.sensitivity.cache.TargetCache`),
+key = estimator name and its computation parameters, model id, a fingerprint of the model's
+parameter values, the calibration task's key, the candidate formats (per-format estimators only)
+and the target set (estimators whose results depend on it). A killed run resumes: per-target
+estimators recompute at most the target that was in progress. An entry that is not valid JSON
+or lacks the expected fields is logged (logger ``mpq.sensitivity``), ignored and recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpq.errors import MpqError
+from mpq.evaluate import Reference
+from mpq.formats import QuantFormat
+from mpq.sensitivity.activations import ActivationStats
+from mpq.sensitivity.base import Context, Estimator, TargetResult
+from mpq.sensitivity.cache import TargetCache
+from mpq.sensitivity.correlation import Correlation
+from mpq.sensitivity.gradient import Fisher, Taylor
+from mpq.sensitivity.hessian import HessianEigen, HessianTrace
+from mpq.sensitivity.loss import Calibration, check_calibration, check_double_backward
+from mpq.sensitivity.measured import Measured
+from mpq.sensitivity.pruning import Pruning
+from mpq.sensitivity.table import SensitivityTable
+from mpq.targets import Target
+from mpq.tasks import Task
+
+log = logging.getLogger("mpq.sensitivity")
+
+CACHE_VERSION = 1
+
+ESTIMATORS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        HessianEigen,
+        HessianTrace,
+        Fisher,
+        Taylor,
+        Correlation,
+        Pruning,
+        Measured,
+        ActivationStats,
+    )
+}
+
+
+def make_estimator(name: str, params: Mapping[str, Any] | None = None) -> Estimator:
+    """The estimator called ``name`` with ``params`` (strings are converted to the field types).
+
+    ``make_estimator("hessian_trace", {"tol": "0.02"})``; unknown names and parameters are
+    errors that list what exists.
+    """
+    if name not in ESTIMATORS:
+        raise MpqError(f"estimator {name!r} is unknown; use one of {sorted(ESTIMATORS)}")
+    cls = ESTIMATORS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in (params or {}).items():
+        if key not in fields:
+            raise MpqError(
+                f"estimator {name!r} has no parameter {key!r}; its parameters are "
+                f"{sorted(fields) or 'none'}"
+            )
+        kwargs[key] = _convert(value, hints[key], f"{name}.{key}")
+    est = cls(**kwargs)
+    assert isinstance(est, Estimator)
+    return est
+
+
+def parse_params(items: Sequence[str]) -> dict[str, str]:
+    """``["tol=0.02", "max_samples=100"]`` (or one comma-separated string) as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise MpqError(f"estimator parameter {part!r} must look like name=value")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _convert(value: Any, typ: Any, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+    except ValueError:
+        raise MpqError(f"{what}={value!r} is not a valid {typ.__name__}") from None
+    return value
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap digest of the model's parameter names, shapes and a strided sample of values."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].double()
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(
+    estimator: Estimator,
+    model_id: str,
+    fingerprint: str,
+    task: Task,
+    formats: Sequence[QuantFormat],
+    targets: Sequence[Target],
+) -> dict[str, Any]:
+    key: dict[str, Any] = {
+        "cache_version": CACHE_VERSION,
+        "estimator": estimator.name,
+        "params": estimator.key_params(),
+        "model": model_id,
+        "weights": fingerprint,
+        "task": task.key,
+    }
+    if estimator.per_format:
+        key["formats"] = [f.spec() for f in formats]
+    if estimator.needs_all_targets:
+        names = "\n".join(t.name for t in targets)
+        key["targets"] = hashlib.sha256(names.encode()).hexdigest()[:16]
+    return key
+
+
+class ResultCache(TargetCache):
+    """The per-target cache with validated entries: a bad one is logged and recomputed."""
+
+    def load(self, name: str) -> TargetResult | None:
+        p = self._path(name)
+        if not p.is_file():
+            return None
+        try:
+            return TargetResult.from_json(json.loads(p.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("ignoring corrupted sensitivity cache entry %s (%s); recomputing", p, exc)
+            return None
+
+    def store(self, name: str, result: TargetResult) -> None:
+        self.put(name, result.to_json())
+
+
+def _check_request(estimator: Estimator, model: nn.Module, targets: Sequence[Target]) -> None:
+    if not targets:
+        raise MpqError(
+            "there are no targets to score (no Linear/Conv2d/Embedding weights selected); "
+            "loosen --include/--exclude"
+        )
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise MpqError("the targets repeat a name; pass each target once")
+    bad = [t for t in targets if t.kind not in estimator.kinds]
+    if bad:
+        kinds = sorted({t.kind for t in bad})
+        raise MpqError(
+            f"estimator {estimator.name!r} does not support {'/'.join(kinds)} layers "
+            f"({', '.join(t.name for t in bad[:3])}{' ...' if len(bad) > 3 else ''}); it "
+            f"supports {sorted(estimator.kinds)}: exclude them (e.g. --exclude "
+            f"'{bad[0].name.split('.')[-1]}')"
+        )
+    for t in targets:
+        w = getattr(model.get_submodule(t.name), "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise MpqError(
+                f"target {t.name!r} has no floating-point weight to score (already quantized?); "
+                f"score the fp model"
+            )
+    if estimator.requires_hvp:
+        check_double_backward(model)
+
+
+@contextmanager
+def _prepared(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; both restored afterwards."""
+    training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _groups(items: list[Target], size: int | None) -> list[list[Target]]:
+    if not items:
+        return []
+    if size is None:
+        return [items]
+    return [items[i : i + size] for i in range(0, len(items), max(1, size))]
+
+
+def run_estimator(
+    estimator: Estimator,
+    model: nn.Module,
+    targets: Sequence[Target],
+    task: Task,
+    *,
+    model_id: str,
+    formats: Sequence[QuantFormat] = (),
+    cache_root: Path | None = None,
+    progress: bool = True,
+    on_target: Callable[[str], None] | None = None,
+    reference: Reference | None = None,
+) -> SensitivityTable:
+    """Run ``estimator`` on ``targets`` of ``model`` with the calibration ``task``.
+
+    ``formats``: candidate formats the table gets distortions for (keep formats are skipped;
+    formats a target cannot store are left out of its row, as the problem builder expects).
+    ``cache_root``: folder of the per-target cache (None: no cache). ``on_target(name)`` is
+    called after each newly computed target is written (progress hooks, the resume tests).
+    ``reference``: the fp reference of ``task`` if already computed (measured damage).
+    """
+    targets = list(targets)
+    _check_request(estimator, model, targets)
+    check_calibration(task)
+    not_rtn = [f.spec() for f in formats if not f.keep and f.method != "rtn"]
+    if not_rtn:
+        raise MpqError(
+            f"sensitivity estimators score round-to-nearest error; formats {not_rtn} use another "
+            f"method: score their rtn equivalents (e.g. drop ':gptq') and solve with those"
+        )
+    fmts: list[QuantFormat] = []
+    for f in formats:
+        if not f.keep and f.spec() not in {g.spec() for g in fmts}:
+            fmts.append(f)
+    ctx = Context(
+        model=model,
+        task=task,
+        calib=Calibration(task, model),
+        formats=tuple(fmts),
+        progress=progress,
+        _reference=reference,
+    )
+    cache = None
+    if cache_root is not None:
+        key = cache_key(estimator, model_id, model_fingerprint(model), task, fmts, targets)
+        cache = ResultCache(Path(cache_root), key)
+    results: dict[str, TargetResult] = {}
+    if cache is not None:
+        for t in targets:
+            hit = cache.load(t.name)
+            if hit is not None:
+                results[t.name] = hit
+    missing = [t for t in targets if t.name not in results]
+    if missing and estimator.needs_all_targets:
+        missing = targets
+    if missing:
+        with _prepared(model):
+            bar = tqdm(
+                total=len(missing), desc=estimator.label(), disable=not progress, unit="layer"
+            )
+            try:
+                for group in _groups(missing, estimator.group_size()):
+                    weights = [ctx.weight(t) for t in group]
+                    if estimator.requires_grad:
+                        for w in weights:
+                            w.requires_grad_(True)
+                    try:
+                        out = estimator.compute(ctx, group)
+                    finally:
+                        for w in weights:
+                            w.requires_grad_(False)
+                    for t in group:
+                        if t.name not in out:
+                            raise RuntimeError(f"{estimator.name} returned no result for {t.name}")
+                        results[t.name] = out[t.name]
+                        if cache is not None:
+                            cache.store(t.name, out[t.name])
+                        bar.update(1)
+                        if on_target is not None:
+                            on_target(t.name)
+            finally:
+                bar.close()
+    return build_table(estimator, model, targets, results, task, fmts, model_id)
+
+
+def build_table(
+    estimator: Estimator,
+    model: nn.Module,
+    targets: Sequence[Target],
+    results: Mapping[str, TargetResult],
+    task: Task,
+    formats: Sequence[QuantFormat],
+    model_id: str,
+) -> SensitivityTable:
+    """Scores, standard errors and distortions of every target (the distortion model)."""
+    scores: dict[str, float] = {}
+    stderr: dict[str, float] = {}
+    distortions: dict[str, dict[str, float]] = {}
+    for t in targets:
+        r = results[t.name]
+        scores[t.name] = estimator.score(r, t)
+        se = estimator.score_stderr(r, t)
+        if se is not None and math.isfinite(se):
+            stderr[t.name] = se
+        weight = model.get_submodule(t.name).weight
+        assert isinstance(weight, torch.Tensor)
+        distortions[t.name] = estimator.distortions(r, t, weight, formats)
+    params = {
+        **estimator.params(),
+        "formats": [f.spec() for f in formats],
+        "task": task.key,
+        "extras": {t.name: dict(results[t.name].values) for t in targets},
+    }
+    return SensitivityTable(
+        estimator=estimator.label(),
+        model_id=model_id,
+        data_id=task.key,
+        distortions=distortions,
+        scores=scores,
+        stderr=stderr,
+        params=params,
+    )
