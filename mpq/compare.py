@@ -1,25 +1,33 @@
-"""`mpq compare`: every policy of a config on the same candidate table and evaluation data.
+"""`mpq compare`: every estimator x solver x budget (x seed) on the same candidate formats and
+the same evaluation data.
 
-Steps: prepare the model; measure the damage table on calibration data (cached per target) if a
-solver needs it; build uniform plans and solve every (solver, budget); evaluate the fp model and
-every plan on each held-out dataset (cached per plan); write the report. A killed run resumes
-from the caches.
+Steps: prepare the model; for each seed (a disjoint calibration sample) and each estimator,
+compute the sensitivity table (cached per target); solve every (solver, budget) on it; build
+the uniform plans; evaluate the fp model and every plan on each held-out dataset (cached per
+plan); pool each policy's per-window results over seeds (CIs over windows and seeds); write the
+report. A killed run resumes from the caches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from mpq.config import CompareConfig
-from mpq.formats import QuantFormat
-from mpq.pipeline import Evaluator, damage_table, prepare, solve, task_for, uniform_plans
+from mpq.config import CompareConfig, EstimatorSpec
+from mpq.cost import CostModel
+from mpq.evaluate import EvalResult, pool
+from mpq.pipeline import Evaluator, prepare, sensitivity_table, solve, task_for, uniform_plans
 from mpq.plan import BitPlan
 from mpq.report import write_report
+from mpq.sensitivity.base import Estimator
+from mpq.sensitivity.runner import make_estimator
+from mpq.sensitivity.table import SensitivityTable
 
 
 @dataclass(frozen=True)
@@ -28,82 +36,100 @@ class PlanEntry:
     policy: str
     plan: BitPlan | None
     budget: str
-    estimator_s: float
-    solver_s: float
+    seed: int | None = None
+    estimator_s: float = 0.0
+    solver_s: float = 0.0
 
 
 def _budget_label(budget: dict[str, float]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in budget.items())
 
 
+def _estimator(spec: EstimatorSpec, seed: int) -> Estimator:
+    """The estimator of ``spec``; a stochastic one gets the comparison's seed unless set."""
+    params: dict[str, Any] = dict(spec.params)
+    est = make_estimator(spec.name, params)
+    fields = {f.name for f in dataclasses.fields(type(est))}  # type: ignore[arg-type]
+    if "seed" in fields and "seed" not in params:
+        est = make_estimator(spec.name, {**params, "seed": seed})
+    return est
+
+
 def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Path:
     """Run the grid of ``cfg`` and write ``out_root/<name>/``; returns the report folder."""
     prep = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)
-    entries: list[PlanEntry] = [PlanEntry("fp32", "fp32", None, "", 0.0, 0.0)]
+    entries: list[PlanEntry] = [PlanEntry("fp32", "fp32", None, "")]
     for plan in uniform_plans(prep, cfg.uniform):
         spec = next(iter(plan.formats.values())).spec()
-        entries.append(PlanEntry(f"uniform:{spec}", "uniform", plan, "", 0.0, 0.0))
-    table = None
-    est_s = 0.0
-    if any(s.solver != "uniform" for s in cfg.solves):
+        entries.append(PlanEntry(f"uniform:{spec}", "uniform", plan, ""))
+    tables: dict[tuple[str, int], SensitivityTable] = {}
+    if cfg.solves:
         c = cfg.calibration
-        calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size)
-        t0 = time.perf_counter()
-        table = damage_table(prep, cfg.formats, calib, progress=progress)
-        est_s = time.perf_counter() - t0
-    for s in cfg.solves:
-        for budget in s.budgets:
-            plan, sol = solve(prep, s.solver, cfg.formats, budget, table)
-            label = _budget_label(budget)
-            entries.append(
-                PlanEntry(
-                    f"{s.solver}@{label}",
-                    s.solver,
-                    plan,
-                    label,
-                    est_s if s.solver != "uniform" else 0.0,
-                    sol.wall_time,
+        for seed in cfg.seeds:
+            calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size, seed)
+            for est in cfg.estimators:
+                t0 = time.perf_counter()
+                table = sensitivity_table(
+                    prep, _estimator(est, seed), cfg.formats, calib, progress=progress
                 )
-            )
+                est_s = time.perf_counter() - t0
+                tables[(est.label, seed)] = table
+                for s in cfg.solves:
+                    for budget in s.budgets:
+                        plan, sol = solve(prep, s.solver, cfg.formats, budget, table)
+                        policy = f"{s.solver}/{est.label}"
+                        label = _budget_label(budget)
+                        entries.append(
+                            PlanEntry(
+                                f"{policy}@{label}", policy, plan, label, seed, est_s, sol.wall_time
+                            )  # fmt: skip
+                        )
     rows: list[dict[str, Any]] = []
+    seed_rows: list[dict[str, Any]] = []
     e = cfg.evaluation
     for data_id in e.data:
         task = task_for(prep, data_id, e.split, e.n, e.seq_len, e.batch_size)
         evaluator = Evaluator(prep, task, progress=progress)
+        groups: dict[str, list[tuple[PlanEntry, EvalResult, float]]] = defaultdict(list)
         for entry in tqdm(entries, desc=f"evaluate on {data_id}", disable=not progress):
             result, eval_s = evaluator(entry.plan, label=entry.name)
-            rows.append(_row(prep.cost, entry, data_id, result.metrics, eval_s))
-    return write_report(cfg, out_root / cfg.name, rows, [x for x in entries if x.plan], table)
+            groups[entry.name].append((entry, result, eval_s))
+            seed_rows.append(_row(prep.cost, [entry], data_id, result, eval_s))
+        for members in groups.values():
+            pooled = pool([r for _, r, _ in members]) if len(members) > 1 else members[0][1]
+            eval_s = sum(s for _, _, s in members)
+            rows.append(_row(prep.cost, [m for m, _, _ in members], data_id, pooled, eval_s))
+    return write_report(
+        cfg, out_root / cfg.name, rows, seed_rows, [x for x in entries if x.plan], tables
+    )
 
 
 def _row(
-    cost: Any, entry: PlanEntry, data_id: str, metrics: dict[str, float], eval_s: float
+    cost: CostModel, entries: list[PlanEntry], data_id: str, result: EvalResult, eval_s: float
 ) -> dict[str, Any]:
-    if entry.plan is None:
-        eff, model_bits, nbytes, bops = 32.0, 32.0, cost.fp_bits // 8, None
+    """One table row; several entries (one per seed) are averaged on cost and time."""
+    first = entries[0]
+    if first.plan is None:
+        eff, model_bits, nbytes, bops = 32.0, 32.0, float(cost.fp_bits // 8), None
     else:
-        rep = cost.plan_cost(entry.plan)
-        eff, model_bits, nbytes, bops = (
-            rep.effective_bits,
-            rep.model_bits,
-            rep.total_bytes,
-            rep.bops,
-        )
+        reps = [cost.plan_cost(x.plan) for x in entries if x.plan is not None]
+        eff = sum(r.effective_bits for r in reps) / len(reps)
+        model_bits = sum(r.model_bits for r in reps) / len(reps)
+        nbytes = sum(r.total_bytes for r in reps) / len(reps)
+        bops = sum(r.bops or 0 for r in reps) / len(reps) if reps[0].bops is not None else None
+    seeds = [x.seed for x in entries if x.seed is not None]
     return {
         "data": data_id,
-        "plan": entry.name,
-        "policy": entry.policy,
-        "budget": entry.budget,
+        "plan": first.name,
+        "policy": first.policy,
+        "budget": first.budget,
+        "seeds": " ".join(str(s) for s in seeds) if seeds else "",
         "effective_bits": eff,
         "model_bits": model_bits,
         "bytes": nbytes,
         "bops": bops,
-        **metrics,
-        "estimator_s": entry.estimator_s,
-        "solver_s": entry.solver_s,
+        **result.metrics,
+        "estimator_s": sum(x.estimator_s for x in entries) / len(entries),
+        "solver_s": sum(x.solver_s for x in entries) / len(entries),
         "eval_s": eval_s,
     }
-
-
-def formats_label(formats: tuple[QuantFormat, ...]) -> str:
-    return ", ".join(f.spec() for f in formats)

@@ -28,6 +28,30 @@ class SolveSpec:
 
 
 @dataclass(frozen=True)
+class EstimatorSpec:
+    """``"hessian_trace"`` or ``"hessian_trace:tol=0.1,max_samples=50"`` in a config."""
+
+    name: str
+    params: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
+
+    @classmethod
+    def parse(cls, text: str) -> EstimatorSpec:
+        from mpq.sensitivity import ESTIMATOR_NAMES
+        from mpq.sensitivity.runner import parse_params
+
+        name, _, rest = str(text).partition(":")
+        if name not in ESTIMATOR_NAMES:
+            raise MpqError(f"estimator {name!r} is unknown; use one of {sorted(ESTIMATOR_NAMES)}")
+        return cls(name, tuple(parse_params([rest]).items()) if rest else ())
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     name: str
     model: str
@@ -39,6 +63,8 @@ class CompareConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] | None = None
     ties: bool = True
+    estimators: tuple[EstimatorSpec, ...] = ()
+    seeds: tuple[int, ...] = (0,)
     source: str = field(default="", compare=False)
 
 
@@ -54,6 +80,8 @@ _TOP = {
     "include",
     "exclude",
     "ties",
+    "estimators",
+    "seeds",
 }
 
 
@@ -95,6 +123,15 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
             raise MpqError(f"config {source}: solver {solver!r} needs `budgets`")
         solves.append(SolveSpec(solver, budgets))
     exclude = obj.get("exclude")
+    estimators = tuple(EstimatorSpec.parse(e) for e in obj.get("estimators", ["measured"]))
+    if len({e.label for e in estimators}) != len(estimators):
+        raise MpqError(f"config {source}: estimators repeat: {[e.label for e in estimators]}")
+    seeds = obj.get("seeds", [0])
+    valid = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+    if not seeds or not valid or len(set(seeds)) != len(seeds):
+        raise MpqError(
+            f"config {source}: seeds must be distinct non-negative integers, got {seeds}"
+        )
     return CompareConfig(
         name=str(obj["name"]),
         model=str(obj["model"]),
@@ -106,6 +143,8 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         include=tuple(obj.get("include", ())),
         exclude=tuple(exclude) if exclude is not None else None,
         ties=bool(obj.get("ties", True)),
+        estimators=estimators,
+        seeds=tuple(seeds),
         source=source,
     )
 

@@ -58,10 +58,31 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Summary metrics, and the per-unit values they came from (so results can be pooled)."""
+
     metrics: dict[str, float] = field(default_factory=dict)
+    units: dict[str, list[float]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> float:
         return self.metrics[key]
+
+
+def pool(results: Sequence[EvalResult]) -> EvalResult:
+    """One result over the units of several (e.g. one per seed): CIs over units and seeds."""
+    keys = set.intersection(*(set(r.units) for r in results)) if results else set()
+    if not keys:
+        raise MpqError("cannot pool evaluations without per-unit values; re-run them")
+    positions = sum(r.metrics.get("n_positions", 0.0) for r in results)
+    units = {k: [x for r in results for x in r.units[k]] for k in sorted(keys)}
+    stats = UnitStats(
+        kl=torch.tensor(units["kl"]),
+        agree=torch.tensor(units["agree"]),
+        nll=torch.tensor(units["nll"]) if "nll" in units else None,
+        correct=torch.tensor(units["correct"]) if "correct" in units else None,
+    )
+    out = summarize([stats])
+    out.metrics["n_positions"] = positions
+    return out
 
 
 def batch_stats(
@@ -94,10 +115,14 @@ def summarize(stats: Sequence[UnitStats]) -> EvalResult:
         m["ppl"] = math.exp(m["nll"])
         m["ppl_lo"] = math.exp(m["nll"] - Z95 * se)
         m["ppl_hi"] = math.exp(m["nll"] + Z95 * se)
+    units = {"kl": kl.tolist(), "agree": agree.tolist()}
     if all(s.correct is not None for s in stats):
         correct = torch.cat([s.correct for s in stats if s.correct is not None])
         m["acc"], m["acc_se"] = _mean_se(correct)
-    return EvalResult(m)
+        units["correct"] = correct.tolist()
+    if "nll" in m:
+        units["nll"] = torch.cat([s.nll for s in stats if s.nll is not None]).tolist()
+    return EvalResult(m, units)
 
 
 def evaluate(

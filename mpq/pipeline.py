@@ -161,7 +161,7 @@ class Evaluator:
         path = self._cache_file(digest)
         if path.is_file():
             cached: dict[str, Any] = json.loads(path.read_text())
-            return EvalResult(cached["metrics"]), float(cached["seconds"])
+            return EvalResult(cached["metrics"], cached.get("units", {})), float(cached["seconds"])
         t0 = time.perf_counter()
         ref = self.reference()
         model = self.prep.loaded.model
@@ -169,7 +169,8 @@ class Evaluator:
             model = apply_plan(model, plan, self.prep.targets, mode="fake")
         result = evaluate(self.task, model, ref, progress=self.progress, desc=label or "eval")
         seconds = time.perf_counter() - t0
-        atomic_write_text(path, json.dumps({"metrics": result.metrics, "seconds": seconds}))
+        payload = {"metrics": result.metrics, "units": result.units, "seconds": seconds}
+        atomic_write_text(path, json.dumps(payload))
         return result, seconds
 
 
@@ -184,5 +185,6 @@ def task_for(
     n: int | None,
     seq_len: int | None,
     batch_size: int | None,
+    offset: int = 0,
 ) -> Task:
-    return make_task(prep.loaded, data_id, split, n, seq_len, batch_size)
+    return make_task(prep.loaded, data_id, split, n, seq_len, batch_size, offset)

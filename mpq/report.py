@@ -11,7 +11,7 @@ import csv
 import datetime as _dt
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,29 +193,137 @@ def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
     return path
 
 
-def write_report(
-    cfg: CompareConfig,
-    folder: Path,
-    rows: list[dict[str, Any]],
-    entries: Sequence[PlanEntry],
-    table: SensitivityTable | None,
-) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in entries:
-        if entry.plan is not None:
-            entry.plan.save(folder / "plans" / f"{entry.name.replace('/', '_')}.json")
-    if table is not None:
-        table.save(folder / "sensitivity.json")
+def _csv(rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     keys = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(folder / "results.csv", buf.getvalue())
+    return buf.getvalue()
+
+
+def _file_label(text: str) -> str:
+    return text.replace("/", "_").replace(":", "-")
+
+
+def plot_agreement(
+    tables: Mapping[str, SensitivityTable], ref_label: str, path: Path
+) -> Path | None:
+    """Each estimator's predicted distortion against measured damage, per (layer, format)."""
+    from mpq.analysis import paired
+
+    others = [k for k in tables if k != ref_label]
+    if not others:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(others), figsize=(4.5 * len(others), 4), squeeze=False)
+    for ax, label in zip(axes[0], others, strict=True):
+        xs, ys = paired(tables[label], tables[ref_label])
+        pts = [(x, y) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
+        if pts:
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], ".", alpha=0.5)
+        ax.set_xlabel(f"{label}: predicted distortion")
+        ax.set_ylabel(f"{ref_label}: measured")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def science(
+    tables: Mapping[tuple[str, int], SensitivityTable], folder: Path, lowest_spec: str
+) -> list[str]:
+    """Spearman agreement with measured damage, and early/middle/late sensitivity."""
+    from mpq.analysis import agreement_table, depth_profile
+
+    if not tables:
+        return []
+    md = ["", "## Scientific checks", ""]
+    seeds = sorted({s for _, s in tables})
+    first = {label: t for (label, s), t in tables.items() if s == seeds[0]}
+    ref = next((k for k in first if k.split(":")[0] == "measured"), None)
+    if ref is not None and len(first) > 1:
+        md += [
+            f"Spearman ρ between each estimator's predicted distortion and the measured damage "
+            f"(`{ref}`) over all (layer, format) pairs:",
+            "",
+            "| estimator | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|" + "---|" * len(seeds),
+        ]
+        per_seed = {
+            s: agreement_table({k: t for (k, ss), t in tables.items() if ss == s}, ref)
+            for s in seeds
+        }
+        for label in first:
+            if label == ref:
+                continue
+            cells = [
+                f"{per_seed[s][label].rho:.3f} (n={per_seed[s][label].n})"
+                if label in per_seed[s]
+                else "-"
+                for s in seeds
+            ]
+            md.append(f"| {label} | " + " | ".join(cells) + " |")
+        if plot_agreement(first, ref, folder / "estimators_vs_measured.png"):
+            md += ["", "![estimators vs measured damage](estimators_vs_measured.png)"]
+    elif ref is None:
+        md.append("(No `measured` estimator in this comparison: no agreement check.)")
+    md += [
+        "",
+        f"Mean distortion at `{lowest_spec}` of the first 30%, middle and last 30% of blocks "
+        f"(seed {seeds[0]}); CPTQuant claims the ends are the more sensitive:",
+        "",
+        "| estimator | early | middle | late | ends more sensitive? |",
+        "|---|---|---|---|---|",
+    ]
+    for label, table in first.items():
+        prof = depth_profile(table, lowest_spec)
+        if not prof:
+            md.append(f"| {label} | - | - | - | no block structure |")
+            continue
+        verdict = (
+            "yes"
+            if prof["early"] > prof["middle"] and prof["late"] > prof["middle"]
+            else "early only"
+            if prof["early"] > prof["middle"]
+            else "late only"
+            if prof["late"] > prof["middle"]
+            else "no"
+        )
+        md.append(
+            f"| {label} | {prof['early']:.4g} | {prof['middle']:.4g} | {prof['late']:.4g} "
+            f"| {verdict} |"
+        )
+    return md
+
+
+def write_report(
+    cfg: CompareConfig,
+    folder: Path,
+    rows: list[dict[str, Any]],
+    seed_rows: list[dict[str, Any]],
+    entries: Sequence[PlanEntry],
+    tables: Mapping[tuple[str, int], SensitivityTable],
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        if entry.plan is not None:
+            tag = f"~seed{entry.seed}" if entry.seed is not None else ""
+            entry.plan.save(folder / "plans" / f"{_file_label(entry.name)}{tag}.json")
+    for (label, seed), table in tables.items():
+        table.save(folder / "sensitivity" / f"{_file_label(label)}~seed{seed}.json")
+    atomic_write_text(folder / "results.csv", _csv(rows))
+    atomic_write_text(folder / "results_by_seed.csv", _csv(seed_rows))
     plot_quality(rows, folder / "quality_vs_bits.png")
     bits_png = plot_bits(entries, folder / "plan_bits.png")
     e = cfg.evaluation
     c = cfg.calibration
+    seeds = ", ".join(str(s) for s in cfg.seeds)
     md = [
         f"# {cfg.name}",
         "",
@@ -223,9 +331,11 @@ def write_report(
         f"(RTN; `g<N>` = group size, else per output channel; `asym` = with zero-points; "
         f"fp16 scales unless noted). Effective bits count codes, scales and zero-points of "
         f"every target; model bits and MB count every tensor of the model.",
-        f"Calibration: `{c.data[0]}` {c.split}, n={c.n}, seq_len={c.seq_len}. "
-        f"Evaluation: {', '.join(e.data)} {e.split}, n={e.n}, seq_len={e.seq_len}. "
-        f"95% CIs are over evaluation units (windows / documents / images).",
+        f"Estimators: {', '.join(x.label for x in cfg.estimators)}. Seeds: {seeds} (each seed "
+        f"is a disjoint calibration sample of `{c.data[0]}` {c.split}, n={c.n}, "
+        f"seq_len={c.seq_len}). Evaluation: {', '.join(e.data)} {e.split}, n={e.n}, "
+        f"seq_len={e.seq_len}. 95% CIs are over evaluation units (windows / documents / images) "
+        f"pooled over seeds; `est. s` is this run's estimator time (near 0 when cached).",
         f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by mpq "
         f"{__version__} from `{cfg.source}`.",
         "",
@@ -239,5 +349,7 @@ def write_report(
         v = verdicts(sub)
         if v:
             md += ["Mixed vs uniform:", "", *v]
+    lowest = min(cfg.formats, key=lambda f: f.bits).spec()
+    md += science(tables, folder, lowest)
     atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
     return folder

@@ -34,12 +34,14 @@ class Task:
     batches: list[Any]
     labels: list[torch.Tensor] | None
     head: Head
+    offset: int = 0
 
     @property
     def key(self) -> str:
-        """Identifies the data for caches: family, data, split and the shape of the batches."""
+        """Identifies the data for caches: family, data, split, offset and the batch shapes."""
         n = sum(_units(b) for b in self.batches)
-        return f"{self.family}-{self.data_id}-{self.split}-{n}x{_width(self.batches[0])}"
+        at = f"@{self.offset}" if self.offset else ""
+        return f"{self.family}-{self.data_id}-{self.split}{at}-{n}x{_width(self.batches[0])}"
 
 
 def _units(batch: Any) -> int:
@@ -65,10 +67,21 @@ def lm_task(
     seq_len: int,
     n_windows: int | None,
     batch_size: int = 1,
+    offset: int = 0,
 ) -> Task:
-    windows = data.text_windows(data_id, split, tokenizer, seq_len, n_windows)
+    """Windows ``[offset*n, (offset+1)*n)`` of the split: each offset is a disjoint sample."""
+    want = None if n_windows is None else n_windows * (offset + 1)
+    windows = data.text_windows(data_id, split, tokenizer, seq_len, want)
+    if n_windows is not None and offset:
+        windows = windows[offset * n_windows :]
+        if windows.shape[0] < n_windows:
+            raise MpqError(
+                f"{data_id} {split} has too few {seq_len}-token windows for sample {offset} of "
+                f"{n_windows} windows; use fewer seeds, windows or tokens"
+            )
     batches = list(windows.split(batch_size))
-    return Task("causal_lm", data_id, split, batches, [b[:, 1:] for b in batches], lm_head)
+    labels = [b[:, 1:] for b in batches]
+    return Task("causal_lm", data_id, split, batches, labels, lm_head, offset)
 
 
 def mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -110,14 +123,23 @@ def train_probe(
 
 
 def encoder_task(
-    loaded: LoadedModel, split: str, n_docs: int | None, seq_len: int, batch_size: int = 32
+    loaded: LoadedModel,
+    split: str,
+    n_docs: int | None,
+    seq_len: int,
+    batch_size: int = 32,
+    offset: int = 0,
 ) -> Task:
     """BBC documents of ``split`` (calib = the probe's train split, heldout = test)."""
     if loaded.tokenizer is None:
         raise MpqError(f"{loaded.model_id} has no tokenizer; an encoder task needs one")
     w, b = train_probe(loaded.model, loaded.tokenizer, seq_len, batch_size)
     texts, labels = data.labeled_texts("bbc", split)
-    texts, labels = texts[:n_docs], labels[:n_docs]
+    if n_docs is not None:
+        start = offset * n_docs
+        texts, labels = texts[start : start + n_docs], labels[start : start + n_docs]
+        if not texts:
+            raise MpqError(f"bbc {split} has no documents left for sample {offset} of {n_docs}")
     batches = _tokenize(loaded.tokenizer, texts, seq_len, batch_size)
     lab = torch.tensor(labels, dtype=torch.long)
     label_batches = [x[:, None] for x in lab.split(batch_size)]
@@ -125,7 +147,7 @@ def encoder_task(
     def head(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (mean_pool(model, batch) @ w.T + b)[:, None, :]
 
-    return Task("encoder", "bbc", split, batches, label_batches, head)
+    return Task("encoder", "bbc", split, batches, label_batches, head, offset)
 
 
 def cnn_head(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -144,8 +166,11 @@ def make_task(
     n: int | None,
     seq_len: int | None = None,
     batch_size: int | None = None,
+    offset: int = 0,
 ) -> Task:
-    """The task for ``loaded``'s family on ``data_id``: ``n`` windows, documents or images."""
+    """The task for ``loaded``'s family on ``data_id``: ``n`` windows, documents or images.
+
+    ``offset`` picks a disjoint sample of the same size (seeds of a comparison)."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise MpqError(f"n={n!r}: give a positive number of windows / documents / images")
     seq = loaded.seq_len if seq_len is None else seq_len
@@ -154,15 +179,15 @@ def make_task(
     if loaded.family == "causal_lm":
         if loaded.tokenizer is None:
             raise MpqError(f"{loaded.model_id} has no tokenizer; text evaluation needs one")
-        return lm_task(loaded.tokenizer, data_id, split, seq, n, batch_size or 1)
+        return lm_task(loaded.tokenizer, data_id, split, seq, n, batch_size or 1, offset)
     if loaded.family == "encoder":
         if data_id != "bbc":
             raise MpqError(f"encoder models are evaluated on 'bbc' classification, not {data_id!r}")
-        return encoder_task(loaded, split, n, seq, batch_size or 32)
+        return encoder_task(loaded, split, n, seq, batch_size or 32, offset)
     if loaded.family == "cnn":
         if data_id != "photos":
             raise MpqError(f"CNN models are evaluated on 'photos', not {data_id!r}")
-        return cnn_task(
-            64 if n is None else n, seed=0 if split == "heldout" else 1, batch_size=batch_size or 16
-        )
+        # Held-out crops use even seeds, calibration crops odd ones: never the same images.
+        seed = (0 if split == "heldout" else 1) + 2 * offset
+        return cnn_task(64 if n is None else n, seed=seed, batch_size=batch_size or 16)
     raise MpqError(f"unknown model family {loaded.family!r}")

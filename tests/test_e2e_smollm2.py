@@ -72,6 +72,8 @@ def test_compare_grid_writes_report_and_resumes(prep: Prepared, tmp_path: Path) 
             "formats": ["3:asym", "4:asym", "8:asym"],
             "uniform": ["4:asym", "8:asym"],
             "include": [r"layers\.(0|29)\."],
+            "estimators": ["measured", "fisher"],
+            "seeds": [0, 1],
             "calibration": {"data": "wiki", "n": 1, "seq_len": 32},
             "evaluation": {"data": ["wiki"], "n": 1, "seq_len": 64},
             "solve": [{"solver": "greedy", "budgets": ["bits=4.5"]}],
@@ -82,25 +84,31 @@ def test_compare_grid_writes_report_and_resumes(prep: Prepared, tmp_path: Path) 
     for name in (
         "report.md",
         "results.csv",
+        "results_by_seed.csv",
         "quality_vs_bits.png",
         "plan_bits.png",
-        "sensitivity.json",
-        "plans/greedy@bits=4.5.json",
+        "estimators_vs_measured.png",
+        "sensitivity/measured~seed0.json",
+        "sensitivity/fisher~seed1.json",
+        "plans/greedy_measured@bits=4.5~seed1.json",
     ):
         assert (folder / name).is_file(), name
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert [r["plan"] for r in rows] == [
-        "fp32",
-        "uniform:4:asym",
-        "uniform:8:asym",
-        "greedy@bits=4.5",
-    ]
-    greedy = BitPlan.load(folder / "plans/greedy@bits=4.5.json")
-    assert float(rows[3]["effective_bits"]) <= 4.5
+        "fp32", "uniform:4:asym", "uniform:8:asym",
+        "greedy/measured@bits=4.5", "greedy/fisher@bits=4.5",
+    ]  # fmt: skip
+    by_seed = list(csv.DictReader((folder / "results_by_seed.csv").open()))
+    assert len(by_seed) == 3 + 2 * 2
+    # Pooled over two seeds: two windows' worth of units in the mixed rows, one in uniform.
+    assert float(rows[3]["n_units"]) == 2.0 and float(rows[1]["n_units"]) == 1.0
+    greedy = BitPlan.load(folder / "plans/greedy_measured@bits=4.5~seed0.json")
     assert len(greedy.formats) == 14  # the included blocks 0 and 29, 7 linears each
     assert {f.bits for f in greedy.formats.values()} <= {3, 4, 8}
+    assert all(float(r["effective_bits"]) <= 4.5 for r in rows[3:])
     report = (folder / "report.md").read_text()
-    assert "greedy@bits=4.5" in report and ("LOSES to" in report or "beats" in report)
+    assert "greedy/measured@bits=4.5" in report and ("LOSES to" in report or "beats" in report)
+    assert "Spearman" in report and "| fisher |" in report
     # A second run is served from the caches: identical numbers.
     rows2 = list(
         csv.DictReader((run_compare(cfg, tmp_path, progress=False) / "results.csv").open())

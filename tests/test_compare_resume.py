@@ -1,0 +1,61 @@
+"""A comparison killed in the middle of its grid resumes without redoing finished work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mpq.pipeline
+from mpq.compare import run_compare
+from mpq.config import parse_config
+
+
+def test_killed_compare_resumes_from_the_caches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_cli import build_tiny_folder
+
+    folder = build_tiny_folder(tmp_path / "llama")
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config(
+        {
+            "name": "resume",
+            "model": str(folder),
+            "formats": ["3", "4", "8"],
+            "uniform": ["4", "8"],
+            "calibration": {"data": "wiki", "n": 1, "seq_len": 16},
+            "evaluation": {"data": ["wiki"], "n": 2, "seq_len": 16},
+            "solve": [{"solver": "ilp", "budgets": ["bits=4.6", "bits=5.5"]}],
+        }
+    )
+    real = mpq.pipeline.evaluate
+    calls: list[int] = []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    # An uninterrupted run in a cache of its own: how many evaluations the grid needs.
+    monkeypatch.setattr(mpq.pipeline, "evaluate", counting)
+    run_compare(cfg, tmp_path / "full", progress=False)
+    needed = len(calls)
+    assert needed >= 4  # fp32, two uniform plans, at least one distinct ILP plan
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache2"))
+    calls.clear()
+
+    def dies_on_the_fourth(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mpq.pipeline, "evaluate", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, tmp_path / "reports", progress=False)
+    assert not (tmp_path / "reports" / "resume" / "report.md").exists()
+    calls.clear()
+    monkeypatch.setattr(mpq.pipeline, "evaluate", counting)
+    run_compare(cfg, tmp_path / "reports", progress=False)
+    assert len(calls) == needed - 3  # the 3 evaluations finished before the kill are reused
+    assert (tmp_path / "reports" / "resume" / "report.md").is_file()
