@@ -22,8 +22,17 @@ from tqdm.auto import tqdm
 from mpq.config import CompareConfig, EstimatorSpec
 from mpq.cost import CostModel
 from mpq.evaluate import EvalResult, pool
-from mpq.pipeline import Evaluator, prepare, sensitivity_table, solve, task_for, uniform_plans
+from mpq.pipeline import (
+    Evaluator,
+    Prepared,
+    prepare,
+    sensitivity_table,
+    solve,
+    task_for,
+    uniform_plans,
+)
 from mpq.plan import BitPlan
+from mpq.precondition import PreconditionSpec, precondition
 from mpq.report import write_report
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.runner import make_estimator
@@ -55,53 +64,75 @@ def _estimator(spec: EstimatorSpec, seed: int) -> Estimator:
     return est
 
 
-def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Path:
-    """Run the grid of ``cfg`` and write ``out_root/<name>/``; returns the report folder."""
-    prep = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)
-    entries: list[PlanEntry] = [PlanEntry("fp32", "fp32", None, "")]
+def _plans(
+    cfg: CompareConfig, prep: Prepared, suffix: str, progress: bool
+) -> tuple[list[PlanEntry], dict[tuple[str, int], SensitivityTable]]:
+    """Uniform plans, then every (seed, estimator, solver, budget) plan, on one prepared model."""
+    entries = []
     for plan in uniform_plans(prep, cfg.uniform):
         spec = next(iter(plan.formats.values())).spec()
-        entries.append(PlanEntry(f"uniform:{spec}", "uniform", plan, ""))
+        entries.append(PlanEntry(f"uniform:{spec}{suffix}", f"uniform{suffix}", plan, ""))
     tables: dict[tuple[str, int], SensitivityTable] = {}
-    if cfg.solves:
-        c = cfg.calibration
-        for seed in cfg.seeds:
-            calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size, seed)
-            for est in cfg.estimators:
-                t0 = time.perf_counter()
-                table = sensitivity_table(
-                    prep, _estimator(est, seed), cfg.formats, calib, progress=progress
-                )
-                est_s = time.perf_counter() - t0
-                tables[(est.label, seed)] = table
-                for s in cfg.solves:
-                    for budget in s.budgets:
-                        plan, sol = solve(prep, s.solver, cfg.formats, budget, table)
-                        policy = f"{s.solver}/{est.label}"
-                        label = _budget_label(budget)
-                        entries.append(
-                            PlanEntry(
-                                f"{policy}@{label}", policy, plan, label, seed, est_s, sol.wall_time
-                            )  # fmt: skip
-                        )
+    if not cfg.solves:
+        return entries, tables
+    c = cfg.calibration
+    for seed in cfg.seeds:
+        calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size, seed)
+        for est in cfg.estimators:
+            t0 = time.perf_counter()
+            table = sensitivity_table(prep, _estimator(est, seed), cfg.formats, calib,
+                                      progress=progress)  # fmt: skip
+            est_s = time.perf_counter() - t0
+            tables[(est.label + suffix, seed)] = table
+            for s in cfg.solves:
+                for budget in s.budgets:
+                    plan, sol = solve(prep, s.solver, cfg.formats, budget, table)
+                    policy = f"{s.solver}/{est.label}{suffix}"
+                    label = _budget_label(budget)
+                    entries.append(
+                        PlanEntry(
+                            f"{policy}@{label}", policy, plan, label, seed, est_s, sol.wall_time
+                        )  # fmt: skip
+                    )
+    return entries, tables
+
+
+def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Path:
+    """Run the grid of ``cfg`` and write ``out_root/<name>/``; returns the report folder."""
+    base = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)
+    c = cfg.calibration
+    runs: list[tuple[Prepared, list[PlanEntry]]] = []
+    tables: dict[tuple[str, int], SensitivityTable] = {}
+    for text in cfg.preconditions:
+        spec = PreconditionSpec.parse(text)
+        suffix = "" if spec.method == "none" else f"+{text}"
+        prep = base
+        if spec.method != "none":
+            calib = task_for(base, c.data[0], c.split, c.n, c.seq_len, c.batch_size)
+            prep, _ = precondition(base, spec, calib)
+        entries, t = _plans(cfg, prep, suffix, progress)
+        if spec.method == "none":
+            entries.insert(0, PlanEntry("fp32", "fp32", None, ""))
+        runs.append((prep, entries))
+        tables.update(t)
     rows: list[dict[str, Any]] = []
     seed_rows: list[dict[str, Any]] = []
     e = cfg.evaluation
     for data_id in e.data:
-        task = task_for(prep, data_id, e.split, e.n, e.seq_len, e.batch_size)
-        evaluator = Evaluator(prep, task, progress=progress)
+        task = task_for(base, data_id, e.split, e.n, e.seq_len, e.batch_size)
         groups: dict[str, list[tuple[PlanEntry, EvalResult, float]]] = defaultdict(list)
-        for entry in tqdm(entries, desc=f"evaluate on {data_id}", disable=not progress):
-            result, eval_s = evaluator(entry.plan, label=entry.name)
-            groups[entry.name].append((entry, result, eval_s))
-            seed_rows.append(_row(prep.cost, [entry], data_id, result, eval_s))
+        for prep, entries in runs:
+            evaluator = Evaluator(prep, task, progress=progress)
+            for entry in tqdm(entries, desc=f"evaluate on {data_id}", disable=not progress):
+                result, eval_s = evaluator(entry.plan, label=entry.name)
+                groups[entry.name].append((entry, result, eval_s))
+                seed_rows.append(_row(base.cost, [entry], data_id, result, eval_s))
         for members in groups.values():
             pooled = pool([r for _, r, _ in members]) if len(members) > 1 else members[0][1]
             eval_s = sum(s for _, _, s in members)
-            rows.append(_row(prep.cost, [m for m, _, _ in members], data_id, pooled, eval_s))
-    return write_report(
-        cfg, out_root / cfg.name, rows, seed_rows, [x for x in entries if x.plan], tables
-    )
+            rows.append(_row(base.cost, [m for m, _, _ in members], data_id, pooled, eval_s))
+    planned = [x for _, entries in runs for x in entries if x.plan]
+    return write_report(cfg, out_root / cfg.name, rows, seed_rows, planned, tables)
 
 
 def _row(

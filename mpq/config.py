@@ -65,6 +65,7 @@ class CompareConfig:
     ties: bool = True
     estimators: tuple[EstimatorSpec, ...] = ()
     seeds: tuple[int, ...] = (0,)
+    preconditions: tuple[str, ...] = ("none",)
     source: str = field(default="", compare=False)
 
 
@@ -82,6 +83,7 @@ _TOP = {
     "ties",
     "estimators",
     "seeds",
+    "preconditions",
 }
 
 
@@ -102,6 +104,19 @@ def _data(d: Any, where: str, default_split: str) -> DataSpec:
     return DataSpec(
         tuple(data), str(d.get("split", default_split)), n, d.get("seq_len"), d.get("batch_size")
     )
+
+
+def _preconditions(items: Any, source: str) -> tuple[str, ...]:
+    from mpq.precondition import PreconditionSpec
+
+    if not isinstance(items, list) or not items:
+        raise MpqError(f'config {source}: preconditions must be a list, e.g. ["none", "awq"]')
+    out = tuple(str(x) for x in items)
+    for text in out:
+        PreconditionSpec.parse(text)  # validates, with a clear error
+    if len(set(out)) != len(out):
+        raise MpqError(f"config {source}: preconditions repeat: {list(out)}")
+    return out
 
 
 def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
@@ -145,6 +160,7 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         ties=bool(obj.get("ties", True)),
         estimators=estimators,
         seeds=tuple(seeds),
+        preconditions=_preconditions(obj.get("preconditions", ["none"]), source),
         source=source,
     )
 

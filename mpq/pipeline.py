@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -47,6 +48,8 @@ class Prepared:
     loaded: LoadedModel
     targets: list[Target]
     cost: CostModel
+    # What mpq.precondition did to the fp model (recorded into every plan solved from it).
+    precondition: dict[str, Any] = field(default_factory=lambda: {"method": "none", "params": {}})
 
 
 def prepare(
@@ -124,6 +127,8 @@ def solve(
     plan = solution_to_plan(
         problem, sol, prep.cost, formats, objective=table.estimator if table else "cost"
     )
+    if prep.precondition.get("method", "none") != "none":
+        plan = dataclasses.replace(plan, meta={**plan.meta, "precondition": prep.precondition})
     return plan, sol
 
 

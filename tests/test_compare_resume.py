@@ -59,3 +59,37 @@ def test_killed_compare_resumes_from_the_caches(
     run_compare(cfg, tmp_path / "reports", progress=False)
     assert len(calls) == needed - 3  # the 3 evaluations finished before the kill are reused
     assert (tmp_path / "reports" / "resume" / "report.md").is_file()
+
+
+def test_preconditioners_are_one_more_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    from test_cli import build_tiny_folder
+
+    from mpq.plan import BitPlan
+
+    folder = build_tiny_folder(tmp_path / "llama")
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config(
+        {
+            "name": "pre",
+            "model": str(folder),
+            "formats": ["3:asym", "8:asym"],
+            "uniform": ["3:asym"],
+            "preconditions": ["none", "scale_folding"],
+            "calibration": {"data": "wiki", "n": 1, "seq_len": 32},
+            "evaluation": {"data": ["wiki"], "n": 1, "seq_len": 16},
+            "solve": [{"solver": "ilp", "budgets": ["bits=5.0"]}],
+        }
+    )
+    out = run_compare(cfg, tmp_path / "reports", progress=False)
+    rows = {r["plan"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert set(rows) == {
+        "fp32", "uniform:3:asym", "uniform:3:asym+scale_folding",
+        "ilp/measured@bits=5", "ilp/measured+scale_folding@bits=5",
+    }  # fmt: skip
+    # Folding changes no shapes, so the same plan costs the same; its outputs differ.
+    a, b = rows["uniform:3:asym"], rows["uniform:3:asym+scale_folding"]
+    assert a["effective_bits"] == b["effective_bits"] and a["kl"] != b["kl"]
+    plan = BitPlan.load(out / "plans" / "ilp_measured+scale_folding@bits=5~seed0.json")
+    assert plan.meta["precondition"]["method"] == "scale_folding"
