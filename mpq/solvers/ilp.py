@@ -45,9 +45,7 @@ Backend = Literal["highs", "cbc"]
 class _Result:
     """What a backend found: ``status`` in optimal | time_limit | infeasible | no_solution."""
 
-    def __init__(
-        self, status: str, x: np.ndarray | None, stats: dict[str, Any]
-    ) -> None:
+    def __init__(self, status: str, x: np.ndarray | None, stats: dict[str, Any]) -> None:
         self.status = status
         self.x = x
         self.stats = stats
@@ -179,8 +177,9 @@ def _solve_model(
 ) -> tuple[_Result, np.ndarray, np.ndarray]:
     dec, opt = allowed_pairs(problem)
     obj = problem.distortion[dec, opt] if objective is None else objective[dec, opt]
-    rows = {r: (np.asarray(problem.costs[r], float)[dec, opt], float(lim))
-            for r, lim in limits.items()}
+    rows = {
+        r: (np.asarray(problem.costs[r], float)[dec, opt], float(lim)) for r, lim in limits.items()
+    }
     n = len(problem.decisions)
     if backend == "highs":
         res = _highs(np.asarray(obj, float), dec, n, rows, time_limit, mip_gap)
@@ -200,9 +199,7 @@ def _round(
     return np.argmax(grid, axis=1).astype(np.int64)
 
 
-def least_given_others(
-    problem: AllocationProblem, backend: Backend = "highs"
-) -> dict[str, float]:
+def least_given_others(problem: AllocationProblem, backend: Backend = "highs") -> dict[str, float]:
     """Per budgeted resource ``r``: the least amount of ``r`` any plan uses while keeping every
     *other* budget (``inf`` when the other budgets alone are already infeasible). With one
     budget this is :meth:`AllocationProblem.min_costs`."""

@@ -268,9 +268,7 @@ def _dp(
     return val, bps
 
 
-def _dp_plans(
-    q: np.ndarray, dist: np.ndarray, max_table_bytes: int
-) -> tuple[np.ndarray, int, int]:
+def _dp_plans(q: np.ndarray, dist: np.ndarray, max_table_bytes: int) -> tuple[np.ndarray, int, int]:
     """The DP's frontier candidates (plans, one row each), the number of states and blocks."""
     n, m = q.shape
     states = int(q.max(axis=1).sum()) + 1 if n else 1

@@ -113,7 +113,11 @@ def random_problem(
 
 def with_limits(problem: AllocationProblem, limits: dict[str, float]) -> AllocationProblem:
     return AllocationProblem(
-        problem.decisions, problem.options, problem.distortion, problem.costs, limits,
+        problem.decisions,
+        problem.options,
+        problem.distortion,
+        problem.costs,
+        limits,
         problem.meta,
     )
 
@@ -289,9 +293,7 @@ class SolverConformance:
                 )
 
 
-def measure_ratios(
-    solve: Solve, seeds: Sequence[int], resources: int = 1, **kw: Any
-) -> np.ndarray:
+def measure_ratios(solve: Solve, seeds: Sequence[int], resources: int = 1, **kw: Any) -> np.ndarray:
     """Objective / brute-force optimum on the suite's problems (``inf`` where the solver found
     no plan): how the stated ratios of heuristics were measured."""
     out = []
@@ -324,7 +326,7 @@ def check_tie_groups(solve: Solve, model: Any, name: str = "solver") -> None:
         "tiny",
         "none",
         distortions={
-            t.name: {f.spec(): float(rng.uniform()) * 4.0 ** -f.bits for f in formats}
+            t.name: {f.spec(): float(rng.uniform()) * 4.0**-f.bits for f in formats}
             for t in targets
         },
     )
