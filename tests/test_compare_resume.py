@@ -14,7 +14,7 @@ from mpq.config import parse_config
 def test_killed_compare_resumes_from_the_caches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_cli import build_tiny_folder
+    from conftest import build_tiny_folder
 
     folder = build_tiny_folder(tmp_path / "llama")
     monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
@@ -64,7 +64,7 @@ def test_killed_compare_resumes_from_the_caches(
 def test_preconditioners_are_one_more_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import csv
 
-    from test_cli import build_tiny_folder
+    from conftest import build_tiny_folder
 
     from mpq.plan import BitPlan
 

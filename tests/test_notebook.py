@@ -13,7 +13,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "experiments" / "notebooks" / "
 def test_explore_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    from test_cli import build_tiny_folder
+    from conftest import build_tiny_folder
 
     folder = build_tiny_folder(tmp_path / "llama")
     monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
