@@ -39,6 +39,7 @@ demo: setup
 bench: setup
 	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_executor.py
 	$(BIN)/python experiments/bench/bench_solvers.py
+	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

@@ -1,28 +1,50 @@
 """`apply_plan`: put a bit plan onto a real model.
 
 ``mode="packed"`` replaces every target with a module that stores packed integer codes, scales
-and zero-points (:mod:`mpq.kernels.modules`) and dequantizes in its forward: what gets deployed,
-with exactly the bytes the cost model counts. ``mode="fake"`` overwrites each target's float
-weight with its dequantized value: the same outputs within float tolerance, at full speed, for
-search loops. The executor never decides bits; it applies what the plan says.
+and zero-points (:mod:`mpq.kernels.modules`) and runs its matmul on an explicit kernel
+``backend`` (``reference``, ``cpu``, ``triton``, ``cupy`` or ``auto``; see
+:mod:`mpq.kernels.backends`): what gets deployed, with exactly the bytes the cost model counts.
+``mode="fake"`` overwrites each target's float weight with its dequantized value: the same
+outputs within float tolerance, at full speed, for search loops. The executor never decides
+bits; it applies what the plan says.
+
+Formats with ``method == "gptq"`` need calibration inputs (``calib=``): the executor runs them
+through the unquantized model once, with hooks that accumulate each GPTQ target's input second
+moment ``H = mean(x x^T)``, then quantizes with :func:`mpq.gptq.gptq_quantize`. (All Hessians
+come from one pass of the full-precision model, not layer by layer on the partly quantized
+model as in the GPTQ paper: simpler, one forward pass, slightly weaker.) GPTQ applies to Linear
+targets. Formats with ``act_bits < 16`` fake-quantize the layer input in both modes
+(:mod:`mpq.activations`; fake mode uses a forward pre-hook).
+
+:func:`load_packed` rebuilds a packed model from a state dict or a file written by
+:func:`mpq.export.safetensors.save_packed`, refusing tensors whose names, shapes, dtypes or
+padding bits do not match the plan.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import Literal
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.errors import MpqError
+from mpq.formats import KEEP_BITS
+from mpq.gptq import GPTQConfig, gptq_quantize
+from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
 from mpq.plan import BitPlan
-from mpq.quantize import fake_quantize
+from mpq.quantize import dequantize, fake_quantize
 from mpq.targets import Target
 
 Mode = Literal["packed", "fake"]
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -37,16 +59,85 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return w
 
 
-def _packed_module(module: nn.Module, packed: PackedWeight) -> nn.Module:
+def _packed_module(
+    module: nn.Module, packed: PackedWeight, name: str, backend: str, act: ActQuant
+) -> nn.Module:
     if isinstance(module, nn.Linear):
-        return QuantLinear(packed, module.bias)
+        return QuantLinear(packed, module.bias, backend=backend, act=act, name=name)
+    B.check_layer(backend, name, _kind(module), packed.rows, packed.cols, packed.fmt)
     if isinstance(module, nn.Conv2d):
-        return QuantConv2d(packed, module)
+        return QuantConv2d(packed, module, act=act)
     if isinstance(module, nn.Embedding):
         return QuantEmbedding(packed, module)
     raise MpqError(
         f"cannot quantize a {type(module).__name__}; targets are Linear/Conv2d/Embedding"
     )
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return type(module).__name__
+
+
+def _run(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def collect_hessians(
+    model: nn.Module, names: Sequence[str], calib: Iterable[Any]
+) -> dict[str, torch.Tensor]:
+    """``H = mean over input rows of x x^T`` (float64) of the Linear modules ``names``, from one
+    forward pass per calibration batch (a tensor, a tuple of positional inputs, or a dict of
+    keyword inputs; a :class:`mpq.tasks.Task` gives its ``batches``)."""
+    batches = getattr(calib, "batches", calib)
+    sums: dict[str, torch.Tensor] = {}
+    counts = {n: 0 for n in names}
+    hooks = []
+
+    def hook(name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0].detach()
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        h = x.T @ x
+        sums[name] = sums[name] + h if name in sums else h
+        counts[name] += x.shape[0]
+
+    for n in names:
+        m = model.get_submodule(n)
+        if not isinstance(m, nn.Linear):
+            raise MpqError(f"{n}: GPTQ needs a Linear layer, this is a {type(m).__name__}")
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: hook(n, mod, inp)))
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen == 0:
+        raise MpqError("calib has no batches; GPTQ needs calibration inputs")
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise MpqError(f"the calibration pass never reached {missing[:3]}; check the inputs")
+    return {n: sums[n] / counts[n] for n in names}
+
+
+def _act_pre_hook(bits: int, cfg: ActQuant, channel_dim: int) -> Any:
+    def hook(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (apply_act_quant(inputs[0], bits, cfg, channel_dim), *inputs[1:])
+
+    return hook
 
 
 def apply_plan(
@@ -56,31 +147,190 @@ def apply_plan(
     *,
     mode: Mode = "packed",
     inplace: bool = False,
+    backend: str = "reference",
+    calib: Iterable[Any] | None = None,
+    gptq: GPTQConfig | None = None,
+    act: ActQuant = DEFAULT_ACT_QUANT,
 ) -> nn.Module:
-    """The model with ``plan`` applied (a copy unless ``inplace``)."""
+    """The model with ``plan`` applied (a copy unless ``inplace``).
+
+    ``backend`` picks the kernels of packed Linear layers (``mpq.executor.backends(model)``
+    reports what each layer got); ``calib`` feeds GPTQ formats; ``gptq`` sets its options;
+    ``act`` sets how ``act_bits`` quantize layer inputs.
+    """
     if mode not in ("packed", "fake"):
         raise MpqError(f"mode={mode!r} is unknown; use 'packed' or 'fake'")
+    B.check_request(backend)
+    if mode == "fake" and backend != "reference":
+        raise MpqError(
+            f"backend={backend!r} applies to mode='packed'; fake mode keeps float modules"
+        )
     plan.validate(targets)
+    gptq_targets = [t for t in targets if plan.formats[t.name].method == "gptq"]
+    gptq_targets = [t for t in gptq_targets if not plan.formats[t.name].keep]
+    for t in gptq_targets:
+        if t.kind != "linear":
+            raise MpqError(
+                f"{t.name}: GPTQ applies to Linear layers, this target is a {t.kind}; "
+                f"give it an rtn format"
+            )
+    if gptq_targets and calib is None:
+        names = [t.name for t in gptq_targets]
+        raise MpqError(
+            f"plan uses GPTQ for {len(names)} target(s) ({names[:3]}) but no calibration data "
+            f"was given: pass apply_plan(..., calib=batches) or use rtn formats"
+        )
+    hessians: dict[str, torch.Tensor] = {}
+    if gptq_targets:
+        assert calib is not None
+        hessians = collect_hessians(model, [t.name for t in gptq_targets], calib)
+    cfg = gptq or GPTQConfig()
     out = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for t in targets:
             fmt = plan.formats[t.name]
             module = out.get_submodule(t.name)
-            if mode == "fake":
-                w = _weight(module)
-                w.copy_(fake_quantize(w, fmt))
-                continue
-            packed = PackedWeight(_weight(module), fmt)
+            w = _weight(module)
+            qt = None
+            if t.name in hessians:
+                qt = gptq_quantize(
+                    w,
+                    hessians[t.name],
+                    fmt,
+                    damp=cfg.damp,
+                    block_size=cfg.block_size,
+                    act_order=cfg.act_order,
+                ).quantized
             owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
+            if mode == "fake":
+                w.copy_(dequantize(qt).to(w.dtype) if qt is not None else fake_quantize(w, fmt))
+                if fmt.act_bits != KEEP_BITS:
+                    for _, mod in owners:
+                        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                            dim = -1 if isinstance(mod, nn.Linear) else 1
+                            mod.register_forward_pre_hook(_act_pre_hook(fmt.act_bits, act, dim))
+                continue
+            if qt is not None:
+                packed = PackedWeight.from_quantized(qt)
+            else:
+                packed = PackedWeight(w, fmt)
             for name, mod in owners:
-                _set_module(out, name, _packed_module(mod, packed))
+                _set_module(out, name, _packed_module(mod, packed, name, backend, act))
     return out
 
 
 def backends(model: nn.Module) -> dict[str, str]:
     """Which kernel backend runs each quantized module (the choice is never silent)."""
     return {
-        name: str(m.backend)
-        for name, m in model.named_modules()
-        if isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding))
+        name: str(m.backend) for name, m in model.named_modules() if isinstance(m, QUANT_MODULES)
     }
+
+
+def kernels(model: nn.Module) -> dict[str, str]:
+    """The op each packed Linear runs (e.g. ``aten._weight_int8pack_mm``)."""
+    return {name: m.kernel for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_backend(model: nn.Module, backend: str) -> dict[str, str]:
+    """Re-choose the backend of every packed Linear (e.g. ``auto`` after moving to a GPU)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_backend(backend)
+    return backends(model)
+
+
+def resident_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the model's state dict, each tensor's memory counted once: what the cost model
+    predicts; bytes of the backend-only runtime buffers of the quantized modules, e.g. the CPU
+    int4 op's repacked codes). Other non-persistent buffers (rotary tables) are in neither."""
+    from mpq.cost import tensor_bits, unique_tensors
+
+    state = sum(tensor_bits(t) for t in unique_tensors(model.state_dict()).values()) // 8
+    runtime = sum(m.runtime_bytes() for m in model.modules() if isinstance(m, QUANT_MODULES))
+    return state, runtime
+
+
+def load_packed(
+    model: nn.Module,
+    targets: Sequence[Target],
+    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    plan: BitPlan | None = None,
+    *,
+    backend: str = "reference",
+    act: ActQuant = DEFAULT_ACT_QUANT,
+) -> nn.Module:
+    """A packed model rebuilt from a safetensors file of :func:`save_packed` (its plan is read
+    from the metadata; ``plan``, when given, must match it) or from a state dict (then ``plan``
+    is required). ``model`` gives the architecture; it is copied, not changed.
+
+    Raises :class:`MpqError` for missing or unexpected tensors, and for any packed tensor whose
+    shape, dtype or padding bits differ from what the plan stores (edited or foreign tensors).
+    """
+    B.check_request(backend)
+    state: dict[str, torch.Tensor]
+    if isinstance(source, Mapping):
+        state = dict(source)
+        if plan is None:
+            raise MpqError("load_packed from a state dict needs the plan it was packed with")
+    else:
+        state, plan = _read_file(Path(source), plan)
+    plan.validate(targets)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in targets:
+            fmt = plan.formats[t.name]
+            module = out.get_submodule(t.name)
+            packed = PackedWeight.empty(tuple(_weight(module).shape), fmt)
+            owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
+            for name, mod in owners:
+                if not isinstance(mod, nn.Linear):  # Linear backends are set after loading
+                    B.check_layer(backend, name, _kind(mod), packed.rows, packed.cols, fmt)
+                _set_module(out, name, _packed_module(mod, packed, name, "reference", act))
+    expected = out.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise MpqError(
+            f"packed tensors do not match the plan: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; was the file written for another plan or model?"
+        )
+    for k, ref in expected.items():
+        got = state[k]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise MpqError(
+                f"{k}: expected {ref.dtype} {list(ref.shape)} for this plan, found {got.dtype} "
+                f"{list(got.shape)}; the packed tensors were edited or belong to another plan"
+            )
+    out.load_state_dict(state, strict=True)
+    for t in targets:
+        mod = out.get_submodule(t.name)
+        assert isinstance(mod, QUANT_MODULES)
+        mod.packed.check(t.name)
+    if backend != "reference":
+        set_backend(out, backend)
+    return out
+
+
+def _read_file(path: Path, plan: BitPlan | None) -> tuple[dict[str, torch.Tensor], BitPlan]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise MpqError(f"packed model file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path))
+    except Exception as exc:
+        raise MpqError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    stored = BitPlan.from_json(meta["mpq_plan"]) if "mpq_plan" in meta else None
+    if plan is None:
+        if stored is None:
+            raise MpqError(f"{str(path)!r} has no mpq plan in its metadata; pass the plan")
+        plan = stored
+    elif stored is not None and dict(stored.formats) != dict(plan.formats):
+        raise MpqError(f"{str(path)!r} was packed with another plan than the one given")
+    for alias, first in json.loads(meta.get("__aliases__", "{}")).items():
+        if first in state:
+            state[alias] = state[first]
+    return state, plan

@@ -80,8 +80,15 @@ def build_problem(
     formats: Sequence[QuantFormat],
     budget: Mapping[str, float],
     table: SensitivityTable | None = None,
+    *,
+    latency: np.ndarray | None = None,
 ) -> AllocationProblem:
-    """One decision per tie group (or lone target), one option per candidate format."""
+    """One decision per tie group (or lone target), one option per candidate format.
+
+    ``latency``: optional ``[decisions, formats]`` seconds from a measured table
+    (:func:`mpq.latency.latency_costs`), added as the ``latency`` resource; a ``latency``
+    budget is then a limit on the summed seconds of the target layers.
+    """
     if not formats:
         raise MpqError("no candidate formats; give at least one, e.g. --formats 4,8")
     groups = decisions(cost_model.targets)
@@ -90,7 +97,11 @@ def build_problem(
     if len(set(specs)) != len(specs):
         raise MpqError(f"candidate formats repeat: {list(specs)}")
     dist = np.zeros((len(names), len(formats)))
-    costs = {r: np.zeros_like(dist) for r in RESOURCES if r != "bops" or cost_model.macs}
+    costs = {
+        r: np.zeros_like(dist)
+        for r in RESOURCES
+        if r != "latency" and (r != "bops" or cost_model.macs)
+    }
     for d, name in enumerate(names):
         for o, fmt in enumerate(formats):
             members = groups[name]
@@ -105,12 +116,25 @@ def build_problem(
                     costs["bops"][d, o] += bops
                 if table is not None:
                     dist[d, o] += 0.0 if fmt.keep else table.distortion(t.name, fmt.spec())
+    if latency is not None:
+        lat = np.asarray(latency, dtype=float)
+        if lat.shape != dist.shape:
+            raise MpqError(
+                f"latency costs have shape {lat.shape}, expected (decisions, formats) = "
+                f"{dist.shape}; build them with mpq.latency.latency_costs for these formats"
+            )
+        costs["latency"] = lat
     if np.isinf(dist).all(axis=1).any():
         bad = [names[d] for d in np.flatnonzero(np.isinf(dist).all(axis=1))]
         raise MpqError(f"no candidate format fits {bad[:3]}; add a per-channel format")
     limits: dict[str, float] = {}
     for r, v in budget.items():
         if r not in costs:
+            if r == "latency":
+                raise MpqError(
+                    "a latency budget needs measured costs: build_problem(..., latency="
+                    "mpq.latency.latency_costs(table, cost_model, formats, backend=...))"
+                )
             raise MpqError(f"budget on {r!r} needs MACs; build the cost model with a sample input")
         limits[r] = to_limit(cost_model, r, v)
     _check_budget(cost_model, budget)
@@ -139,6 +163,8 @@ def _check_budget(cost_model: CostModel, budget: Mapping[str, float]) -> None:
     for r, v in budget.items():
         if v <= 0:
             raise MpqError(f"budget {r}={v:g} must be positive")
+        if r == "latency":
+            continue  # measured, not a property of the plan's bytes: no full-precision ceiling
         ceiling = fp.resource(r)
         if v > ceiling * (1 + 1e-12):
             raise MpqError(

@@ -63,16 +63,30 @@ def check_format(shape: tuple[int, ...], fmt: QuantFormat, name: str = "weight")
             f"{name}: group size {fmt.group_size} does not divide its row length {cols}; "
             f"use per-channel (no g<N>) or one of the group sizes {divisors or 'none'}"
         )
-    if fmt.method != "rtn":
-        raise MpqError(f"{name}: method {fmt.method!r} is not available in this version; use 'rtn'")
 
 
-def quantize(weight: torch.Tensor, fmt: QuantFormat) -> QuantizedTensor:
-    """Round-to-nearest quantization of ``weight`` to ``fmt`` (which must not be ``keep``)."""
+def quantize(
+    weight: torch.Tensor, fmt: QuantFormat, *, hessian: torch.Tensor | None = None
+) -> QuantizedTensor:
+    """Quantization of ``weight`` to ``fmt`` (which must not be ``keep``).
+
+    ``fmt.method == "rtn"``: round to nearest (below). ``"gptq"``: :func:`mpq.gptq.gptq_quantize`
+    with its default options, which needs ``hessian``, the ``[cols, cols]`` second moment of the
+    layer's inputs (``apply_plan(..., calib=...)`` collects it).
+    """
     if fmt.keep:
         raise MpqError("quantize() got a keep (16-bit) format; keep weights need no codes")
     shape = tuple(weight.shape)
     check_format(shape, fmt)
+    if fmt.method == "gptq":
+        if hessian is None:
+            raise MpqError(
+                f"format {fmt.spec()} uses GPTQ, which needs the Hessian of the layer's inputs: "
+                f"pass calibration data (apply_plan(..., calib=batches)) or use an rtn format"
+            )
+        from mpq.gptq import gptq_quantize
+
+        return gptq_quantize(weight, hessian, fmt).quantized
     rows, cols = matrix_shape(shape)
     groups = n_groups(cols, fmt)
     w = weight.detach().to(torch.float32).reshape(rows, groups, cols // groups)

@@ -1,10 +1,16 @@
-"""Modules that hold packed low-bit weights and run them with the pure-torch reference path.
+"""Modules that hold packed low-bit weights and run them on an explicit kernel backend.
 
 Each quantized module stores exactly the tensors the cost model counts: ``qweight`` (int32 words,
 one packed row per output channel, see :mod:`mpq.kernels.packing`), ``scales`` (``[rows, groups]``
 in the format's scale dtype) and, for asymmetric formats, ``qzeros`` (one packed stream of
 ``rows * groups`` zero-points). A weight kept at 16 bits is a float16 ``weight`` buffer.
-The forward pass dequantizes to the input's dtype and calls the ordinary torch op.
+
+``QuantLinear`` runs its matmul on the backend it was given (:mod:`mpq.kernels.backends`) and
+reports it in ``backend`` (``kernel`` says which op). Backends may keep runtime-only tensors
+(non-persistent buffers, never in the state dict: the CPU int4 op's repacked codes); every
+module's :meth:`runtime_bytes` counts them. ``QuantConv2d`` and ``QuantEmbedding`` run the
+reference path. Layer inputs are fake-quantized first when the format has ``act_bits < 16``
+(:mod:`mpq.activations`).
 """
 
 from __future__ import annotations
@@ -15,34 +21,91 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.formats import QuantFormat
-from mpq.kernels.packing import pack, unpack
-from mpq.quantize import dequantize_codes, keep_weight, matrix_shape, quantize
+from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
+from mpq.errors import MpqError
+from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
+from mpq.quantize import (
+    QuantizedTensor,
+    dequantize_codes,
+    keep_weight,
+    matrix_shape,
+    n_groups,
+    quantize,
+    scale_torch_dtype,
+)
 
 
 class PackedWeight(nn.Module):
-    """Packed storage of one weight and its reference dequantization."""
+    """Packed storage of one weight and its reference dequantization.
+
+    ``PackedWeight(weight, fmt)`` quantizes with round-to-nearest;
+    :meth:`from_quantized` packs an existing result (GPTQ); :meth:`empty` allocates the exact
+    buffers a format needs, to be filled by ``load_state_dict`` (then call :meth:`check`).
+    """
 
     qweight: torch.Tensor
     scales: torch.Tensor
     qzeros: torch.Tensor | None
     weight: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, fmt: QuantFormat) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        fmt: QuantFormat,
+        *,
+        quantized: QuantizedTensor | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.fmt = fmt
-        self.shape = tuple(weight.shape)
+        if weight is not None:
+            shape = tuple(weight.shape)
+        elif quantized is not None:
+            shape = quantized.shape
+        if shape is None:
+            raise ValueError("PackedWeight needs a weight, a quantized tensor or a shape")
+        self.shape = tuple(shape)
         self.rows, self.cols = matrix_shape(self.shape)
+        if weight is None and quantized is None:  # empty: exact shapes, zero contents
+            for name, (shp, dtype) in expected_buffers(self.shape, fmt).items():
+                self.register_buffer(name, torch.zeros(shp, dtype=dtype))
+            if "qzeros" not in expected_buffers(self.shape, fmt):
+                self.qzeros = None
+            return
         if fmt.keep:
+            assert weight is not None, "a keep format stores the weight itself"
             self.register_buffer("weight", keep_weight(weight))
             return
-        qt = quantize(weight, fmt)
-        self.register_buffer("qweight", pack(qt.codes, fmt.bits))
-        self.register_buffer("scales", qt.scales)
+        if quantized is not None:
+            qt = quantized
+        else:
+            assert weight is not None
+            qt = quantize(weight, fmt)
+        if qt.fmt.bits != fmt.bits or qt.shape != self.shape:
+            raise MpqError(
+                f"quantized tensor {qt.shape} at {qt.fmt.spec()} does not match "
+                f"{self.shape} at {fmt.spec()}"
+            )
+        self.register_buffer("qweight", pack_codes(qt.codes, fmt.bits))
+        self.register_buffer("scales", qt.scales.to(scale_torch_dtype(fmt)))
         if qt.zeros is not None:
             self.register_buffer("qzeros", pack(qt.zeros.reshape(1, -1), fmt.bits))
         else:
             self.qzeros = None
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor) -> PackedWeight:
+        return cls(None, qt.fmt, quantized=qt)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], fmt: QuantFormat) -> PackedWeight:
+        return cls(None, fmt, shape=tuple(shape))
+
+    @property
+    def group(self) -> int:
+        """Columns per scale (``cols`` when per channel)."""
+        return self.fmt.group_size or self.cols
 
     def zeros(self) -> torch.Tensor | None:
         if self.qzeros is None:
@@ -50,45 +113,227 @@ class PackedWeight(nn.Module):
         groups = self.scales.shape[1]
         return unpack(self.qzeros, self.fmt.bits, self.rows * groups).reshape(self.rows, groups)
 
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Unsigned codes ``[rows, cols]`` (uint8), as :func:`mpq.quantize.quantize` gives them."""
+        qweight = self.qweight if rows is None else self.qweight[rows]
+        return unpack_codes(qweight, self.fmt.bits, self.cols)
+
     def dequantize_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 matrix ``[len(rows), cols]`` (all rows when ``rows`` is None)."""
         if self.fmt.keep:
             w = self.weight.reshape(self.rows, self.cols)
             return (w if rows is None else w[rows]).float()
-        qweight = self.qweight if rows is None else self.qweight[rows]
         scales = self.scales if rows is None else self.scales[rows]
         zeros = self.zeros()
         if zeros is not None and rows is not None:
             zeros = zeros[rows]
-        codes = unpack(qweight, self.fmt.bits, self.cols)
-        return dequantize_codes(codes, scales, zeros, self.fmt)
+        return dequantize_codes(self.codes(rows), scales, zeros, self.fmt)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantize_rows().reshape(self.shape).to(dtype)
+
+    def check(self, name: str = "weight") -> None:
+        """Raise :class:`MpqError` when the buffers are not what ``fmt`` stores for ``shape``
+        (wrong shape or dtype, nonzero padding bits, non-finite or negative scales): the sign of
+        packed tensors edited or loaded for another plan."""
+        for key, (shp, dtype) in expected_buffers(self.shape, self.fmt).items():
+            t = getattr(self, key)
+            if tuple(t.shape) != shp or t.dtype != dtype:
+                raise MpqError(
+                    f"{name}.{key}: expected {dtype} {list(shp)} for a {list(self.shape)} weight "
+                    f"at {self.fmt.spec()}, found {t.dtype} {list(t.shape)}; the packed tensors "
+                    f"do not belong to this plan"
+                )
+        if self.fmt.keep:
+            return
+        if not padding_is_zero(self.qweight, self.fmt.bits, self.cols):
+            raise MpqError(f"{name}.qweight: padding bits are set; the packed codes were edited")
+        if self.qzeros is not None and not padding_is_zero(
+            self.qzeros, self.fmt.bits, self.scales.numel()
+        ):
+            raise MpqError(f"{name}.qzeros: padding bits are set; the zero-points were edited")
+        s = self.scales.float()
+        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+            raise MpqError(f"{name}.scales: non-finite or non-positive scales; the file is corrupt")
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, format={self.fmt.spec()}"
 
 
-class QuantLinear(nn.Module):
-    """``nn.Linear`` with a packed weight (reference backend)."""
+def expected_buffers(
+    shape: tuple[int, ...], fmt: QuantFormat
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The buffers (name -> shape, dtype) a :class:`PackedWeight` of ``shape`` in ``fmt`` holds."""
+    rows, cols = matrix_shape(tuple(shape))
+    if fmt.keep:
+        return {"weight": (tuple(shape), torch.float16)}
+    groups = n_groups(cols, fmt)
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "qweight": ((rows, -(-cols * fmt.bits // 32)), torch.int32),
+        "scales": ((rows, groups), scale_torch_dtype(fmt)),
+    }
+    if not fmt.symmetric:
+        out["qzeros"] = ((1, -(-rows * groups * fmt.bits // 32)), torch.int32)
+    return out
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None) -> None:
+
+def _act_quant(x: torch.Tensor, fmt: QuantFormat, cfg: ActQuant, channel_dim: int) -> torch.Tensor:
+    if fmt.act_bits == KEEP_BITS:
+        return x
+    return apply_act_quant(x, fmt.act_bits, cfg, channel_dim)
+
+
+def _runtime_bytes(module: nn.Module) -> int:
+    """Bytes of the module's non-persistent buffers (backend caches, not in the state dict)."""
+    names: set[str] = getattr(module, "_non_persistent_buffers_set", set())
+    return sum(
+        b.numel() * b.element_size()
+        for n, b in module.named_buffers(recurse=False)
+        if n in names and b is not None
+    )
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with a packed weight, run on ``backend`` (see :mod:`mpq.kernels.backends`)."""
+
+    def __init__(
+        self,
+        packed: PackedWeight,
+        bias: torch.Tensor | None,
+        backend: str = "reference",
+        act: ActQuant = DEFAULT_ACT_QUANT,
+        name: str = "linear",
+    ) -> None:
         super().__init__()
         self.packed = packed
         self.bias = (
             nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         )
+        self.act = act
+        self.layer_name = name
+        self.requested = "reference"
         self.backend = "reference"
+        self.kernel = "dequantize + F.linear"
+        self._cpu: Any = None
+        self.set_backend(backend)
+
+    @property
+    def fmt(self) -> QuantFormat:
+        return self.packed.fmt
+
+    def set_backend(self, backend: str) -> None:
+        """Choose the backend (``auto`` resolves on the device the layer is on now)."""
+        from mpq.kernels import backends as B
+
+        B.check_request(backend)
+        p = self.packed
+        B.check_layer(backend, self.layer_name, "linear", p.rows, p.cols, p.fmt)
+        device = (p.weight if p.fmt.keep else p.qweight).device
+        chosen = B.resolve(backend, device.type)
+        self.requested = backend
+        for key in ("_cpu_w4", "_cpu_w8"):
+            if key in self._buffers:
+                del self._buffers[key]
+                self._non_persistent_buffers_set.discard(key)
+        self._cpu = None
+        self.backend, self.kernel = "reference", "dequantize + F.linear"
+        if p.fmt.keep:
+            self.kernel = "float16 weight + F.linear"
+            return
+        if chosen == "cpu":
+            from mpq.kernels import cpu
+
+            k = cpu.choose(p.fmt, p.rows, p.cols)
+            if k is None:
+                return  # reference path, reported as such
+            if k.op == "int4":
+                self.register_buffer("_cpu_w4", cpu.int4_weight(p.codes()), persistent=False)
+            elif p.cols % 4 != 0:
+                w8 = cpu.int8_weight(p.qweight, p.cols)
+                self.register_buffer("_cpu_w8", w8, persistent=False)
+            self._cpu = k
+            self.backend = "cpu"
+            self.kernel = f"{k.describe()} (<= {cpu.FUSED_MAX_M} rows; else dequantize + F.linear)"
+        elif chosen == "triton":
+            self.backend, self.kernel = "triton", "triton gemv (M<=4) / gemm"
+        elif chosen == "cupy":
+            self.backend, self.kernel = "cupy", "cupy RawKernel dequant-gemv"
+
+    def runtime_bytes(self) -> int:
+        return _runtime_bytes(self)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        b = self.backend
+        if b == "reference" or p.fmt.keep or x2.shape[0] == 0:
+            w = p.weight if p.fmt.keep else p.dequantize(x2.dtype)
+            bias = None if self.bias is None else self.bias.to(x2.dtype)
+            return F.linear(x2, w.reshape(p.rows, p.cols).to(x2.dtype), bias)
+        if x2.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise MpqError(f"{self.layer_name}: backend {b!r} needs a float input, got {x2.dtype}")
+        if b == "cpu":
+            from mpq.kernels import cpu
+
+            if x2.device.type != "cpu":
+                raise MpqError(
+                    f"{self.layer_name}: backend 'cpu' runs CPU tensors, the input is on "
+                    f"{x2.device}; use backend 'triton', 'cupy' or 'auto'"
+                )
+            k = self._cpu
+            if x2.shape[0] > cpu.FUSED_MAX_M:  # the ops are GEMV-like: large batches dequantize
+                w = p.dequantize(x2.dtype)
+                return F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
+            x2 = x2.contiguous()
+            if k.op == "int8":
+                w8 = self._buffers.get("_cpu_w8")
+                w8 = w8 if w8 is not None else cpu.int8_weight(p.qweight, p.cols)
+                y = cpu.linear_int8(x2, w8, p.scales, p.zeros())
+            else:
+                w4 = self._buffers["_cpu_w4"]
+                assert w4 is not None
+                y = cpu.linear_int4(x2, w4, k, p.scales, p.zeros(), p.cols)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if b == "triton":
+            from mpq.kernels import triton_kernels as tk
+
+            if x2.device.type != "cuda" and not tk.interpreted():
+                raise MpqError(
+                    f"{self.layer_name}: backend 'triton' runs CUDA tensors (or CPU tensors "
+                    f"under TRITON_INTERPRET=1), the input is on {x2.device}; move the model "
+                    f"to a GPU or use backend 'cpu'"
+                )
+            problem = tk.shape_problem(p.rows, p.cols, p.fmt.bits, p.scales.shape[1], x2.shape[0])
+            if problem is not None:
+                raise MpqError(f"{self.layer_name}: the triton kernels cannot run it: {problem}")
+            fn = tk.linear
+        else:
+            from mpq.kernels import cupy_backend
+
+            if x2.device.type != "cuda":
+                raise MpqError(
+                    f"{self.layer_name}: backend 'cupy' runs CUDA tensors, the input is on "
+                    f"{x2.device}; move the model to a GPU or use backend 'cpu'"
+                )
+            fn = cupy_backend.linear
+        bias = self.bias.to(x2.dtype) if self.bias is not None else None
+        return fn(x2.contiguous(), p.qweight, p.scales, p.qzeros, bias, p.fmt.bits, p.cols, p.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.packed.dequantize(x.dtype), self.bias)
+        x = _act_quant(x, self.fmt, self.act, -1)
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, kernel={self.kernel}"
 
 
 class QuantConv2d(nn.Module):
     """``nn.Conv2d`` with a packed weight (reference backend)."""
 
-    def __init__(self, packed: PackedWeight, conv: nn.Conv2d) -> None:
+    def __init__(
+        self, packed: PackedWeight, conv: nn.Conv2d, act: ActQuant = DEFAULT_ACT_QUANT
+    ) -> None:
         super().__init__()
         self.packed = packed
         self.bias = (
@@ -104,9 +349,14 @@ class QuantConv2d(nn.Module):
         }
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported")
+        self.act = act
         self.backend = "reference"
 
+    def runtime_bytes(self) -> int:
+        return _runtime_bytes(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _act_quant(x, self.packed.fmt, self.act, 1)
         return F.conv2d(x, self.packed.dequantize(x.dtype), self.bias, **self.conv_args)
 
 
@@ -120,6 +370,9 @@ class QuantEmbedding(nn.Module):
         self.backend = "reference"
         if emb.max_norm is not None:
             raise ValueError("nn.Embedding with max_norm is not supported")
+
+    def runtime_bytes(self) -> int:
+        return _runtime_bytes(self)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

@@ -1,0 +1,330 @@
+"""A measured latency table: seconds per (layer shape, format, backend, batch) on this machine.
+
+:func:`measure_table` builds each distinct weight shape as a packed module (random weights, the
+format, the backend), runs ``warmup`` calls, then times ``repeats`` calls and keeps the median
+(CUDA calls are synchronized). Linear layers are timed on an input of ``batch`` rows (1 =
+decode); embedding tables on a lookup of ``batch`` ids. The table is JSON, versioned like a
+:class:`~mpq.plan.BitPlan`::
+
+    {"_type": "LatencyTable", "_version": 1,
+     "_data": {"machine": ..., "device": ..., "torch": ..., "created": ..., "repeats": ...,
+               "warmup": ..., "dtype": ..., "entries": [{"kind": "linear", "shape": [r, c],
+               "format": "4:g128", "backend": "cpu", "ran": "cpu", "batch": 1,
+               "seconds": 1.2e-4}, ...]}}
+
+``ran`` is the backend the layer actually got (``cpu`` falls back to ``reference`` for formats
+it cannot fuse). :func:`latency_costs` turns a table into the ``[decisions, options]`` cost
+array of an allocation problem (same decision order as :func:`mpq.problem.build_problem`): a
+decision costs the sum of its members' latencies; a target's aliases (a tied LM head) add the
+Linear latency of the same shape. Conv2d targets are not covered (their cost depends on the
+input's spatial size, which a :class:`~mpq.targets.Target` does not carry).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpq.cost import CostModel
+from mpq.errors import MpqError
+from mpq.formats import QuantFormat
+from mpq.quantize import check_format, matrix_shape
+from mpq.targets import Target, decisions
+
+TYPE = "LatencyTable"
+VERSION = 1
+KINDS = ("linear", "embedding")
+
+
+@dataclass(frozen=True)
+class LatencyEntry:
+    kind: str
+    shape: tuple[int, int]
+    format: str
+    backend: str
+    batch: int
+    seconds: float
+    ran: str = ""
+
+    @property
+    def key(self) -> tuple[str, tuple[int, int], str, str, int]:
+        return (self.kind, self.shape, self.format, self.backend, self.batch)
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    entries: tuple[LatencyEntry, ...]
+    machine: str = ""
+    device: str = "cpu"
+    torch: str = ""
+    created: str = ""
+    repeats: int = 0
+    warmup: int = 0
+    dtype: str = "float32"
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        keys = [e.key for e in self.entries]
+        if len(set(keys)) != len(keys):
+            raise MpqError("latency table has duplicate (kind, shape, format, backend, batch) rows")
+        for e in self.entries:
+            if not (np.isfinite(e.seconds) and e.seconds >= 0):
+                raise MpqError(f"latency table entry {e.key} has seconds={e.seconds!r}")
+
+    def lookup(
+        self, kind: str, shape: tuple[int, int], fmt: str, backend: str, batch: int
+    ) -> float:
+        for e in self.entries:
+            if e.key == (kind, tuple(shape), fmt, backend, batch):
+                return e.seconds
+        raise KeyError((kind, tuple(shape), fmt, backend, batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["entries"] = [{**asdict(e), "shape": list(e.shape)} for e in self.entries]
+        data["meta"] = dict(self.meta)
+        return {"_type": TYPE, "_version": VERSION, "_data": data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> LatencyTable:
+        if not isinstance(obj, dict) or obj.get("_type") != TYPE:
+            raise MpqError(f'not a latency table: expected "_type": "{TYPE}"')
+        if obj.get("_version") != VERSION:
+            raise MpqError(
+                f"latency table version {obj.get('_version')!r} is not supported (this mpq "
+                f"reads version {VERSION}); re-measure with this version"
+            )
+        data = dict(obj.get("_data") or {})
+        try:
+            entries = tuple(
+                LatencyEntry(
+                    kind=str(e["kind"]),
+                    shape=(int(e["shape"][0]), int(e["shape"][1])),
+                    format=str(e["format"]),
+                    backend=str(e["backend"]),
+                    batch=int(e["batch"]),
+                    seconds=float(e["seconds"]),
+                    ran=str(e.get("ran", "")),
+                )
+                for e in data.pop("entries")
+            )
+            return cls(entries=entries, **data)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise MpqError(f"latency table is malformed: {exc!r}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> LatencyTable:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MpqError(f"latency table is not valid JSON: {exc}") from None
+        return cls.from_dict(obj)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
+        p = Path(path)
+        if not p.is_file():
+            raise MpqError(f"latency table {str(p)!r} does not exist; run mpq bench-layers")
+        return cls.from_json(p.read_text())
+
+
+def _module(
+    kind: str,
+    shape: tuple[int, int],
+    fmt: QuantFormat,
+    backend: str,
+    seed: int,
+    device: torch.device,
+) -> nn.Module:
+    from mpq.kernels.modules import PackedWeight, QuantEmbedding, QuantLinear
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) / shape[1] ** 0.5
+    packed = PackedWeight(w, fmt).to(device)
+    if kind == "linear":
+        return QuantLinear(packed, None, backend=backend, name=f"linear{list(shape)}")
+    return QuantEmbedding(packed, nn.Embedding(*shape))
+
+
+def measure_layer(
+    kind: str,
+    shape: tuple[int, int],
+    fmt: QuantFormat,
+    backend: str = "reference",
+    batch: int = 1,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[float, str]:
+    """(median seconds per call, backend that ran) of one layer."""
+    if kind not in KINDS:
+        raise MpqError(f"latency of {kind!r} layers is not measured; kinds: {list(KINDS)}")
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise MpqError("repeats and batch must be >= 1 and warmup >= 0")
+    check_format(shape, fmt)
+    dev = torch.device(device)
+    mod = _module(kind, shape, fmt, backend, seed, dev)
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind == "linear":
+        x = torch.randn(batch, shape[1], generator=g).to(dev, dtype)
+    else:
+        x = torch.randint(0, shape[0], (1, batch), generator=g).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            mod(x)
+        sync()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mod(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), str(getattr(mod, "backend", "reference"))
+
+
+def target_layers(targets: Iterable[Target]) -> list[tuple[str, tuple[int, int]]]:
+    """The distinct (kind, [rows, cols]) a set of targets needs timed (aliases as Linear)."""
+    out: dict[tuple[str, tuple[int, int]], None] = {}
+    for t in targets:
+        if t.kind not in KINDS:
+            raise MpqError(
+                f"{t.name}: latency tables cover linear and embedding targets, not {t.kind}"
+            )
+        shape = matrix_shape(t.shape)
+        out[(t.kind, shape)] = None
+        if t.aliases:
+            out[("linear", shape)] = None
+    return list(out)
+
+
+def measure_table(
+    layers: Sequence[tuple[str, tuple[int, int]]],
+    formats: Sequence[QuantFormat],
+    backends: Sequence[str] = ("reference",),
+    batches: Sequence[int] = (1,),
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> LatencyTable:
+    """Time every (layer, format, backend, batch); formats that do not fit a shape are skipped."""
+    entries = []
+    for kind, shape in layers:
+        for fmt in formats:
+            try:
+                check_format(shape, fmt)
+            except MpqError:
+                continue
+            for backend in backends:
+                for batch in batches:
+                    sec, ran = measure_layer(
+                        kind,
+                        shape,
+                        fmt,
+                        backend,
+                        batch,
+                        repeats=repeats,
+                        warmup=warmup,
+                        device=device,
+                        dtype=dtype,
+                    )
+                    if progress:
+                        print(f"{kind} {shape} {fmt.spec()} {backend} b{batch}: {sec * 1e6:.1f} us")
+                    rc = (int(shape[0]), int(shape[1]))
+                    entries.append(LatencyEntry(kind, rc, fmt.spec(), backend, batch, sec, ran))
+    dev = torch.device(device)
+    return LatencyTable(
+        entries=tuple(entries),
+        machine=platform.processor() or platform.machine(),
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        repeats=repeats,
+        warmup=warmup,
+        dtype=str(dtype).removeprefix("torch."),
+        meta={"threads": torch.get_num_threads()},
+    )
+
+
+def measure_targets(
+    targets: Iterable[Target],
+    formats: Sequence[QuantFormat],
+    backends: Sequence[str] = ("reference",),
+    batches: Sequence[int] = (1,),
+    **kwargs: Any,
+) -> LatencyTable:
+    """:func:`measure_table` over the layers ``targets`` need (what ``mpq bench-layers`` runs)."""
+    return measure_table(target_layers(targets), formats, backends, batches, **kwargs)
+
+
+def latency_costs(
+    table: LatencyTable,
+    targets: CostModel | Sequence[Target],
+    formats: Sequence[QuantFormat],
+    *,
+    backend: str,
+    batch: int = 1,
+) -> np.ndarray:
+    """Seconds per ``[decision, option]``, in :func:`mpq.problem.build_problem`'s order.
+
+    Options whose format does not fit a member get 0 (build_problem disallows them); a missing
+    measurement for a format that fits is an error listing what to measure.
+    """
+    tlist = list(targets.targets if isinstance(targets, CostModel) else targets)
+    groups = decisions(tlist)
+    out = np.zeros((len(groups), len(formats)))
+    missing: list[str] = []
+    for d, members in enumerate(groups.values()):
+        for o, fmt in enumerate(formats):
+            fits = True
+            for t in members:
+                try:
+                    check_format(t.shape, fmt)
+                except MpqError:
+                    fits = False
+            if not fits:
+                continue
+            for t in members:
+                shape = matrix_shape(t.shape)
+                needs = [(t.kind, shape)] + [("linear", shape)] * len(t.aliases)
+                for kind, shp in needs:
+                    try:
+                        out[d, o] += table.lookup(kind, shp, fmt.spec(), backend, batch)
+                    except KeyError:
+                        missing.append(f"{kind} {list(shp)} {fmt.spec()} {backend} batch={batch}")
+    if missing:
+        uniq = sorted(set(missing))
+        raise MpqError(
+            f"latency table lacks {len(uniq)} measurement(s), e.g. {uniq[:3]}; measure them "
+            f"with mpq.latency.measure_table (or mpq bench-layers)"
+        )
+    return out

@@ -1,0 +1,234 @@
+"""Measured quality of plans for the search solvers (torch side).
+
+The searches of :mod:`mpq.solvers` (``bayes``, ``evolution``, ``sac``) and the uniform guard
+(:mod:`mpq.guard`) take a ``measure(choice) -> float`` (lower is better). Here it is built from
+a model: the choice becomes a :class:`~mpq.plan.BitPlan` (:func:`plan_for_choice`), the plan is
+applied with ``apply_plan(mode="fake")`` and evaluated against the fp reference on a
+calibration :class:`~mpq.tasks.Task` (:func:`mpq.evaluate.evaluate`); the metric (mean KL by
+default) is the value. Every measure here is a :class:`~mpq.solvers._measure.CachedMeasure`:
+no choice is measured twice, and one measure can be shared by several searches and the guard.
+
+- :class:`CalibrationMeasure`: model + targets + task (+ reference). It applies each plan to
+  a private copy of the model, in place, and restores the copied weights afterwards, so the
+  caller's model is never touched and no per-plan deep copy is made. Formats that quantize
+  activations (``act_bits`` < 16) make ``apply_plan`` add forward hooks, which restoring the
+  weights would not undo: with such formats each plan is applied to a fresh copy instead.
+- :func:`evaluator_measure`: on a :class:`mpq.pipeline.Evaluator`, whose on-disk cache (one
+  file per plan digest) also spans runs: what ``mpq solve`` should use.
+- :func:`decision_features`: the per-decision features of the SAC agent's observation
+  (kind, rows, cols, parameter count, weight std and excess kurtosis).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpq.errors import MpqError
+from mpq.evaluate import Reference, evaluate, reference
+from mpq.executor import apply_plan
+from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.plan import BitPlan
+from mpq.solvers._measure import CachedMeasure
+from mpq.solvers.base import AllocationProblem
+from mpq.solvers.sac import FEATURE_COLUMNS, KIND_CODES
+from mpq.targets import Target, decisions
+from mpq.tasks import Task
+
+if TYPE_CHECKING:
+    from mpq.pipeline import Evaluator
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    w = model.get_submodule(name).weight
+    if not isinstance(w, torch.Tensor):
+        raise MpqError(f"target {name!r} has no weight tensor")
+    return w.data
+
+
+def _check_formats(problem: AllocationProblem, formats: Sequence[QuantFormat]) -> None:
+    specs = tuple(f.spec() for f in formats)
+    if specs != tuple(problem.options):
+        raise MpqError(
+            f"formats {list(specs)} are not the problem's options {list(problem.options)}; "
+            f"give the formats the problem was built with, in the same order"
+        )
+
+
+def _check_targets(problem: AllocationProblem, targets: Sequence[Target]) -> None:
+    names = tuple(decisions(targets))
+    if names != tuple(problem.decisions):
+        missing = sorted(set(problem.decisions) ^ set(names))[:3]
+        raise MpqError(
+            f"the targets' decisions do not match the problem's ({len(names)} vs "
+            f"{len(problem.decisions)} decisions; differing: {missing}); give the targets "
+            f"the problem was built from"
+        )
+
+
+def plan_for_choice(
+    problem: AllocationProblem,
+    choice: np.ndarray,
+    targets: Sequence[Target],
+    formats: Sequence[QuantFormat],
+    model_id: str,
+    solver: str = "search",
+) -> BitPlan:
+    """The plan a choice (one option index per decision) stands for: every member of a
+    decision (tie group) gets the decision's format."""
+    _check_formats(problem, formats)
+    choice = np.asarray(choice, dtype=np.int64)
+    if choice.shape != (len(problem.decisions),):
+        raise MpqError(f"choice has shape {choice.shape}, expected ({len(problem.decisions)},)")
+    groups = decisions(targets)
+    by_target: dict[str, QuantFormat] = {}
+    for d, name in enumerate(problem.decisions):
+        if name not in groups:
+            raise MpqError(f"decision {name!r} is not a target or tie group of these targets")
+        for t in groups[name]:
+            by_target[t.name] = formats[int(choice[d])]
+    return BitPlan(
+        formats={t.name: by_target[t.name] for t in targets},
+        model_id=model_id,
+        solver=solver,
+        budget=dict(problem.meta.get("budget", {})),
+    )
+
+
+class CalibrationMeasure(CachedMeasure):
+    """``metric`` (``kl`` by default; any key of :class:`~mpq.evaluate.EvalResult`) of the
+    model quantized by each choice, on ``task`` against ``ref`` (computed once when not
+    given). ``copy_model=False`` applies plans to ``model`` itself and restores its weights
+    after each measurement (saves one model of memory). ``calib``: calibration batches for
+    GPTQ formats (passed to :func:`~mpq.executor.apply_plan`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: Sequence[Target],
+        problem: AllocationProblem,
+        formats: Sequence[QuantFormat],
+        task: Task,
+        ref: Reference | None = None,
+        *,
+        metric: str = "kl",
+        model_id: str = "",
+        copy_model: bool = True,
+        calib: Sequence[Any] | None = None,
+    ) -> None:
+        _check_formats(problem, formats)
+        _check_targets(problem, targets)
+        self.problem = problem
+        self.targets = list(targets)
+        self.formats = list(formats)
+        self.task = task
+        self.metric = metric
+        self.model_id = model_id or str(problem.meta.get("model_id", ""))
+        self.calib = calib
+        # Activation quantization adds forward hooks: apply each plan to a fresh copy then.
+        self.inplace = all(f.act_bits == KEEP_BITS for f in formats)
+        self.model = copy.deepcopy(model) if copy_model and self.inplace else model
+        self.ref = ref if ref is not None else reference(task, self.model)
+        with torch.no_grad():
+            self._saved = (
+                {t.name: _weight(self.model, t.name).clone() for t in self.targets}
+                if self.inplace
+                else {}
+            )
+        super().__init__(self._measure, len(problem.decisions))
+
+    def plan(self, choice: np.ndarray) -> BitPlan:
+        return plan_for_choice(
+            self.problem, choice, self.targets, self.formats, self.model_id, "measure"
+        )
+
+    def _measure(self, choice: np.ndarray) -> float:
+        plan = self.plan(choice)
+        if not self.inplace:
+            fresh = apply_plan(self.model, plan, self.targets, mode="fake", calib=self.calib)
+            result = evaluate(self.task, fresh, self.ref)
+            return self._value(result.metrics)
+        try:
+            apply_plan(self.model, plan, self.targets, mode="fake", inplace=True,
+                       calib=self.calib)
+            result = evaluate(self.task, self.model, self.ref)
+        finally:
+            with torch.no_grad():
+                for t in self.targets:
+                    _weight(self.model, t.name).copy_(self._saved[t.name])
+        return self._value(result.metrics)
+
+    def _value(self, metrics: Mapping[str, float]) -> float:
+        if self.metric not in metrics:
+            raise MpqError(
+                f"metric {self.metric!r} is not measured on this task; use one of "
+                f"{sorted(metrics)}"
+            )
+        return float(metrics[self.metric])
+
+
+def evaluator_measure(
+    evaluator: Evaluator,
+    problem: AllocationProblem,
+    formats: Sequence[QuantFormat],
+    *,
+    metric: str = "kl",
+) -> CachedMeasure:
+    """A measure on a :class:`mpq.pipeline.Evaluator` (its task is the calibration task):
+    cached in memory here and on disk by the evaluator (one file per plan digest)."""
+    targets = evaluator.prep.targets
+    _check_formats(problem, formats)
+    _check_targets(problem, targets)
+    model_id = evaluator.prep.loaded.model_id
+
+    def measure(choice: np.ndarray) -> float:
+        plan = plan_for_choice(problem, choice, targets, formats, model_id, "measure")
+        result, _ = evaluator(plan, label="measure")
+        if metric not in result.metrics:
+            known = sorted(result.metrics)
+            raise MpqError(f"metric {metric!r} is not measured; use one of {known}")
+        return float(result.metrics[metric])
+
+    return CachedMeasure(measure, len(problem.decisions))
+
+
+def _kurtosis(x: torch.Tensor) -> float:
+    x = x.double().flatten()
+    if x.numel() < 4:
+        return float("nan")
+    c = x - x.mean()
+    var = float((c * c).mean())
+    if var <= 0:
+        return float("nan")
+    return float((c**4).mean()) / var**2 - 3.0
+
+
+def decision_features(
+    problem: AllocationProblem,
+    targets: Sequence[Target],
+    model: nn.Module | None = None,
+) -> np.ndarray:
+    """``[decisions, 6]`` features for :mod:`mpq.solvers.sac` (columns ``FEATURE_COLUMNS``:
+    kind code, output rows, input columns x kernel, parameter count, weight std, excess
+    kurtosis; the last two NaN without ``model``). A tie group sums its members' rows and
+    parameters and pools their weights; its kind is its first member's."""
+    _check_targets(problem, targets)
+    groups = decisions(targets)
+    out = np.full((len(problem.decisions), len(FEATURE_COLUMNS)), np.nan)
+    for d, name in enumerate(problem.decisions):
+        members = groups[name]
+        out[d, 0] = KIND_CODES.get(members[0].kind, 0.0)
+        out[d, 1] = float(sum(t.shape[0] for t in members))
+        out[d, 2] = float(math.prod(members[0].shape[1:])) if len(members[0].shape) > 1 else 1.0
+        out[d, 3] = float(sum(t.numel for t in members))
+        if model is not None:
+            flat = torch.cat([_weight(model, t.name).flatten().float() for t in members])
+            out[d, 4] = float(flat.std()) if flat.numel() > 1 else float("nan")
+            out[d, 5] = _kurtosis(flat)
+    return out
