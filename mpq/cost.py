@@ -23,6 +23,7 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.formats import KEEP_BITS, SCALE_DTYPES, QuantFormat
 from mpq.kernels.packing import WORD_BITS, words_per_row
+from mpq.models import run_batch
 from mpq.plan import BitPlan
 from mpq.quantize import matrix_shape, n_groups
 from mpq.targets import Target
@@ -174,7 +175,7 @@ def count_macs(model: nn.Module, names: Iterable[str], sample: Any) -> dict[str,
             hooks.append(module.register_forward_hook(lambda m, i, o, name=name: hook(name, m, o)))
     try:
         with torch.no_grad():
-            model(sample) if not isinstance(sample, dict) else model(**sample)
+            run_batch(model, sample)
     finally:
         for h in hooks:
             h.remove()

@@ -39,6 +39,7 @@ from mpq.formats import KEEP_BITS
 from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
+from mpq.models import run_batch
 from mpq.plan import BitPlan
 from mpq.quantize import dequantize, fake_quantize
 from mpq.targets import Target
@@ -84,15 +85,6 @@ def _kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def collect_hessians(
     model: nn.Module, names: Sequence[str], calib: Iterable[Any]
 ) -> dict[str, torch.Tensor]:
@@ -120,7 +112,7 @@ def collect_hessians(
     try:
         with torch.no_grad():
             for batch in batches:
-                _run(model, batch)
+                run_batch(model, batch)
                 seen += 1
     finally:
         for h in hooks:

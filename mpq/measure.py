@@ -155,8 +155,7 @@ class CalibrationMeasure(CachedMeasure):
             result = evaluate(self.task, fresh, self.ref)
             return self._value(result.metrics)
         try:
-            apply_plan(self.model, plan, self.targets, mode="fake", inplace=True,
-                       calib=self.calib)
+            apply_plan(self.model, plan, self.targets, mode="fake", inplace=True, calib=self.calib)
             result = evaluate(self.task, self.model, self.ref)
         finally:
             with torch.no_grad():
@@ -167,8 +166,7 @@ class CalibrationMeasure(CachedMeasure):
     def _value(self, metrics: Mapping[str, float]) -> float:
         if self.metric not in metrics:
             raise MpqError(
-                f"metric {self.metric!r} is not measured on this task; use one of "
-                f"{sorted(metrics)}"
+                f"metric {self.metric!r} is not measured on this task; use one of {sorted(metrics)}"
             )
         return float(metrics[self.metric])
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,15 @@ def load_model(model_id: str) -> LoadedModel:
         f"unknown model {model_id!r}: use one of {sorted(MODELS)} or the path of a local "
         f"Hugging Face model folder"
     )
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """One forward pass on a batch: a tensor, a tuple of positional inputs, or a dict."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def sample_input(loaded: LoadedModel) -> Any:

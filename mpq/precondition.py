@@ -68,6 +68,7 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
+from mpq.models import run_batch
 from mpq.quantize import fake_quantize
 from mpq.targets import KINDS, Target
 from mpq.tasks import Task
@@ -451,15 +452,6 @@ class _Stats:
     tokens: int = 0
 
 
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def collect_stats(
     model: nn.Module, folds: Sequence[FoldGroup], calib: Task | Iterable[Any], gram: bool
 ) -> dict[str, _Stats]:
@@ -488,7 +480,7 @@ def collect_stats(
     try:
         with torch.no_grad():
             for batch in batches:
-                _run(model, batch)
+                run_batch(model, batch)
     finally:
         for h in hooks:
             h.remove()

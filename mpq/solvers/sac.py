@@ -330,7 +330,11 @@ def train_sac(
         _check_budgets(problem, budgets)
     score = cached(measure, problem) if measure is not None else None
     episode = AllocationEpisode(
-        problem, features=features, measure=score, cliff=cliff, reward_scale=reward_scale,
+        problem,
+        features=features,
+        measure=score,
+        cliff=cliff,
+        reward_scale=reward_scale,
         shaped=shaped,
     )
     env = AllocationEnv(episode, budgets=budgets)
@@ -410,8 +414,9 @@ def solve_sac(
         train_s = time.perf_counter() - t1
         env = model.get_env().envs[0].unwrapped
         if env.checkpoint_choice is not None:
-            candidates.append((score(env.checkpoint_choice), 1, "checkpoint",
-                               env.checkpoint_choice))
+            candidates.append(
+                (score(env.checkpoint_choice), 1, "checkpoint", env.checkpoint_choice)
+            )
         if env.best_choice is not None:
             candidates.append((score(env.best_choice), 2, "training", env.best_choice))
         timesteps = int(total_timesteps)
