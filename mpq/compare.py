@@ -23,8 +23,11 @@ from mpq.config import CompareConfig, EstimatorSpec
 from mpq.cost import CostModel
 from mpq.evaluate import EvalResult, pool
 from mpq.pipeline import (
+    CalibSpec,
     Evaluator,
     Prepared,
+    SearchOptions,
+    preconditioned,
     prepare,
     sensitivity_table,
     solve,
@@ -32,7 +35,7 @@ from mpq.pipeline import (
     uniform_plans,
 )
 from mpq.plan import BitPlan
-from mpq.precondition import PreconditionSpec, precondition
+from mpq.precondition import PreconditionSpec
 from mpq.report import write_report
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.runner import make_estimator
@@ -85,9 +88,13 @@ def _plans(
             est_s = time.perf_counter() - t0
             tables[(est.label + suffix, seed)] = table
             for s in cfg.solves:
+                opts = SearchOptions(seed=seed, **dict(s.options))
                 for budget in s.budgets:
-                    plan, sol = solve(prep, s.solver, cfg.formats, budget, table)
-                    policy = f"{s.solver}/{est.label}{suffix}"
+                    plan, sol = solve(
+                        prep, s.solver, cfg.formats, budget, table, calib=calib, search=opts,
+                        guard=s.guard, progress=progress,
+                    )  # fmt: skip
+                    policy = f"{s.policy}/{est.label}{suffix}"
                     label = _budget_label(budget)
                     entries.append(
                         PlanEntry(
@@ -106,10 +113,11 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
     for text in cfg.preconditions:
         spec = PreconditionSpec.parse(text)
         suffix = "" if spec.method == "none" else f"+{text}"
-        prep = base
-        if spec.method != "none":
-            calib = task_for(base, c.data[0], c.split, c.n, c.seq_len, c.batch_size)
-            prep, _ = precondition(base, spec, calib)
+        t0 = time.perf_counter()
+        prep = preconditioned(base, spec, CalibSpec(c.data[0], c.split, c.n, c.seq_len,
+                                                    c.batch_size))  # fmt: skip
+        if spec.method != "none":  # the calibration cost, for the report
+            prep.precondition["seconds"] = round(time.perf_counter() - t0, 3)
         entries, t = _plans(cfg, prep, suffix, progress)
         if spec.method == "none":
             entries.insert(0, PlanEntry("fp32", "fp32", None, ""))

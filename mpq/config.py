@@ -23,8 +23,17 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class SolveSpec:
+    """One ``[[solve]]`` entry: a solver, its budgets, and the search settings
+    (:class:`mpq.pipeline.SearchOptions` fields) and ``guard`` it runs with."""
+
     solver: str
     budgets: tuple[dict[str, float], ...]
+    options: tuple[tuple[str, Any], ...] = ()
+    guard: bool = False
+
+    @property
+    def policy(self) -> str:
+        return self.solver + ("+guard" if self.guard else "")
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,13 @@ class CompareConfig:
     source: str = field(default="", compare=False)
 
 
-SOLVERS = ("closed_form", "greedy", "ilp", "ilp-cbc", "pareto", "uniform")
+# Kept in step with mpq.pipeline.ALL_SOLVERS (a test checks); no torch import here.
+SOLVERS = (
+    "bayes", "closed_form", "evolution", "greedy", "ilp", "ilp-cbc", "pareto", "sac", "uniform"
+)  # fmt: skip
+# Search settings a [[solve]] entry may set (SearchOptions fields; the seed is the config's).
+SOLVE_OPTIONS = {"trials": int, "generations": int, "offspring": int, "timesteps": int,
+                 "metric": str}  # fmt: skip
 _TOP = {
     "name",
     "model",
@@ -119,6 +134,32 @@ def _preconditions(items: Any, source: str) -> tuple[str, ...]:
     return out
 
 
+def _solve_spec(
+    s: dict[str, Any], solver: str, budgets: tuple[dict[str, float], ...], source: str
+) -> SolveSpec:
+    allowed = {"solver", "budgets", "guard", *SOLVE_OPTIONS}
+    unknown = set(s) - allowed
+    if unknown:
+        raise MpqError(
+            f"config {source}: [[solve]] {solver!r} has unknown keys {sorted(unknown)}; "
+            f"allowed: {sorted(allowed)}"
+        )
+    options = []
+    for key, kind in SOLVE_OPTIONS.items():
+        if key not in s:
+            continue
+        value = s[key]
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if not ok or (kind is int and value < 1):
+            what = "a positive integer" if kind is int else "a string"
+            raise MpqError(f"config {source}: [[solve]] {solver!r}: {key} must be {what}")
+        options.append((key, value))
+    guard = s.get("guard", False)
+    if not isinstance(guard, bool):
+        raise MpqError(f"config {source}: [[solve]] {solver!r}: guard must be true or false")
+    return SolveSpec(solver, budgets, tuple(options), guard)
+
+
 def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
     unknown = set(obj) - _TOP
     if unknown:
@@ -136,7 +177,7 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         budgets = tuple(parse_budget(str(b)) for b in s.get("budgets", []))
         if not budgets:
             raise MpqError(f"config {source}: solver {solver!r} needs `budgets`")
-        solves.append(SolveSpec(solver, budgets))
+        solves.append(_solve_spec(s, solver, budgets, source))
     exclude = obj.get("exclude")
     estimators = tuple(EstimatorSpec.parse(e) for e in obj.get("estimators", ["measured"]))
     if len({e.label for e in estimators}) != len(estimators):

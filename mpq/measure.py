@@ -177,17 +177,24 @@ def evaluator_measure(
     formats: Sequence[QuantFormat],
     *,
     metric: str = "kl",
+    progress: bool = False,
 ) -> CachedMeasure:
     """A measure on a :class:`mpq.pipeline.Evaluator` (its task is the calibration task):
-    cached in memory here and on disk by the evaluator (one file per plan digest)."""
+    cached in memory here and on disk by the evaluator (one file per plan digest).
+    ``progress``: a tqdm counter of the plans measured (the evaluator's own bars stay off)."""
+    from tqdm.auto import tqdm
+
     targets = evaluator.prep.targets
     _check_formats(problem, formats)
     _check_targets(problem, targets)
     model_id = evaluator.prep.loaded.model_id
 
+    bar = tqdm(desc=f"measure plans ({metric})", unit="plan", disable=not progress)
+
     def measure(choice: np.ndarray) -> float:
         plan = plan_for_choice(problem, choice, targets, formats, model_id, "measure")
         result, _ = evaluator(plan, label="measure")
+        bar.update(1)
         if metric not in result.metrics:
             known = sorted(result.metrics)
             raise MpqError(f"metric {metric!r} is not measured; use one of {known}")

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.measured import measured_damage
 from mpq.sensitivity.runner import run_estimator
 from mpq.sensitivity.table import SensitivityTable
-from mpq.solvers.base import Solution, Solver
+from mpq.solvers.base import AllocationProblem, Solution, Solver
 from mpq.solvers.closed_form import solve_closed_form
 from mpq.solvers.greedy import solve_greedy
 from mpq.solvers.ilp import solve_ilp, solve_ilp_cbc
@@ -41,6 +41,31 @@ SOLVER_FUNCS: dict[str, Solver] = {
     "pareto": solve_pareto,
     "closed_form": solve_closed_form,
 }
+# Searches on measured quality: they evaluate plans on calibration data (see SearchOptions).
+SEARCH_SOLVERS = ("bayes", "evolution", "sac")
+ALL_SOLVERS = tuple(sorted((*SOLVER_FUNCS, *SEARCH_SOLVERS)))
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings of the searches on measured quality and of the uniform guard.
+
+    ``bayes`` runs optuna TPE until its study has ``trials`` trials (``storage``: None in
+    memory, a ``.db`` path or an SQLAlchemy URL; a rerun on the same storage and study resumes
+    a killed search and runs only the trials it lacks; ``study`` defaults to a name derived
+    from the problem).
+    ``evolution`` runs ``generations`` x ``offspring`` measured mutants from the ILP plan.
+    ``sac`` trains RAMP's agent for ``timesteps`` steps. ``metric``: what is minimized, a key
+    of the calibration task's metrics (``kl``: mean KL to the fp model)."""
+
+    seed: int = 0
+    trials: int = 40
+    generations: int = 10
+    offspring: int = 8
+    timesteps: int = 2000
+    storage: str | None = None
+    study: str | None = None
+    metric: str = "kl"
 
 
 @dataclass
@@ -117,19 +142,116 @@ def solve(
     formats: Sequence[QuantFormat],
     budget: dict[str, float],
     table: SensitivityTable | None,
+    *,
+    calib: Task | None = None,
+    search: SearchOptions | None = None,
+    guard: bool = False,
+    latency: Any = None,
+    progress: bool = False,
 ) -> tuple[BitPlan, Solution]:
-    if solver not in SOLVER_FUNCS:
-        raise MpqError(f"solver {solver!r} is unknown; use one of {sorted(SOLVER_FUNCS)}")
+    """Solve one budget with ``solver`` on ``table`` and return (plan, solution).
+
+    The searches (``bayes``, ``evolution``, ``sac``) and ``guard=True`` measure plans on the
+    calibration task ``calib`` (each plan's metrics cached on disk by an :class:`Evaluator`).
+    ``guard=True`` is the never-worse-than-uniform guarantee (:func:`mpq.guard.guard_uniform`):
+    when the mixed plan measures worse than the best uniform plan that fits the budget, the
+    uniform plan is returned; the plan's ``meta`` says which happened and why (``guard``,
+    ``guard_reason``, ``measured_mixed``, ``measured_uniform``). ``latency``: the
+    ``[decisions, formats]`` seconds of a latency table, for a ``latency=`` budget."""
+    if solver not in ALL_SOLVERS:
+        raise MpqError(f"solver {solver!r} is unknown; use one of {list(ALL_SOLVERS)}")
     if solver != "uniform" and table is None:
         raise MpqError(f"solver {solver!r} needs a sensitivity table")
-    problem = build_problem(prep.cost, formats, budget, table)
-    sol = SOLVER_FUNCS[solver](problem)
+    opts = search or SearchOptions()
+    problem = build_problem(prep.cost, formats, budget, table, latency=latency)
+    measure = None
+    if solver in SEARCH_SOLVERS or (guard and solver != "uniform"):
+        if calib is None:
+            raise MpqError(
+                f"solver {solver!r}{' with the uniform guard' if guard else ''} measures plans: "
+                f"give calibration data (calib=Task)"
+            )
+        from mpq.measure import evaluator_measure
+
+        evaluator = Evaluator(prep, calib, progress=False)
+        measure = evaluator_measure(
+            evaluator, problem, formats, metric=opts.metric, progress=progress
+        )
+    sol = _run_solver(solver, problem, measure, opts, prep)
+    reason = ""
+    if guard and solver != "uniform":
+        from mpq.guard import guard_uniform
+
+        sol, reason = guard_uniform(problem, sol, measure)
     plan = solution_to_plan(
         problem, sol, prep.cost, formats, objective=table.estimator if table else "cost"
     )
+    meta = {**plan.meta, **_stats_meta(sol.stats)}
+    if reason:
+        meta["guard_reason"] = reason
+    if solver in SEARCH_SOLVERS:
+        meta["search"] = {**dataclasses.asdict(opts), "storage": _redacted(opts.storage)}
     if prep.precondition.get("method", "none") != "none":
-        plan = dataclasses.replace(plan, meta={**plan.meta, "precondition": prep.precondition})
-    return plan, sol
+        meta["precondition"] = prep.precondition
+    return dataclasses.replace(plan, meta=meta), sol
+
+
+def _run_solver(
+    solver: str,
+    problem: AllocationProblem,
+    measure: Any,
+    opts: SearchOptions,
+    prep: Prepared,
+) -> Solution:
+    if solver == "bayes":
+        from mpq.solvers.bayes import fingerprint, solve_bayes
+
+        study = opts.study
+        if study is None and opts.storage is not None:
+            study = f"mpq-bayes-{fingerprint(problem)}-seed{opts.seed}"
+
+        return solve_bayes(
+            problem,
+            measure,
+            n_trials=opts.trials,
+            seed=opts.seed,
+            storage=opts.storage,
+            study_name=study,
+            top_up=opts.storage is not None,
+        )
+    if solver == "evolution":
+        from mpq.solvers.evolution import solve_evolution
+
+        return solve_evolution(
+            problem, measure, generations=opts.generations, offspring=opts.offspring,
+            seed=opts.seed,
+        )  # fmt: skip
+    if solver == "sac":
+        from mpq.measure import decision_features
+        from mpq.solvers.sac import solve_sac
+
+        features = decision_features(problem, prep.targets, prep.loaded.model)
+        return solve_sac(
+            problem, measure, total_timesteps=opts.timesteps, seed=opts.seed, features=features
+        )
+    return SOLVER_FUNCS[solver](problem)
+
+
+def _stats_meta(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-scalar entries of a solution's stats (what a plan file can carry)."""
+    out: dict[str, Any] = {}
+    for k, v in stats.items():
+        if isinstance(v, bool | int | str) or (isinstance(v, float) and v == v):
+            out[k] = v
+    return out
+
+
+def _redacted(storage: str | None) -> str | None:
+    if storage is None:
+        return None
+    from mpq.solvers.bayes import redact
+
+    return redact(str(storage))
 
 
 def plan_digest(plan: BitPlan) -> str:
@@ -193,3 +315,56 @@ def task_for(
     offset: int = 0,
 ) -> Task:
     return make_task(prep.loaded, data_id, split, n, seq_len, batch_size, offset)
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which calibration data a step used (recorded in plans so an eval can reproduce it)."""
+
+    data: str = "wiki"
+    split: str = "calib"
+    n: int | None = 2
+    seq_len: int | None = 128
+    batch_size: int | None = None
+
+
+def preconditioned(prep: Prepared, spec: Any, calib: CalibSpec) -> Prepared:
+    """``prep`` with the equivalence transform ``spec`` (a :class:`mpq.precondition.
+    PreconditionSpec` or its text, e.g. ``"awq"``) applied, fitted on ``calib``; the record in
+    ``precondition`` (copied into every plan solved from it) names the calibration data."""
+    from mpq.precondition import PreconditionSpec, precondition
+
+    if isinstance(spec, str):
+        spec = PreconditionSpec.parse(spec)
+    if spec.method == "none":
+        return prep
+    task = task_for(prep, calib.data, calib.split, calib.n, calib.seq_len, calib.batch_size)
+    new, _ = precondition(prep, spec, task)
+    new.precondition = {**new.precondition, "calib_args": dataclasses.asdict(calib)}
+    return new
+
+
+def prepared_for_plan(prep: Prepared, plan: BitPlan) -> Prepared:
+    """The model ``plan`` was solved for: ``prep`` with the transform recorded in
+    ``plan.meta["precondition"]`` re-applied on the recorded calibration data, checked to give
+    the same scales (``scales_sha256``); ``prep`` itself when the plan records none."""
+    from mpq.precondition import spec_from_plan
+
+    rec = plan.meta.get("precondition") or {}
+    if rec.get("method", "none") == "none":
+        return prep
+    args = rec.get("calib_args")
+    if not isinstance(args, dict):
+        raise MpqError(
+            f"the plan was solved on a {rec.get('method')!r}-preconditioned model but does not "
+            f"record its calibration data (calib_args); solve it again with this mpq version"
+        )
+    new = preconditioned(prep, spec_from_plan(plan), CalibSpec(**args))
+    want, got = rec.get("scales_sha256"), new.precondition.get("scales_sha256")
+    if want != got:
+        raise MpqError(
+            f"re-running the plan's {rec.get('method')!r} transform gave other scales "
+            f"(sha256 {got} vs recorded {want}): the model, data or mpq version differ from "
+            f"the ones the plan was solved with; solve the plan again"
+        )
+    return new

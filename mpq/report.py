@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -302,6 +303,28 @@ def science(
     return md
 
 
+def _preconditioning(entries: Sequence[PlanEntry]) -> list[str]:
+    """One line per preconditioner: its calibration cost and the layers it could not fold."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for e in entries:
+        rec = (e.plan.meta.get("precondition") if e.plan is not None else None) or {}
+        if rec.get("method", "none") != "none":
+            seen.setdefault(json.dumps(rec.get("params", {}), sort_keys=True) + rec["method"], rec)
+    if not seen:
+        return []
+    md = ["", "## Preconditioning", ""]
+    for rec in seen.values():
+        skipped = [str(n) for n, _ in rec.get("not_folded", [])]
+        tokens = rec.get("calib", {}).get("tokens", "?")
+        listed = f" ({', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''})"
+        md.append(
+            f"- `{rec['method']}` {json.dumps(rec.get('params', {}))}: "
+            f"{rec.get('seconds', float('nan')):.1f} s on {tokens} calibration tokens; "
+            f"{len(skipped)} layers not folded" + (listed if skipped else "")
+        )
+    return md
+
+
 def write_report(
     cfg: CompareConfig,
     folder: Path,
@@ -349,6 +372,7 @@ def write_report(
         v = verdicts(sub)
         if v:
             md += ["Mixed vs uniform:", "", *v]
+    md += _preconditioning(entries)
     lowest = min(cfg.formats, key=lambda f: f.bits).spec()
     md += science(tables, folder, lowest)
     atomic_write_text(folder / "report.md", "\n".join(md) + "\n")

@@ -380,7 +380,8 @@ def test_eval_prints_metrics_and_cost(tiny: Tiny, capsys: pytest.CaptureFixture[
 def test_solve_greedy_writes_a_valid_plan(tiny: Tiny, tmp_path: Path, capsys) -> None:
     out = tmp_path / "plan.json"
     argv = ["solve", "--model", tiny.model, "--solver", "greedy", "--budget", "bits=4.5",
-            "--formats", "3,4,8", "--n", "1", "--seq-len", "32", "--out", str(out)]  # fmt: skip
+            "--formats", "3,4,8", "--n", "1", "--seq-len", "32", "--out", str(out),
+            "--no-guard"]  # fmt: skip
     stdout = run_ok(capsys, argv)
     assert f"plan written to {out}" in stdout
     plan = BitPlan.load(out)
@@ -408,9 +409,10 @@ def test_library_raises_mpq_error_not_exit(tiny: Tiny) -> None:
 def test_solver_names_match_the_registry() -> None:
     from mpq.cli import SOLVER_NAMES
     from mpq.config import SOLVERS
-    from mpq.pipeline import SOLVER_FUNCS
+    from mpq.pipeline import ALL_SOLVERS, SEARCH_SOLVERS, SOLVER_FUNCS
 
-    assert sorted(SOLVER_FUNCS) == SOLVER_NAMES == sorted(SOLVERS)
+    assert list(ALL_SOLVERS) == SOLVER_NAMES == sorted(SOLVERS)
+    assert set(SOLVER_FUNCS) | set(SEARCH_SOLVERS) == set(ALL_SOLVERS)
 
 
 @pytest.mark.parametrize("solver", ["ilp", "pareto", "closed_form"])

@@ -93,3 +93,44 @@ def test_preconditioners_are_one_more_axis(tmp_path: Path, monkeypatch: pytest.M
     assert a["effective_bits"] == b["effective_bits"] and a["kl"] != b["kl"]
     plan = BitPlan.load(out / "plans" / "ilp_measured+scale_folding@bits=5~seed0.json")
     assert plan.meta["precondition"]["method"] == "scale_folding"
+    assert plan.meta["precondition"]["seconds"] > 0
+    assert "## Preconditioning" in (out / "report.md").read_text()
+
+
+def test_searches_and_the_guard_in_a_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bayes runs once per seed with that seed; a guarded ILP is its own policy, and what the
+    guard returned is what was evaluated."""
+    import csv
+
+    from conftest import build_tiny_folder
+
+    from mpq.plan import BitPlan
+
+    folder = build_tiny_folder(tmp_path / "llama")
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config(
+        {
+            "name": "search",
+            "model": str(folder),
+            "formats": ["3", "4", "8"],
+            "uniform": ["4"],
+            "seeds": [0, 1],
+            "calibration": {"data": "wiki", "n": 1, "seq_len": 16},
+            "evaluation": {"data": ["wiki"], "n": 1, "seq_len": 16},
+            "solve": [
+                {"solver": "bayes", "budgets": ["bits=4.6"], "trials": 4},
+                {"solver": "ilp", "budgets": ["bits=4.6"], "guard": True},
+            ],
+        }
+    )
+    out = run_compare(cfg, tmp_path / "reports", progress=False)
+    rows = {r["plan"] for r in csv.DictReader((out / "results.csv").open())}
+    assert {"bayes/measured@bits=4.6", "ilp+guard/measured@bits=4.6"} <= rows
+    for seed in (0, 1):
+        plan = BitPlan.load(out / "plans" / f"bayes_measured@bits=4.6~seed{seed}.json")
+        assert plan.meta["search"]["seed"] == seed and plan.meta["search"]["trials"] == 4
+        guarded = BitPlan.load(out / "plans" / f"ilp+guard_measured@bits=4.6~seed{seed}.json")
+        assert guarded.meta["guard"] in ("kept", "replaced")
+        assert guarded.meta["measured_mixed"] >= 0

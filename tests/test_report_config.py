@@ -60,6 +60,10 @@ def _base() -> dict:
         ({"solve": [{"solver": "greedy", "budgets": ["watts=3"]}]}, "unknown resource"),
         ({"calibration": {"data": "wiki", "n": 0}}, "positive integer"),
         ({"evaluation": {"n": 3}}, "needs `data`"),
+        ({"solve": [{"solver": "bayes", "budgets": ["4"], "trails": 3}]}, "unknown keys"),
+        ({"solve": [{"solver": "bayes", "budgets": ["4"], "trials": 0}]}, "positive integer"),
+        ({"solve": [{"solver": "sac", "budgets": ["4"], "timesteps": 1.5}]}, "positive integer"),
+        ({"solve": [{"solver": "ilp", "budgets": ["4"], "guard": "yes"}]}, "true or false"),
     ],
 )
 def test_config_errors(patch: dict, expected: str) -> None:

@@ -251,6 +251,13 @@ def _done_trials(study: Any) -> list[Any]:
     ]
 
 
+def _finished(study: Any) -> int:
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=done))
+
+
 def _enqueue(study: Any, objective: _Objective, plans: Sequence[np.ndarray]) -> int:
     """Enqueue the start plans once per study (not again when it is resumed)."""
     if study.user_attrs.get("mpq_started") or study.get_trials(deepcopy=False):
@@ -280,6 +287,7 @@ def solve_bayes(
     start: bool = True,
     n_startup_trials: int = 10,
     timeout: float | None = None,
+    top_up: bool = False,
 ) -> Solution:
     """TPE search for the plan with the least ``measure`` (default: the table's summed
     distortion) within every budget; see the module docstring.
@@ -287,6 +295,8 @@ def solve_bayes(
     Adds ``n_trials`` trials to the study (in-memory unless ``storage``); the answer is the
     best measured plan of the whole study (resumed studies included; ties: the earlier trial).
     ``start=False`` does not enqueue the table's plans (pure TPE, e.g. to benchmark it).
+    ``top_up=True``: ``n_trials`` is the study's total instead; only the trials it lacks run
+    (a run killed and started again finishes the study instead of growing it).
     Status ``feasible``, or ``infeasible`` (with ``min_feasible``) when no plan fits.
     ``stats``: ``measured`` (best value), ``best_trial``, ``trials`` (in the study),
     ``repaired`` / ``pruned`` (over-budget samples), ``study_name``, ``storage``, ``start``
@@ -311,7 +321,11 @@ def solve_bayes(
     with _quiet_optuna():
         study = _open_study(problem, storage, study_name, sampler, ["minimize"], "mpq-bayes")
         _enqueue(study, objective, [c for _, c in plans] if start else [])
-        study.optimize(objective, n_trials=int(n_trials), timeout=timeout, catch=())
+        n = int(n_trials)
+        if top_up:
+            n = max(0, n - _finished(study))
+        if n:
+            study.optimize(objective, n_trials=n, timeout=timeout, catch=())
     trials = _done_trials(study)
     if not trials:
         # Every trial was pruned (over budget): answer with the best start plan.
