@@ -80,7 +80,8 @@ def _plans(
         return entries, tables
     c = cfg.calibration
     for seed in cfg.seeds:
-        calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size, seed)
+        offset = seed if c.resample else 0
+        calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size, offset)
         for est in cfg.estimators:
             t0 = time.perf_counter()
             table = sensitivity_table(prep, _estimator(est, seed), cfg.formats, calib,

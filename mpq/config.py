@@ -19,6 +19,9 @@ class DataSpec:
     n: int | None
     seq_len: int | None
     batch_size: int | None
+    # Calibration only: each seed draws its own disjoint sample (True), or every seed uses the
+    # first sample and only the stochastic parts (estimator and search seeds) vary (False).
+    resample: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,15 @@ _TOP = {
 def _data(d: Any, where: str, default_split: str) -> DataSpec:
     if not isinstance(d, dict):
         raise MpqError(f"[{where}] must be a table with at least `data = ...`")
-    unknown = set(d) - {"data", "split", "n", "seq_len", "batch_size"}
+    keys = {"data", "split", "n", "seq_len", "batch_size"} | (
+        {"resample"} if where == "calibration" else set()
+    )
+    unknown = set(d) - keys
     if unknown:
-        raise MpqError(f"[{where}] has unknown keys {sorted(unknown)}")
+        raise MpqError(f"[{where}] has unknown keys {sorted(unknown)}; allowed: {sorted(keys)}")
+    resample = d.get("resample", True)
+    if not isinstance(resample, bool):
+        raise MpqError(f"[{where}] resample must be true or false, got {resample!r}")
     data = d.get("data")
     if isinstance(data, str):
         data = [data]
@@ -116,9 +125,8 @@ def _data(d: Any, where: str, default_split: str) -> DataSpec:
     n = d.get("n")
     if n is not None and (not isinstance(n, int) or n < 1):
         raise MpqError(f"[{where}] n must be a positive integer, got {n!r}")
-    return DataSpec(
-        tuple(data), str(d.get("split", default_split)), n, d.get("seq_len"), d.get("batch_size")
-    )
+    split = str(d.get("split", default_split))
+    return DataSpec(tuple(data), split, n, d.get("seq_len"), d.get("batch_size"), resample)
 
 
 def _preconditions(items: Any, source: str) -> tuple[str, ...]:

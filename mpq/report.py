@@ -347,6 +347,11 @@ def write_report(
     e = cfg.evaluation
     c = cfg.calibration
     seeds = ", ".join(str(s) for s in cfg.seeds)
+    sampling = (
+        "each seed is a disjoint calibration sample of"
+        if c.resample
+        else "seeds vary the estimators' and searches' randomness only; one calibration sample of"
+    )
     md = [
         f"# {cfg.name}",
         "",
@@ -354,11 +359,11 @@ def write_report(
         f"(RTN; `g<N>` = group size, else per output channel; `asym` = with zero-points; "
         f"fp16 scales unless noted). Effective bits count codes, scales and zero-points of "
         f"every target; model bits and MB count every tensor of the model.",
-        f"Estimators: {', '.join(x.label for x in cfg.estimators)}. Seeds: {seeds} (each seed "
-        f"is a disjoint calibration sample of `{c.data[0]}` {c.split}, n={c.n}, "
-        f"seq_len={c.seq_len}). Evaluation: {', '.join(e.data)} {e.split}, n={e.n}, "
-        f"seq_len={e.seq_len}. 95% CIs are over evaluation units (windows / documents / images) "
-        f"pooled over seeds; `est. s` is this run's estimator time (near 0 when cached).",
+        f"Estimators: {', '.join(x.label for x in cfg.estimators)}. Seeds: {seeds} "
+        f"({sampling} `{c.data[0]}` {c.split}, n={c.n}, seq_len={c.seq_len}). "
+        f"Evaluation: {', '.join(e.data)} {e.split}, n={e.n}, seq_len={e.seq_len}. 95% CIs "
+        f"are over evaluation units (windows / documents / images) pooled over seeds; "
+        f"`est. s` is this run's estimator time (near 0 when cached).",
         f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by mpq "
         f"{__version__} from `{cfg.source}`.",
         "",

@@ -117,7 +117,7 @@ def test_searches_and_the_guard_in_a_comparison(
             "formats": ["3", "4", "8"],
             "uniform": ["4"],
             "seeds": [0, 1],
-            "calibration": {"data": "wiki", "n": 1, "seq_len": 16},
+            "calibration": {"data": "wiki", "n": 1, "seq_len": 16, "resample": False},
             "evaluation": {"data": ["wiki"], "n": 1, "seq_len": 16},
             "solve": [
                 {"solver": "bayes", "budgets": ["bits=4.6"], "trials": 4},
@@ -134,3 +134,8 @@ def test_searches_and_the_guard_in_a_comparison(
         guarded = BitPlan.load(out / "plans" / f"ilp+guard_measured@bits=4.6~seed{seed}.json")
         assert guarded.meta["guard"] in ("kept", "replaced")
         assert guarded.meta["measured_mixed"] >= 0
+    # One calibration sample for both seeds: the deterministic ILP sees the same table.
+    a, b = (BitPlan.load(out / "plans" / f"ilp+guard_measured@bits=4.6~seed{s}.json")
+            for s in (0, 1))  # fmt: skip
+    assert a.formats == b.formats
+    assert "one calibration sample" in (out / "report.md").read_text()
