@@ -23,12 +23,14 @@ _LAZY = {
     "apply_plan": "mpq.executor",
     "build_cost_model": "mpq.cost",
     "load_model": "mpq.models",
+    "load": "mpq.export.load",
 }
 
 if TYPE_CHECKING:
     from mpq.cost import build_cost_model
     from mpq.errors import MpqError
     from mpq.executor import apply_plan
+    from mpq.export.load import load
     from mpq.formats import QuantFormat
     from mpq.models import load_model
     from mpq.plan import BitPlan
@@ -50,5 +52,6 @@ __all__ = [
     "apply_plan",
     "build_cost_model",
     "discover",
+    "load",
     "load_model",
 ]

@@ -26,7 +26,8 @@ SOLVER_NAMES = [
 ]  # fmt: skip
 
 
-def _common_model(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --include, --exclude, --no-ties (every command that prepares a model)."""
     p.add_argument(
         "--model",
         default="smollm2-135m",
@@ -297,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="list targets, shapes, tie groups and fp bytes")
-    _common_model(p)
+    model_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("eval", help="evaluate a plan (or fp) on held-out data")
-    _common_model(p)
+    model_args(p)
     p.add_argument(
         "--plan", required=True, help="plan JSON file, 'uniform:4', 'uniform:4:g128:asym', or 'fp'"
     )
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("solve", help="allocate bits under a budget and write a plan")
-    _common_model(p)
+    model_args(p)
     p.add_argument("--solver", default="greedy", choices=SOLVER_NAMES)
     p.add_argument("--budget", required=True, help="e.g. 'bits=4.0', '4.0', 'bytes=80e6'")
     p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("sensitivity", help="score every target with one estimator; write a table")
-    _common_model(p)
+    model_args(p)
     p.add_argument("--estimator", required=True, choices=ESTIMATOR_NAMES)
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="estimator parameter, e.g. tol=0.05 (repeatable)")  # fmt: skip
@@ -362,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot_sensitivity)
 
     p = sub.add_parser("bounds", help="headroom: feasible budgets, uniform points, lower bounds")
-    _common_model(p)
+    model_args(p)
     p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
     p.add_argument("--budgets", default="", help="budgets for lower bounds, ';'-separated")
     _common_data(p, "wiki", "calib", 2, 128)
@@ -374,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="reports", help="folder for reports/<name>/")
     p.set_defaults(func=cmd_compare)
+
+    from mpq.export.command import add_export_parser
+
+    add_export_parser(sub, SOLVER_NAMES)
     return parser
 
 

@@ -11,6 +11,7 @@ Budgets are given in user units and turned into limits on the decisions' costs h
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,26 +25,74 @@ from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.targets import decisions
 
+# Byte units of ``bytes=`` budgets: decimal (kB = 1000) and binary (KiB = 1024); case-insensitive.
+BYTE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+# Other spellings of a resource name.
+RESOURCE_ALIASES = {"avg-bits": "bits", "avg_bits": "bits", "avgbits": "bits"}
+_NUMBER_UNIT = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]+)\s*$")
+
 
 def parse_budget(text: str) -> dict[str, float]:
-    """``"4.0"`` (bits), ``"bits=3.5"``, ``"bytes=80e6"``, ``"bits=4,bops=1e12"``."""
+    """``"4.0"`` (bits), ``"bits=3.5"``, ``"avg-bits=4"``, ``"bytes=80e6"``, ``"bytes=60MB"``,
+    ``"60MiB"`` (a number with a byte unit is a bytes budget), ``"bits=4,bops=1e12"``.
+
+    Byte units: ``B``, ``kB``, ``MB``, ``GB``, ``TB`` (powers of 1000) and ``KiB``, ``MiB``,
+    ``GiB``, ``TiB`` (powers of 1024), in any letter case; ``avg-bits`` is ``bits``.
+    """
     out: dict[str, float] = {}
     for part in str(text).split(","):
         part = part.strip()
         if not part:
             continue
         key, _, value = part.rpartition("=")
-        key = key.strip() or "bits"
+        key = key.strip().lower()
+        key = RESOURCE_ALIASES.get(key, key)
+        number, unit = value.strip(), ""
+        m = _NUMBER_UNIT.match(value)
+        if m and m.group(2).lower() not in ("inf", "nan", "infinity"):
+            number, unit = m.group(1), m.group(2)
+        if not key:
+            key = "bytes" if unit else "bits"
         if key not in RESOURCES:
             raise MpqError(
-                f"budget {part!r}: unknown resource {key!r}; use one of {list(RESOURCES)}"
+                f"budget {part!r}: unknown resource {key!r}; use one of {list(RESOURCES)} "
+                f"(avg-bits is bits)"
             )
+        scale = 1
+        if unit:
+            if key != "bytes":
+                raise MpqError(
+                    f"budget {part!r}: the unit {unit!r} applies to byte budgets only; write "
+                    f"{key}=<number> or bytes=<number><unit>, e.g. bytes=60MB"
+                )
+            if unit.lower() not in BYTE_UNITS:
+                raise MpqError(
+                    f"budget {part!r}: unknown unit {unit!r}; use one of "
+                    f"B, kB, MB, GB, TB (x1000) or KiB, MiB, GiB, TiB (x1024)"
+                )
+            scale = BYTE_UNITS[unit.lower()]
         try:
-            out[key] = float(value)
+            amount = float(number) * scale
         except ValueError:
-            raise MpqError(f"budget {part!r}: {value!r} is not a number") from None
-        if not math.isfinite(out[key]):
+            raise MpqError(
+                f"budget {part!r}: {value!r} is not a number; write e.g. bits=4.0, "
+                f"bytes=80e6 or bytes=60MB"
+            ) from None
+        if not math.isfinite(amount):
             raise MpqError(f"budget {part!r}: {value!r} is not a finite number")
+        if key in out:
+            raise MpqError(f"budget {text!r} gives {key} twice; give each resource once")
+        out[key] = amount
     if not out:
         raise MpqError(f"budget {text!r} is empty; write e.g. 'bits=4.0' or 'bytes=80e6'")
     return out

@@ -1,0 +1,285 @@
+"""What every export format shares: the input of a writer, container costs, the manifest.
+
+An export is a folder. Each format writes its files into it and a manifest,
+``mpq_manifest.json``, that names the format, the model, the plan's predicted bytes, the bytes
+the container actually stores (read back from the written files) and the sha256 of every file,
+so :func:`mpq.export.load.load` can refuse a folder whose files changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq.cost import CostModel
+from mpq.errors import MpqError
+from mpq.formats import QuantFormat
+from mpq.plan import BitPlan, atomic_write_text
+from mpq.targets import Target
+
+MANIFEST = "mpq_manifest.json"
+MANIFEST_TYPE = "MpqExport"
+MANIFEST_VERSION = 1
+EXPORT_FORMATS = ("mpq", "hf", "gguf", "llamacpp", "compressed-tensors")
+
+
+@dataclass
+class ExportInput:
+    """Everything a writer needs: the fp model, its packed version under ``plan``, the targets,
+    the model id it was loaded as (bundled id or folder path), its tokenizer and cost model."""
+
+    model: nn.Module
+    packed: nn.Module
+    plan: BitPlan
+    targets: Sequence[Target]
+    model_id: str
+    cost: CostModel
+    tokenizer: Any = None
+
+
+@dataclass(frozen=True)
+class ContainerCost:
+    """Bytes a container stores: ``total_bytes`` of tensor data (every tensor the model needs),
+    ``target_bytes`` of it for the plan's targets (codes, scales, zero-points and any per-tensor
+    bookkeeping the container adds), and ``target_numel``, the number of target weights."""
+
+    total_bytes: int
+    target_bytes: int
+    target_numel: int
+
+    @property
+    def effective_bits(self) -> float:
+        """Stored bits per target weight in this container."""
+        return self.target_bytes * 8 / self.target_numel
+
+    def over(self, budget: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+        """``{resource: (stored, limit)}`` for every byte or bit budget this container exceeds."""
+        out: dict[str, tuple[float, float]] = {}
+        if "bytes" in budget and self.total_bytes > budget["bytes"]:
+            out["bytes"] = (float(self.total_bytes), float(budget["bytes"]))
+        if "bits" in budget and self.effective_bits > budget["bits"] * (1 + 1e-12):
+            out["bits"] = (self.effective_bits, float(budget["bits"]))
+        return out
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One export format.
+
+    ``check(plan, targets, model)`` lists why the format cannot hold a plan (empty = it can);
+    ``maps`` says which mpq formats the container can store (for error messages);
+    ``predict(plan, targets, cost)`` is the container's bytes for a plan, without writing;
+    ``write(inp, folder)`` writes the files and returns notes; ``measure(folder, inp)`` reads
+    the written files back and returns the bytes they hold; ``maps_format(fmt)`` says whether
+    the container can store a format at all (candidate formats are checked before solving).
+    """
+
+    name: str
+    description: str
+    maps: str
+    check: Callable[[BitPlan, Sequence[Target], nn.Module], list[str]]
+    predict: Callable[[BitPlan, Sequence[Target], CostModel], ContainerCost]
+    write: Callable[[ExportInput, Path], list[str]]
+    measure: Callable[[Path, ExportInput], ContainerCost]
+    maps_format: Callable[[QuantFormat], bool] = lambda fmt: True
+    default_formats: str = "3,4,5,6,8"
+
+    def refuse(self, plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> None:
+        """Raise :class:`MpqError` listing every target the format cannot store."""
+        problems = self.check(plan, targets, model)
+        if problems:
+            shown = "\n  - ".join(problems[:8])
+            more = f"\n  - ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise MpqError(
+                f"the {self.name} format cannot express this plan:\n  - {shown}{more}\n"
+                f"what maps: {self.maps}; solve with --formats from that list or pick another "
+                f"--format"
+            )
+
+
+@dataclass
+class Manifest:
+    """The ``mpq_manifest.json`` of an export folder."""
+
+    format: str
+    model_id: str
+    files: dict[str, str]
+    predicted_bytes: int
+    stored_bytes: int
+    stored_target_bytes: int
+    budget: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    mpq_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"_type": MANIFEST_TYPE, "_version": MANIFEST_VERSION, "_data": asdict(self)}, indent=1
+        )
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MpqError(
+                f"{str(path)!r} is not a readable manifest ({exc}); export the model again"
+            ) from None
+        if not isinstance(obj, dict) or obj.get("_type") != MANIFEST_TYPE:
+            raise MpqError(f"{str(path)!r} is not an mpq export manifest; export the model again")
+        if obj.get("_version") != MANIFEST_VERSION:
+            raise MpqError(
+                f"{str(path)!r} has manifest version {obj.get('_version')!r}; this mpq reads "
+                f"version {MANIFEST_VERSION}: export the model again with this mpq"
+            )
+        data = obj.get("_data")
+        if not isinstance(data, dict):
+            raise MpqError(f"{str(path)!r} has no _data object; export the model again")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise MpqError(f"{str(path)!r} is malformed ({exc}); export the model again") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` except the manifest, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    return atomic_write_text(folder / MANIFEST, manifest.to_json())
+
+
+def verify_checksums(folder: Path, manifest: Manifest) -> None:
+    """Raise :class:`MpqError` naming every missing or changed file of an export folder."""
+    problems = []
+    for name, digest in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name} does not match its sha256 in {MANIFEST}")
+    if problems:
+        raise MpqError(
+            f"export folder {str(folder)!r} was changed after it was written: "
+            + "; ".join(problems)
+            + "; export the model again (or restore the files)"
+        )
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, parsed header) of a safetensors file."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise MpqError(f"{str(path)!r} is not a safetensors file")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(fh.read(n))
+        except json.JSONDecodeError as exc:
+            raise MpqError(f"{str(path)!r} has a broken safetensors header: {exc}") from None
+    return n, header
+
+
+def stored_tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor stored in a safetensors file (from its header's data offsets)."""
+    _, header = safetensors_header(path)
+    return {
+        name: int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+
+
+def target_owner(tensor_name: str, targets: Sequence[Target]) -> Target | None:
+    """The target whose module owns ``tensor_name`` (by module prefix, aliases included)."""
+    for t in targets:
+        for owner in (t.name, *t.aliases):
+            if tensor_name.startswith(owner + "."):
+                return t
+    return None
+
+
+def target_numel(targets: Sequence[Target]) -> int:
+    return sum(t.numel for t in targets)
+
+
+def hf_config(model: nn.Module) -> dict[str, Any] | None:
+    """The Hugging Face config of ``model`` as a dict (None for non-HF models)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    out: dict[str, Any] = cfg.to_dict()
+    out.pop("quantization_config", None)
+    if not out.get("architectures"):
+        out["architectures"] = [type(model).__name__]  # what mpq.load must rebuild
+    return out
+
+
+def formats_used(plan: BitPlan) -> list[QuantFormat]:
+    seen: dict[str, QuantFormat] = {}
+    for f in plan.formats.values():
+        seen.setdefault(f.spec(), f)
+    return list(seen.values())
+
+
+def codes_scales_zeros(
+    packed: nn.Module, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Unsigned codes ``[rows, cols]``, scales ``[rows, groups]`` and zero-points (or None) of
+    the packed module ``name`` (a :class:`~mpq.kernels.modules.PackedWeight` owner)."""
+    from mpq.kernels.modules import PackedWeight
+
+    pw = packed.get_submodule(name).packed
+    assert isinstance(pw, PackedWeight)
+    return pw.codes(), pw.scales, pw.zeros()
+
+
+@contextmanager
+def output_folder(out: Path, force: bool) -> Iterator[Path]:
+    """A fresh temporary folder next to ``out``, renamed to ``out`` when the block succeeds
+    (an existing ``out`` is replaced only then, and only with ``force``); removed on failure."""
+    if out.exists() and not force:
+        raise MpqError(
+            f"output folder {str(out)!r} already exists; pass --force to replace it or choose "
+            f"another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise MpqError(f"--out {str(out)!r} is a file; give a folder path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
