@@ -144,11 +144,10 @@ def _latency(
                 "and pass --latency-table T.json"
             )
         return None
-    from mpq.latency import LatencyTable, latency_costs
+    from mpq.latency import load_latency_costs
 
-    table = LatencyTable.load(args.latency_table)
-    return latency_costs(
-        table, prep.cost, formats, backend=args.latency_backend, batch=args.latency_batch
+    return load_latency_costs(
+        args.latency_table, prep.cost, formats, args.latency_backend, args.latency_batch
     )
 
 
@@ -377,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     from mpq.export.command import add_export_parser
+    from mpq.latency_cli import add_bench_layers_parser
 
     add_export_parser(sub, SOLVER_NAMES)
+    add_bench_layers_parser(sub, model_args)
     return parser
 
 

@@ -9,6 +9,9 @@ quantized model's state dict, and of the tensors :mod:`mpq.export` writes (tests
 
 BOPs (bit operations) = sum over targets of MACs x weight bits x activation bits, with MACs
 counted by hooks on one sample forward pass; unquantized activations count as 16 bits.
+
+Latency is the fourth budget resource (:data:`RESOURCES`) but is measured, not counted here:
+:mod:`mpq.latency` turns a measured table into the per-decision seconds a problem constrains.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from mpq.plan import BitPlan
 from mpq.quantize import matrix_shape, n_groups
 from mpq.targets import Target
 
-RESOURCES = ("bits", "bytes", "bops")
+RESOURCES = ("bits", "bytes", "bops", "latency")
+"""Budget resources: ``bits`` (effective bits per target weight), ``bytes`` (the whole model),
+``bops`` (bit operations of one sample forward pass), ``latency`` (seconds: the summed measured
+latency of the target layers, from a ``mpq bench-layers`` table via
+:func:`mpq.latency.load_latency_costs`; not a property of the stored bytes, so
+:meth:`CostReport.resource` does not compute it)."""
+
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+"""Units a ``latency=`` budget may be written in (``latency=2ms`` = ``latency=0.002``)."""
 
 
 def weight_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
@@ -103,6 +114,11 @@ class CostReport:
             if self.bops is None:
                 raise MpqError("BOPs need MACs: build the cost model with a sample input")
             return float(self.bops)
+        if name == "latency":
+            raise MpqError(
+                "latency is measured, not computed from a plan's bytes: read it from a latency "
+                "table (mpq.latency.load_latency_costs) and budget it through build_problem"
+            )
         raise MpqError(f"unknown resource {name!r}; use one of {list(RESOURCES)}")
 
     def summary(self) -> dict[str, Any]:

@@ -13,11 +13,17 @@ decode); embedding tables on a lookup of ``batch`` ids. The table is JSON, versi
                "seconds": 1.2e-4}, ...]}}
 
 ``ran`` is the backend the layer actually got (``cpu`` falls back to ``reference`` for formats
-it cannot fuse). :func:`latency_costs` turns a table into the ``[decisions, options]`` cost
-array of an allocation problem (same decision order as :func:`mpq.problem.build_problem`): a
-decision costs the sum of its members' latencies; a target's aliases (a tied LM head) add the
-Linear latency of the same shape. Conv2d targets are not covered (their cost depends on the
-input's spatial size, which a :class:`~mpq.targets.Target` does not carry).
+it cannot fuse). GPTQ formats are timed on RTN codes (same stored layout, same kernels).
+``mpq bench-layers`` (:mod:`mpq.latency_cli`) measures a model's layers into such a file.
+
+:func:`latency_costs` turns a table into the ``[decisions, options]`` cost array of an
+allocation problem (same decision order as :func:`mpq.problem.build_problem`): a decision costs
+the sum of its members' latencies; a target's aliases (a tied LM head) add the Linear latency of
+the same shape. :func:`load_latency_costs` does it from a file, for ``build_problem(...,
+latency=...)`` and a ``latency=`` budget in seconds. A missing measurement is an error listing
+all of them and the ``mpq bench-layers`` command that measures them. Conv2d targets are not
+covered (their cost depends on the input's spatial size, which a
+:class:`~mpq.targets.Target` does not carry).
 """
 
 from __future__ import annotations
@@ -29,18 +35,21 @@ import platform
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.quantize import check_format, matrix_shape
+from mpq.plan import atomic_write_text
+from mpq.quantize import check_format, fits, matrix_shape
 from mpq.targets import Target, decisions
 
 TYPE = "LatencyTable"
@@ -86,10 +95,12 @@ class LatencyTable:
     def lookup(
         self, kind: str, shape: tuple[int, int], fmt: str, backend: str, batch: int
     ) -> float:
-        for e in self.entries:
-            if e.key == (kind, tuple(shape), fmt, backend, batch):
-                return e.seconds
-        raise KeyError((kind, tuple(shape), fmt, backend, batch))
+        """Seconds of one (kind, shape, format spec, backend, batch); KeyError when absent."""
+        return self._index[(kind, (int(shape[0]), int(shape[1])), fmt, backend, batch)]
+
+    @cached_property
+    def _index(self) -> dict[tuple[str, tuple[int, int], str, str, int], float]:
+        return {e.key: e.seconds for e in self.entries}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -136,12 +147,16 @@ class LatencyTable:
         return cls.from_dict(obj)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, p)
-        return p
+        """Write atomically (a temp file renamed into place)."""
+        return atomic_write_text(Path(path), self.to_json())
+
+    def backends(self) -> list[str]:
+        """The backends the table has timings for, sorted."""
+        return sorted({e.backend for e in self.entries})
+
+    def batches(self) -> list[int]:
+        """The batch sizes the table has timings for, sorted."""
+        return sorted({e.batch for e in self.entries})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LatencyTable:
@@ -163,7 +178,8 @@ def _module(
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, generator=g) / shape[1] ** 0.5
-    packed = PackedWeight(w, fmt).to(device)
+    # GPTQ changes the codes, not the stored layout: time the same tensors quantized by RTN.
+    packed = PackedWeight(w, replace(fmt, method="rtn")).to(device)
     if kind == "linear":
         return QuantLinear(packed, None, backend=backend, name=f"linear{list(shape)}")
     return QuantEmbedding(packed, nn.Embedding(*shape))
@@ -215,7 +231,8 @@ def target_layers(targets: Iterable[Target]) -> list[tuple[str, tuple[int, int]]
     for t in targets:
         if t.kind not in KINDS:
             raise MpqError(
-                f"{t.name}: latency tables cover linear and embedding targets, not {t.kind}"
+                f"{t.name}: latency tables cover linear and embedding targets, not {t.kind}; "
+                f"leave {t.kind} layers out with --include / --exclude"
             )
         shape = matrix_shape(t.shape)
         out[(t.kind, shape)] = None
@@ -235,32 +252,37 @@ def measure_table(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    meta: Mapping[str, Any] | None = None,
 ) -> LatencyTable:
-    """Time every (layer, format, backend, batch); formats that do not fit a shape are skipped."""
+    """Time every (layer, format, backend, batch); formats that do not fit a shape are skipped.
+
+    ``progress``: a tqdm bar over the timings (on stderr). ``meta`` is stored in the table next to
+    the thread count.
+    """
+    jobs = [
+        (kind, (int(shape[0]), int(shape[1])), fmt, backend, batch)
+        for kind, shape in layers
+        for fmt in formats
+        if fits(shape, fmt)
+        for backend in backends
+        for batch in batches
+    ]
     entries = []
-    for kind, shape in layers:
-        for fmt in formats:
-            try:
-                check_format(shape, fmt)
-            except MpqError:
-                continue
-            for backend in backends:
-                for batch in batches:
-                    sec, ran = measure_layer(
-                        kind,
-                        shape,
-                        fmt,
-                        backend,
-                        batch,
-                        repeats=repeats,
-                        warmup=warmup,
-                        device=device,
-                        dtype=dtype,
-                    )
-                    if progress:
-                        print(f"{kind} {shape} {fmt.spec()} {backend} b{batch}: {sec * 1e6:.1f} us")
-                    rc = (int(shape[0]), int(shape[1]))
-                    entries.append(LatencyEntry(kind, rc, fmt.spec(), backend, batch, sec, ran))
+    with tqdm(jobs, desc="bench layers", unit="timing", disable=not progress) as bar:
+        for kind, shape, fmt, backend, batch in bar:
+            bar.set_postfix_str(f"{kind} {list(shape)} {fmt.spec()} {backend} b{batch}")
+            sec, ran = measure_layer(
+                kind,
+                shape,
+                fmt,
+                backend,
+                batch,
+                repeats=repeats,
+                warmup=warmup,
+                device=device,
+                dtype=dtype,
+            )
+            entries.append(LatencyEntry(kind, shape, fmt.spec(), backend, batch, sec, ran))
     dev = torch.device(device)
     return LatencyTable(
         entries=tuple(entries),
@@ -271,7 +293,7 @@ def measure_table(
         repeats=repeats,
         warmup=warmup,
         dtype=str(dtype).removeprefix("torch."),
-        meta={"threads": torch.get_num_threads()},
+        meta={"threads": torch.get_num_threads(), **(meta or {})},
     )
 
 
@@ -293,38 +315,90 @@ def latency_costs(
     *,
     backend: str,
     batch: int = 1,
+    source: str = "",
 ) -> np.ndarray:
     """Seconds per ``[decision, option]``, in :func:`mpq.problem.build_problem`'s order.
 
-    Options whose format does not fit a member get 0 (build_problem disallows them); a missing
-    measurement for a format that fits is an error listing what to measure.
+    Options whose format does not fit a member get 0 (build_problem disallows them). Missing
+    measurements for formats that fit are one error listing them all and the ``mpq
+    bench-layers`` command that measures them (``source``: the table's file, for that command).
     """
+    model_id = targets.model_id if isinstance(targets, CostModel) else "MODEL"
     tlist = list(targets.targets if isinstance(targets, CostModel) else targets)
     groups = decisions(tlist)
     out = np.zeros((len(groups), len(formats)))
-    missing: list[str] = []
+    missing: dict[tuple[str, tuple[int, int], str], None] = {}
     for d, members in enumerate(groups.values()):
         for o, fmt in enumerate(formats):
-            fits = True
-            for t in members:
-                try:
-                    check_format(t.shape, fmt)
-                except MpqError:
-                    fits = False
-            if not fits:
+            if not all(fits(t.shape, fmt) for t in members):
                 continue
             for t in members:
                 shape = matrix_shape(t.shape)
-                needs = [(t.kind, shape)] + [("linear", shape)] * len(t.aliases)
-                for kind, shp in needs:
+                for kind in [t.kind] + ["linear"] * len(t.aliases):
                     try:
-                        out[d, o] += table.lookup(kind, shp, fmt.spec(), backend, batch)
+                        out[d, o] += table.lookup(kind, shape, fmt.spec(), backend, batch)
                     except KeyError:
-                        missing.append(f"{kind} {list(shp)} {fmt.spec()} {backend} batch={batch}")
+                        missing[(kind, shape, fmt.spec())] = None
     if missing:
-        uniq = sorted(set(missing))
         raise MpqError(
-            f"latency table lacks {len(uniq)} measurement(s), e.g. {uniq[:3]}; measure them "
-            f"with mpq.latency.measure_table (or mpq bench-layers)"
+            _missing_message(table, list(missing), formats, backend, batch, model_id, source)
         )
     return out
+
+
+def _missing_message(
+    table: LatencyTable,
+    missing: list[tuple[str, tuple[int, int], str]],
+    formats: Sequence[QuantFormat],
+    backend: str,
+    batch: int,
+    model_id: str,
+    source: str,
+) -> str:
+    """The error for measurements a problem needs and a table lacks: what, and how to get them."""
+    where = f" {source}" if source else ""
+    listed = ", ".join(f"{k} {list(s)} at {f}" for k, s, f in missing)
+    notes = []
+    if backend not in table.backends():
+        notes.append(f"it has no timings on backend {backend!r} (only {table.backends()})")
+    if batch not in table.batches():
+        notes.append(f"no timings at batch {batch} (only {table.batches()})")
+    lacking = sorted({f for _, _, f in missing}, key=[f.spec() for f in formats].index)
+    every = ",".join(f.spec() for f in formats)
+    return (
+        f"latency table{where} lacks {len(missing)} measurement(s) on backend {backend!r} at "
+        f"batch {batch} that the problem needs: {listed}"
+        + (f"; {'; '.join(notes)}" if notes else "")
+        + f". Formats missing: {','.join(lacking)}. Rerun `mpq bench-layers --model {model_id} "
+        f"--formats {every} --backend {backend} --batch {batch} --out {source or 'TABLE.json'}` "
+        f"(a table holds what one run measured, so list every candidate format)"
+    )
+
+
+def load_latency_costs(
+    path: str | os.PathLike[str],
+    cost_model: CostModel,
+    formats: Sequence[QuantFormat],
+    backend: str,
+    batch: int = 1,
+) -> np.ndarray:
+    """The ``latency=`` argument of :func:`mpq.problem.build_problem` from a table file.
+
+    Reads the :class:`LatencyTable` written by ``mpq bench-layers`` and returns seconds per
+    ``[decision, format]`` for ``cost_model``'s targets on ``backend`` at ``batch`` (what
+    ``mpq solve --latency-table FILE --latency-backend B --latency-batch N`` passes). Errors
+    (:class:`MpqError`): no such file, not a table, ``backend`` not a concrete backend name,
+    and every (layer, format) the problem needs that the table lacks, with the command that
+    measures them.
+    """
+    from mpq.kernels.backends import BACKENDS
+
+    table = LatencyTable.load(path)
+    if backend not in BACKENDS:
+        raise MpqError(
+            f"latency backend {backend!r} is not a backend a table records; use one this table "
+            f"has: {table.backends()} (bench-layers stores 'auto' as the backend it chose)"
+        )
+    if batch < 1:
+        raise MpqError(f"latency batch {batch} must be >= 1; the table has {table.batches()}")
+    return latency_costs(table, cost_model, formats, backend=backend, batch=batch, source=str(path))

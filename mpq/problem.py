@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mpq.cost import RESOURCES, CostModel
+from mpq.cost import RESOURCES, TIME_UNITS, CostModel
 from mpq.errors import MpqError
 from mpq.formats import KEEP, QuantFormat
 from mpq.plan import BitPlan
-from mpq.quantize import check_format
+from mpq.quantize import fits
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.targets import decisions
@@ -44,7 +44,9 @@ _NUMBER_UNIT = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([
 
 def parse_budget(text: str) -> dict[str, float]:
     """``"4.0"`` (bits), ``"bits=3.5"``, ``"avg-bits=4"``, ``"bytes=80e6"``, ``"bytes=60MB"``,
-    ``"60MiB"`` (a number with a byte unit is a bytes budget), ``"bits=4,bops=1e12"``.
+    ``"60MiB"`` (a number with a byte unit is a bytes budget), ``"bits=4,bops=1e12"``,
+    ``"latency=0.002"`` / ``"latency=2ms"`` / ``"2ms"`` (seconds of the target layers, measured by
+    ``mpq bench-layers``; units ``s``, ``ms``, ``us``, ``ns``).
 
     Byte units: ``B``, ``kB``, ``MB``, ``GB``, ``TB`` (powers of 1000) and ``KiB``, ``MiB``,
     ``GiB``, ``TiB`` (powers of 1024), in any letter case; ``avg-bits`` is ``bits``.
@@ -62,25 +64,29 @@ def parse_budget(text: str) -> dict[str, float]:
         if m and m.group(2).lower() not in ("inf", "nan", "infinity"):
             number, unit = m.group(1), m.group(2)
         if not key:
-            key = "bytes" if unit else "bits"
+            key = "latency" if unit.lower() in TIME_UNITS else "bytes" if unit else "bits"
         if key not in RESOURCES:
             raise MpqError(
                 f"budget {part!r}: unknown resource {key!r}; use one of {list(RESOURCES)} "
                 f"(avg-bits is bits)"
             )
-        scale = 1
+        scale: float = 1
         if unit:
-            if key != "bytes":
+            if key not in ("bytes", "latency"):
                 raise MpqError(
-                    f"budget {part!r}: the unit {unit!r} applies to byte budgets only; write "
-                    f"{key}=<number> or bytes=<number><unit>, e.g. bytes=60MB"
+                    f"budget {part!r}: the unit {unit!r} applies to byte and latency budgets "
+                    f"only; write {key}=<number>, bytes=<number><unit> (e.g. bytes=60MB) or "
+                    f"latency=<number><unit> (e.g. latency=2ms)"
                 )
-            if unit.lower() not in BYTE_UNITS:
-                raise MpqError(
-                    f"budget {part!r}: unknown unit {unit!r}; use one of "
-                    f"B, kB, MB, GB, TB (x1000) or KiB, MiB, GiB, TiB (x1024)"
+            units: Mapping[str, float] = BYTE_UNITS if key == "bytes" else TIME_UNITS
+            if unit.lower() not in units:
+                known = (
+                    "B, kB, MB, GB, TB (x1000) or KiB, MiB, GiB, TiB (x1024)"
+                    if key == "bytes"
+                    else "s, ms, us, ns"
                 )
-            scale = BYTE_UNITS[unit.lower()]
+                raise MpqError(f"budget {part!r}: unknown unit {unit!r}; use one of {known}")
+            scale = units[unit.lower()]
         try:
             amount = float(number) * scale
         except ValueError:
@@ -96,14 +102,6 @@ def parse_budget(text: str) -> dict[str, float]:
     if not out:
         raise MpqError(f"budget {text!r} is empty; write e.g. 'bits=4.0' or 'bytes=80e6'")
     return out
-
-
-def _fits(shape: tuple[int, ...], fmt: QuantFormat) -> bool:
-    try:
-        check_format(shape, fmt)
-    except MpqError:
-        return False
-    return True
 
 
 def to_limit(cost_model: CostModel, resource: str, value: float) -> float:
@@ -154,7 +152,7 @@ def build_problem(
     for d, name in enumerate(names):
         for o, fmt in enumerate(formats):
             members = groups[name]
-            if not all(_fits(t.shape, fmt) for t in members):
+            if not all(fits(t.shape, fmt) for t in members):
                 dist[d, o] = np.inf
                 continue
             for t in members:

@@ -65,6 +65,15 @@ def check_format(shape: tuple[int, ...], fmt: QuantFormat, name: str = "weight")
         )
 
 
+def fits(shape: tuple[int, ...], fmt: QuantFormat) -> bool:
+    """Whether ``fmt`` can store a weight of ``shape`` (:func:`check_format` passes)."""
+    try:
+        check_format(shape, fmt)
+    except MpqError:
+        return False
+    return True
+
+
 def quantize(
     weight: torch.Tensor, fmt: QuantFormat, *, hessian: torch.Tensor | None = None
 ) -> QuantizedTensor:

@@ -51,6 +51,12 @@ def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA saved as a local HF folder (build it once; tests only read it)."""
+    return build_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama")
+
+
 @pytest.fixture
 def llama() -> nn.Module:
     return tiny_llama()

@@ -261,7 +261,7 @@ def test_infeasible_budget_greedy_writes_nothing(tiny: Tiny, tmp_path: Path, cap
     [
         ("bits=20", "is above full precision (bits=16 "),
         ("bits=abc", "budget 'bits=abc': 'abc' is not a number"),
-        ("watts=3", "unknown resource 'watts'; use one of ['bits', 'bytes', 'bops']"),
+        ("watts=3", "unknown resource 'watts'; use one of ['bits', 'bytes', 'bops', 'latency']"),
         ("bits=-1", "must be positive"),
         (",", "is empty"),
     ],

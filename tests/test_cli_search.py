@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_folder
 
 from mpq.cli import main
 from mpq.cost import build_cost_model
@@ -27,9 +26,9 @@ torch.set_num_threads(1)
 CALIB = ["--n", "1", "--seq-len", "16"]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama")
+@pytest.fixture
+def folder(tiny_folder: Path) -> Path:
+    return tiny_folder
 
 
 @pytest.fixture(autouse=True)

@@ -114,9 +114,12 @@ def test_budget_units_and_aliases() -> None:
     assert parse_budget("avg-bits=4.0") == {"bits": 4.0}
     assert parse_budget("4.5") == {"bits": 4.5}
     assert parse_budget("bits=4, bytes=1e6") == {"bits": 4.0, "bytes": 1e6}
+    assert parse_budget("2ms") == {"latency": pytest.approx(2e-3)}
+    assert parse_budget("bits=4,latency=250us") == {"bits": 4.0, "latency": pytest.approx(25e-5)}
     for bad, msg in (
         ("bytes=60XB", "unknown unit 'XB'; use one of B, kB"),
-        ("bits=4MB", "applies to byte budgets only"),
+        ("bits=4MB", "applies to byte and latency budgets only"),
+        ("latency=2MB", "unknown unit 'MB'; use one of s, ms"),
         ("avg-bits=x", "not a number"),
         ("bits=4,avg-bits=5", "gives bits twice"),
     ):

@@ -173,8 +173,8 @@ def gpu_part(reps: int) -> None:
         t16 = do_bench(lambda x=x, w16=w16: torch.matmul(x, w16.T), rep=max(reps, 20)) * 1e3
         for bits in (2, 3, 4, 8):
             p = PackedWeight(w, QuantFormat(bits=bits, group_size=128))
-            args = (x, p.qweight, p.scales, p.qzeros, None, bits, k, 128)
-            tq = do_bench(lambda args=args: tk.gemv(*args), rep=max(reps, 20)) * 1e3
+            ops = p.operands()
+            tq = do_bench(lambda x=x, ops=ops: tk.gemv(x, ops), rep=max(reps, 20)) * 1e3
             limit = 16 / (bits + 16 / 128)
             print(
                 f"| {n}x{k} | {bits} | {t16:.1f} | {tq:.1f} | {t16 / tq:.2f}x | {limit:.2f}x "

@@ -8,7 +8,8 @@
 - :mod:`.cpu`: torch's fused int8 / int4 CPU matmul ops.
 - :mod:`.triton_kernels`: Triton GEMV / GEMM / dequantize kernels (imports triton).
 - :mod:`.cupy_backend`: the CuPy RawKernel dequantize-GEMV and its NVRTC compile.
-- :mod:`.checks`: the float error bound kernels are tested against.
+- :mod:`.checks`: what every Triton / CuPy launch is checked against (``KernelOperands``:
+  layout, device, int32 offsets) and the float error bound kernels are tested against.
 
 Importing this package imports neither triton nor cupy.
 """

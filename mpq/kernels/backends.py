@@ -26,6 +26,7 @@ import importlib.util
 
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
+from mpq.kernels.checks import KERNEL_BACKENDS, interpreted, offsets_problem
 
 BACKENDS = ("reference", "cpu", "triton", "cupy")
 REQUESTS = (*BACKENDS, "auto")
@@ -50,6 +51,27 @@ def unavailable_reason(backend: str) -> str | None:
     raise MpqError(f"backend {backend!r} is unknown; use one of {list(REQUESTS)}")
 
 
+def machine_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine (not installed, or no device it runs), or None.
+
+    ``triton`` needs a CUDA GPU or ``TRITON_INTERPRET=1``; ``cupy`` needs a CUDA GPU.
+    """
+    reason = unavailable_reason(backend)
+    if reason is not None or backend in ("reference", "cpu"):
+        return reason
+    import torch
+
+    if torch.cuda.is_available() or (backend == "triton" and interpreted()):
+        return None
+    extra = " (or TRITON_INTERPRET=1, the CPU interpreter)" if backend == "triton" else ""
+    return f"{backend} runs CUDA tensors and this machine has no CUDA GPU{extra}"
+
+
+def available_here() -> list[str]:
+    """The backends that can run on this machine, in :data:`BACKENDS` order."""
+    return [b for b in BACKENDS if machine_problem(b) is None]
+
+
 def check_request(backend: str) -> None:
     """Raise :class:`MpqError` for an unknown backend or one that is not installed."""
     if backend not in REQUESTS:
@@ -63,15 +85,10 @@ def check_request(backend: str) -> None:
 
 def shape_problem(backend: str, rows: int, cols: int, fmt: QuantFormat) -> str | None:
     """Why ``backend``'s kernels cannot index a ``[rows, cols]`` weight in ``fmt``, or None."""
-    if backend not in ("triton", "cupy") or fmt.keep:
+    if backend not in KERNEL_BACKENDS or fmt.keep:
         return None
     groups = 1 if fmt.group_size is None else cols // fmt.group_size
-    words = -(-cols * fmt.bits // 32)
-    if rows * words > 2**31 - 1 or rows * groups * fmt.bits > 2**31 - 1:
-        return f"a {rows}x{cols} weight at {fmt.bits} bits needs offsets beyond int32"
-    if backend == "cupy" and rows > 2**31 - 1:
-        return f"{rows} output rows exceed the CUDA grid"
-    return None
+    return offsets_problem(rows, cols, fmt.bits, groups)
 
 
 def capable(kind: str, rows: int, cols: int, fmt: QuantFormat) -> list[str]:

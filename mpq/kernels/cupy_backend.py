@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from mpq.kernels.checks import KernelOperands
+
 KERNEL_NAME = "mpq_dequant_gemv"
 THREADS = 128
 MAX_GRID_Y = 65535
@@ -112,36 +114,23 @@ def _kernel() -> Any:
     return _KERNEL
 
 
-def linear(
-    x2: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    qzeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    cols: int,
-    group: int,
-) -> torch.Tensor:
-    """``x2 [M, K] @ W^T (+ bias)`` on CUDA tensors."""
+def linear(x2: torch.Tensor, ops: KernelOperands) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` on CUDA tensors (checked first, :mod:`mpq.kernels.checks`)."""
     import numpy as np
 
+    ops.check("cupy", x2)
     cupy = import_cupy()
-    n, w = qweight.shape
-    m = x2.shape[0]
+    m, n = x2.shape[0], ops.rows
     xf = x2.float().contiguous()
-    sf = scales.float().contiguous()
-    qz = qzeros.contiguous() if qzeros is not None else qweight
-    bf = bias.float().contiguous() if bias is not None else sf
+    sf = ops.scales.float().contiguous()
+    bf = ops.bias.float().contiguous() if ops.bias is not None else sf
     y = torch.empty(m, n, dtype=torch.float32, device=x2.device)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(x2.device).cuda_stream)
+    flags = (ops.bits, int(ops.asym), int(ops.bias is not None))
     with cupy.cuda.Device(x2.device.index or 0), stream:
         for m0 in range(0, m, MAX_GRID_Y):  # gridDim.y is at most 65535
             xs, ys = xf[m0 : m0 + MAX_GRID_Y], y[m0 : m0 + MAX_GRID_Y]
-            args = [cupy.from_dlpack(t) for t in (xs, qweight.contiguous(), sf, qz, bf, ys)]
-            ints = (xs.shape[0], n, cols, w, scales.shape[1], group, bits, int(qzeros is not None))
-            _kernel()(
-                (n, xs.shape[0]),
-                (THREADS,),
-                (*args, *(np.int32(v) for v in ints), np.int32(int(bias is not None))),
-            )
+            args = [cupy.from_dlpack(t) for t in (xs, ops.qweight, sf, ops.zeros_arg, bf, ys)]
+            ints = (xs.shape[0], n, ops.cols, ops.words, ops.groups, ops.group, *flags)
+            _kernel()((n, xs.shape[0]), (THREADS,), (*args, *(np.int32(v) for v in ints)))
     return y.to(x2.dtype)

@@ -24,6 +24,7 @@ from torch import nn
 from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.errors import MpqError
 from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.kernels.checks import FLOAT_DTYPES, KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
 from mpq.quantize import (
     QuantizedTensor,
@@ -131,6 +132,14 @@ class PackedWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantize_rows().reshape(self.shape).to(dtype)
+
+    def operands(self, bias: torch.Tensor | None = None) -> KernelOperands:
+        """What a kernel launch reads (:mod:`mpq.kernels.checks`); not for a kept weight."""
+        if self.fmt.keep:
+            raise MpqError("a weight kept at 16 bits has no packed operands; use F.linear")
+        return KernelOperands(
+            self.qweight, self.scales, self.qzeros, bias, self.fmt.bits, self.cols, self.group
+        )
 
     def check(self, name: str = "weight") -> None:
         """Raise :class:`MpqError` when the buffers are not what ``fmt`` stores for ``shape``
@@ -269,11 +278,14 @@ class QuantLinear(nn.Module):
             w = p.weight if p.fmt.keep else p.dequantize(x2.dtype)
             bias = None if self.bias is None else self.bias.to(x2.dtype)
             return F.linear(x2, w.reshape(p.rows, p.cols).to(x2.dtype), bias)
-        if x2.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise MpqError(f"{self.layer_name}: backend {b!r} needs a float input, got {x2.dtype}")
         if b == "cpu":
             from mpq.kernels import cpu
 
+            if x2.dtype not in FLOAT_DTYPES:
+                raise MpqError(
+                    f"{self.layer_name}: backend 'cpu' needs a float input (float32, float16, "
+                    f"bfloat16), got {x2.dtype}"
+                )
             if x2.device.type != "cpu":
                 raise MpqError(
                     f"{self.layer_name}: backend 'cpu' runs CPU tensors, the input is on "
@@ -294,29 +306,14 @@ class QuantLinear(nn.Module):
                 y = cpu.linear_int4(x2, w4, k, p.scales, p.zeros(), p.cols)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if b == "triton":
-            from mpq.kernels import triton_kernels as tk
-
-            if x2.device.type != "cuda" and not tk.interpreted():
-                raise MpqError(
-                    f"{self.layer_name}: backend 'triton' runs CUDA tensors (or CPU tensors "
-                    f"under TRITON_INTERPRET=1), the input is on {x2.device}; move the model "
-                    f"to a GPU or use backend 'cpu'"
-                )
-            problem = tk.shape_problem(p.rows, p.cols, p.fmt.bits, p.scales.shape[1], x2.shape[0])
-            if problem is not None:
-                raise MpqError(f"{self.layer_name}: the triton kernels cannot run it: {problem}")
-            fn = tk.linear
+            from mpq.kernels.triton_kernels import linear as kernel
         else:
-            from mpq.kernels import cupy_backend
-
-            if x2.device.type != "cuda":
-                raise MpqError(
-                    f"{self.layer_name}: backend 'cupy' runs CUDA tensors, the input is on "
-                    f"{x2.device}; move the model to a GPU or use backend 'cpu'"
-                )
-            fn = cupy_backend.linear
+            from mpq.kernels.cupy_backend import linear as kernel
         bias = self.bias.to(x2.dtype) if self.bias is not None else None
-        return fn(x2.contiguous(), p.qweight, p.scales, p.qzeros, bias, p.fmt.bits, p.cols, p.group)
+        try:
+            return kernel(x2, p.operands(bias))
+        except MpqError as exc:
+            raise MpqError(f"{self.layer_name}: {exc}") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _act_quant(x, self.fmt, self.act, -1)

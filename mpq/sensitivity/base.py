@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from mpq.errors import MpqError
 from mpq.evaluate import Reference, reference
 from mpq.formats import QuantFormat
-from mpq.quantize import check_format, quant_error
+from mpq.quantize import fits as _fits
+from mpq.quantize import quant_error
 from mpq.sensitivity.loss import Calibration
 from mpq.targets import Target
 from mpq.tasks import Task
@@ -142,11 +143,7 @@ class Context:
 
 
 def fits(target: Target, fmt: QuantFormat) -> bool:
-    try:
-        check_format(target.shape, fmt)
-    except MpqError:
-        return False
-    return True
+    return _fits(target.shape, fmt)
 
 
 @runtime_checkable
