@@ -303,6 +303,35 @@ def science(
     return md
 
 
+def _equal_loss(entries: Sequence[PlanEntry]) -> list[str]:
+    """BAQ's equal-loss structure of every closed-form plan (see mpq.solvers.closed_form)."""
+    rows = []
+    for e in entries:
+        m = e.plan.meta if e.plan is not None else {}
+        if "equal_loss_interior" not in m:
+            continue
+        seed = f" (seed {e.seed})" if e.seed is not None else ""
+        rows.append(
+            f"| {e.name}{seed} | {m['equal_loss_interior']} | {m['equal_loss_at_lower']} | "
+            f"{m['equal_loss_at_upper']} | {_fmt(m.get('equal_loss_spread_relaxed'))} | "
+            f"{_fmt(m.get('equal_loss_spread_plan'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "## BAQ's equal-loss structure",
+        "",
+        "At the continuous optimum every layer inside its bit bounds has the same loss per "
+        "weight; `spread` is the largest over the smallest of those losses (1 = equal): for the "
+        "relaxed optimum (a check on the solver) and for the rounded plan's table distortions.",
+        "",
+        "| plan | inside bounds | at lowest | at highest | spread (relaxed) | spread (plan) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def _preconditioning(entries: Sequence[PlanEntry]) -> list[str]:
     """One line per preconditioner: its calibration cost and the layers it could not fold."""
     seen: dict[str, Mapping[str, Any]] = {}
@@ -378,6 +407,7 @@ def write_report(
         if v:
             md += ["Mixed vs uniform:", "", *v]
     md += _preconditioning(entries)
+    md += _equal_loss(entries)
     lowest = min(cfg.formats, key=lambda f: f.bits).spec()
     md += science(tables, folder, lowest)
     atomic_write_text(folder / "report.md", "\n".join(md) + "\n")

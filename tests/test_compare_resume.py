@@ -122,6 +122,7 @@ def test_searches_and_the_guard_in_a_comparison(
             "solve": [
                 {"solver": "bayes", "budgets": ["bits=4.6"], "trials": 4},
                 {"solver": "ilp", "budgets": ["bits=4.6"], "guard": True},
+                {"solver": "closed_form", "budgets": ["bits=4.6"]},
             ],
         }
     )
@@ -138,4 +139,8 @@ def test_searches_and_the_guard_in_a_comparison(
     a, b = (BitPlan.load(out / "plans" / f"ilp+guard_measured@bits=4.6~seed{s}.json")
             for s in (0, 1))  # fmt: skip
     assert a.formats == b.formats
-    assert "one calibration sample" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "one calibration sample" in report
+    baq = BitPlan.load(out / "plans" / "closed_form_measured@bits=4.6~seed0.json")
+    inside = baq.meta["equal_loss_interior"]
+    assert f"| closed_form/measured@bits=4.6 (seed 0) | {inside} |" in report

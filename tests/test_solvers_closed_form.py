@@ -10,6 +10,7 @@ import pytest
 
 from mpq.solvers.base import AllocationProblem
 from mpq.solvers.closed_form import (
+    equal_loss,
     fit_error_model,
     solve_closed_form,
     solve_relaxation,
@@ -29,7 +30,10 @@ def _model_problem(seed: int, n: int = 6, frac: float | None = None) -> Allocati
     frac = rng.uniform(0.05, 0.95) if frac is None else frac
     lo, hi = cost[:, 0].sum(), cost[:, -1].sum()
     return AllocationProblem(
-        tuple(f"d{i}" for i in range(n)), ("2", "3", "4", "8"), dist, {"bits": cost},
+        tuple(f"d{i}" for i in range(n)),
+        ("2", "3", "4", "8"),
+        dist,
+        {"bits": cost},
         {"bits": float(lo + frac * (hi - lo))},
     )
 
@@ -76,6 +80,29 @@ def test_relaxation_bounds_the_integer_optimum_when_the_model_is_exact(seed: int
     assert sol.stats["lower_bound"] <= best * (1 + 1e-9) <= sol.objective * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_equal_loss_per_weight_at_the_continuous_optimum(seed: int) -> None:
+    """BAQ: every decision inside its bounds ends with the same loss per weight (beta * D);
+    the clipped ones are counted, and the rounded plan's spread is reported, not hidden."""
+    p = _model_problem(seed, n=8)
+    m = fit_error_model(p)
+    r = solve_relaxation(p)
+    sol = solve_closed_form(p)
+    eq = equal_loss(p, m, r, sol.choice)
+    assert eq.interior + eq.at_lower + eq.at_upper == len(p.decisions)
+    per_weight = m.beta * np.exp(m.alpha - m.beta * r.cost)
+    free = (r.cost > m.lo + 1e-9) & (r.cost < m.hi - 1e-9)
+    assert eq.interior == int(free.sum())
+    if eq.interior >= 2:
+        assert eq.spread_relaxed == pytest.approx(1.0, abs=1e-6)
+        expect = per_weight[free].max() / per_weight[free].min()
+        assert eq.spread_relaxed == pytest.approx(expect)
+        plan = m.beta * p.distortion[np.arange(len(p.decisions)), sol.choice]
+        assert eq.spread_plan == pytest.approx(plan[free].max() / plan[free].min())
+        assert eq.spread_plan >= 1.0
+    assert sol.stats["equal_loss_interior"] == eq.interior
+
+
 def test_budget_above_every_option_gives_the_best_plan() -> None:
     p = _model_problem(1, frac=1.0)
     r = solve_relaxation(p)
@@ -93,8 +120,9 @@ def test_off_model_distortions_are_flagged_and_give_no_bound() -> None:
     # with cost: each is flagged and the plan still fits.
     dist = np.array([[4.0, 1.0, 0.0], [2.0, 3.0, 4.0], [5.0, np.inf, np.inf], [4.0, 2.0, 1.0]])
     cost = np.array([[2.0, 4.0, 16.0], [2.0, 4.0, 16.0], [2.0, 4.0, 16.0], [2.0, 4.0, 8.0]])
-    q = AllocationProblem(("k", "up", "one", "ok"), ("2", "4", "16"), dist, {"bits": cost},
-                          {"bits": 30.0})
+    q = AllocationProblem(
+        ("k", "up", "one", "ok"), ("2", "4", "16"), dist, {"bits": cost}, {"bits": 30.0}
+    )
     model = fit_error_model(q)
     assert not model.exact
     text = " ".join(model.flags)

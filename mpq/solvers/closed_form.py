@@ -208,6 +208,49 @@ def water_fill(model: ErrorModel, budget: float | None = None) -> Relaxation:
     return Relaxation(cost, model.value(cost), mu, model.exact, "water_fill")
 
 
+@dataclass(frozen=True)
+class EqualLoss:
+    """BAQ's equal-loss structure. At the continuous optimum every decision strictly inside its
+    bounds has the same marginal loss ``beta_d D_d = lambda``; with ``beta_d`` proportional to
+    ``1 / n_d`` that is the same loss *per weight* for every such layer. ``spread_relaxed`` is
+    the ratio of the largest to the smallest ``beta_d D_d`` over those decisions at the
+    water-filling optimum (1.0 = exactly equal: a check on the solver), ``spread_plan`` the same
+    with the rounded plan's own (table) distortions: how far the integer plan is from equal loss.
+    ``interior`` / ``at_lower`` / ``at_upper`` count the decisions by where the optimum put them.
+    """
+
+    interior: int
+    at_lower: int
+    at_upper: int
+    spread_relaxed: float
+    spread_plan: float
+
+    def stats(self) -> dict[str, float | int]:
+        return {f"equal_loss_{k}": v for k, v in self.__dict__.items()}
+
+
+def equal_loss(
+    problem: AllocationProblem, model: ErrorModel, relax: Relaxation, choice: np.ndarray
+) -> EqualLoss:
+    """The equal-loss check of the relaxation ``relax`` and the integer ``choice``."""
+    live = np.isfinite(model.alpha) & (model.hi > model.lo)
+    tol = 1e-9 * np.maximum(1.0, np.abs(model.hi))
+    lower = live & (relax.cost <= model.lo + tol)
+    upper = live & (relax.cost >= model.hi - tol)
+    inner = live & ~lower & ~upper
+    relaxed = model.beta * np.exp(model.alpha - model.beta * relax.cost)
+    idx = np.arange(len(problem.decisions))
+    plan = model.beta * problem.distortion[idx, np.asarray(choice, dtype=np.int64)]
+
+    def spread(x: np.ndarray) -> float:
+        x = x[inner & (x > 0) & np.isfinite(x)]
+        return float(x.max() / x.min()) if len(x) else float("nan")
+
+    return EqualLoss(
+        int(inner.sum()), int(lower.sum()), int(upper.sum()), spread(relaxed), spread(plan)
+    )
+
+
 def solve_relaxation(problem: AllocationProblem) -> Relaxation:
     """The continuous relaxation of ``problem`` under the fitted model, in closed form."""
     validate_problem(problem)
@@ -270,7 +313,8 @@ def solve_closed_form(problem: AllocationProblem) -> Solution:
     of them (``stats["reason"]`` says so: the ilp solver decides such cases exactly).
     ``stats``: the relaxation's value, ``lower_bound`` (that value when the model is exact,
     else ``None``), the water level, the fit's largest relative residual and flags, and the
-    number of repair and fill moves.
+    number of repair and fill moves, and BAQ's equal-loss check (:class:`EqualLoss`, as
+    ``equal_loss_*``).
     """
     t0 = time.perf_counter()
     validate_problem(problem)
@@ -305,4 +349,5 @@ def solve_closed_form(problem: AllocationProblem) -> Solution:
         )
     choice, fills = fill_upgrades(problem, choice, model.weights)
     stats["fills"] = fills
+    stats.update(equal_loss(problem, model, relax, choice).stats())
     return done(problem, choice, "feasible", "closed_form", t0, stats)
