@@ -11,6 +11,7 @@ report. A killed run resumes from the caches.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mpq.config import CompareConfig, EstimatorSpec
 from mpq.cost import CostModel
+from mpq.errors import MpqError
 from mpq.evaluate import EvalResult, pool
 from mpq.pipeline import (
     CalibSpec,
@@ -34,7 +36,7 @@ from mpq.pipeline import (
     task_for,
     uniform_plans,
 )
-from mpq.plan import BitPlan
+from mpq.plan import BitPlan, atomic_write_text
 from mpq.precondition import PreconditionSpec
 from mpq.report import write_report
 from mpq.sensitivity.base import Estimator
@@ -105,8 +107,45 @@ def _plans(
     return entries, tables
 
 
+CONFIG_FILE = "config.json"
+
+
+def config_record(cfg: CompareConfig) -> dict[str, Any]:
+    """What a report folder was made from: the config as data (not its file name)."""
+    body = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source"}
+    return json.loads(json.dumps(body, sort_keys=True, default=str))
+
+
+def claim_folder(folder: Path, cfg: CompareConfig) -> None:
+    """Mark ``folder`` as ``cfg``'s, or refuse when it holds results of another config (a
+    rerun of the same config resumes; results of two configs are never mixed)."""
+    record = config_record(cfg)
+    path = folder / CONFIG_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != record:
+            changed = sorted(
+                k for k in set(record) | set(old or {}) if (old or {}).get(k) != record.get(k)
+            )
+            raise MpqError(
+                f"{folder} holds the report of another config (differs in {changed or 'format'});"
+                f" give the config another `name`, pass another --out, or delete the folder"
+            )
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise MpqError(
+            f"{folder} exists but was not written by `mpq compare` (no {CONFIG_FILE}); pass "
+            f"another --out or delete the folder"
+        )
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+
+
 def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Path:
     """Run the grid of ``cfg`` and write ``out_root/<name>/``; returns the report folder."""
+    claim_folder(out_root / cfg.name, cfg)
     base = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)
     c = cfg.calibration
     runs: list[tuple[Prepared, list[PlanEntry]]] = []

@@ -92,3 +92,22 @@ def test_shipped_configs_parse() -> None:
     for path in configs:
         cfg = load_config(path)
         assert cfg.formats and cfg.evaluation.data
+
+
+def test_a_report_folder_is_never_shared_by_two_configs(tmp_path: Path) -> None:
+    from mpq.compare import CONFIG_FILE, claim_folder
+
+    cfg = parse_config({**_base(), "solve": [{"solver": "ilp", "budgets": ["bits=4"]}]}, "a")
+    folder = tmp_path / "x"
+    claim_folder(folder, cfg)
+    assert (folder / CONFIG_FILE).is_file()
+    claim_folder(folder, parse_config({**_base(), "solve": [{"solver": "ilp",
+                 "budgets": ["bits=4"]}]}, "renamed.toml"))  # fmt: skip
+    other = parse_config({**_base(), "solve": [{"solver": "ilp", "budgets": ["bits=5"]}]}, "b")
+    with pytest.raises(MpqError, match=r"another config \(differs in \['solves'\]\)"):
+        claim_folder(folder, other)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "report.md").write_text("old")
+    with pytest.raises(MpqError, match="was not written by `mpq compare`"):
+        claim_folder(stray, cfg)
