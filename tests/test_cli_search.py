@@ -185,3 +185,16 @@ def test_precondition_is_recorded_and_reapplied_by_eval(
             bad).save(tampered)  # fmt: skip
     rc, _, err = _run(capsys, [*ev, "--plan", str(tampered)])
     assert rc == 2 and "gave other scales" in err
+
+
+def test_the_parser_imports_no_torch() -> None:
+    """`mpq --help` (and every subcommand's parser: export, bench-layers) stays light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mpq.cli; mpq.cli.build_parser(); "
+        "heavy = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
