@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import tiny_llama
 
-from mpq.cost import build_cost_model
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.plan import uniform_plan
 from mpq.problem import build_problem, parse_budget, solution_to_plan
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.greedy import solve_greedy
-from mpq.targets import decisions, discover
+from mpq.targets import decisions
+from mpq.testing.conformance import synthetic_setup
 
 FORMATS = [QuantFormat.parse(s) for s in ("3", "4:asym", "8")]
 
 
 def _setup():  # type: ignore[no-untyped-def]
     model = tiny_llama()
-    targets = discover(model, exclude=["embed"])
-    cost = build_cost_model(model, targets, "tiny")
-    rng = np.random.default_rng(0)
-    table = SensitivityTable(
-        "synthetic",
-        "tiny",
-        "none",
-        distortions={
-            t.name: {f.spec(): float(rng.uniform()) * 4.0**-f.bits for f in FORMATS}
-            for t in targets
-        },
-    )
+    targets, cost, table, formats = synthetic_setup(model)
+    assert formats == FORMATS
     return model, targets, cost, table
 
 

@@ -24,11 +24,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from mpq.solvers.base import STATUSES, AllocationProblem, Solution
+
+if TYPE_CHECKING:
+    from mpq.cost import CostModel
+    from mpq.formats import QuantFormat
+    from mpq.sensitivity.table import SensitivityTable
+    from mpq.targets import Target
 
 Solve = Callable[[AllocationProblem], Solution]
 RESOURCES = ("bits", "bops", "latency")
@@ -305,22 +311,21 @@ def measure_ratios(solve: Solve, seeds: Sequence[int], resources: int = 1, **kw:
     return np.array(out)
 
 
-def check_tie_groups(solve: Solve, model: Any, name: str = "solver") -> None:
-    """Build a problem from ``model``'s targets (tie rules on) with a synthetic table, solve it
-    at a few budgets, and check each plan keeps every tie group at one format."""
+def synthetic_setup(
+    model: Any, specs: Sequence[str] = ("3", "4:asym", "8"), seed: int = 0
+) -> tuple[list[Target], CostModel, SensitivityTable, list[QuantFormat]]:
+    """``(targets, cost model, table, formats)`` of a real (tiny) model with a synthetic
+    table: every target's distortion at ``b`` bits is ``U(0, 1) * 4^-b`` (embeddings
+    excluded; tie rules on; model id ``"tiny"``)."""
     from mpq.cost import build_cost_model
     from mpq.formats import QuantFormat
-    from mpq.plan import uniform_plan
-    from mpq.problem import build_problem, solution_to_plan
     from mpq.sensitivity.table import SensitivityTable
     from mpq.targets import discover
 
-    formats = [QuantFormat.parse(s) for s in ("3", "4:asym", "8")]
+    formats = [QuantFormat.parse(s) for s in specs]
     targets = discover(model, exclude=["embed"])
-    ties = {t.tie for t in targets if t.tie is not None}
-    assert ties, "the model has no tie groups to check"
     cost = build_cost_model(model, targets, "tiny")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     table = SensitivityTable(
         "synthetic",
         "tiny",
@@ -330,6 +335,18 @@ def check_tie_groups(solve: Solve, model: Any, name: str = "solver") -> None:
             for t in targets
         },
     )
+    return targets, cost, table, formats
+
+
+def check_tie_groups(solve: Solve, model: Any, name: str = "solver") -> None:
+    """Build a problem from ``model``'s targets (tie rules on) with a synthetic table, solve it
+    at a few budgets, and check each plan keeps every tie group at one format."""
+    from mpq.plan import uniform_plan
+    from mpq.problem import build_problem, solution_to_plan
+
+    targets, cost, table, formats = synthetic_setup(model)
+    ties = {t.tie for t in targets if t.tie is not None}
+    assert ties, "the model has no tie groups to check"
     lo = cost.plan_cost(uniform_plan(targets, formats[0], "tiny")).effective_bits
     hi = cost.plan_cost(uniform_plan(targets, formats[-1], "tiny")).effective_bits
     for frac in (0.2, 0.5, 0.8):
