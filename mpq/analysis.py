@@ -15,10 +15,14 @@ _DEPTH = re.compile(r"\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Agreement:
-    """Spearman rank correlation of one table's distortions with a reference table's."""
+    """Spearman rank correlation of one table's distortions with a reference table's: ``rho``
+    over all (target, format) pairs (``n`` of them; the format axis alone makes this high),
+    and ``rho_layers``, the mean over formats of the correlation across targets at one
+    format: does the estimator rank the *layers* as the reference does?"""
 
     rho: float
     n: int
+    rho_layers: float = math.nan
 
 
 def paired(table: SensitivityTable, ref: SensitivityTable) -> tuple[list[float], list[float]]:
@@ -33,14 +37,34 @@ def paired(table: SensitivityTable, ref: SensitivityTable) -> tuple[list[float],
     return xs, ys
 
 
-def spearman(table: SensitivityTable, ref: SensitivityTable) -> Agreement:
+def _rank_corr(xs: list[float], ys: list[float]) -> float:
     from scipy.stats import spearmanr
 
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return math.nan
+    return float(spearmanr(xs, ys).statistic)
+
+
+def layer_spearman(table: SensitivityTable, ref: SensitivityTable) -> float:
+    """Mean over the shared formats of the Spearman correlation across targets."""
+    specs = sorted({s for row in table.distortions.values() for s in row})
+    rhos = []
+    for spec in specs:
+        xs, ys = [], []
+        for name, row in sorted(table.distortions.items()):
+            other = ref.distortions.get(name, {})
+            if spec in row and spec in other:
+                xs.append(row[spec])
+                ys.append(other[spec])
+        rho = _rank_corr(xs, ys)
+        if not math.isnan(rho):
+            rhos.append(rho)
+    return sum(rhos) / len(rhos) if rhos else math.nan
+
+
+def spearman(table: SensitivityTable, ref: SensitivityTable) -> Agreement:
     xs, ys = paired(table, ref)
-    if len(xs) < 3:
-        return Agreement(math.nan, len(xs))
-    rho = float(spearmanr(xs, ys).statistic)
-    return Agreement(rho, len(xs))
+    return Agreement(_rank_corr(xs, ys), len(xs), layer_spearman(table, ref))
 
 
 def depth(name: str) -> int | None:

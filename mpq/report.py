@@ -251,9 +251,10 @@ def science(
     if ref is not None and len(first) > 1:
         md += [
             f"Spearman ρ between each estimator's predicted distortion and the measured damage "
-            f"(`{ref}`) over all (layer, format) pairs:",
+            f"(`{ref}`): over all (layer, format) pairs, and across layers at one format "
+            f"(mean over formats; the ranking of layers a solver acts on):",
             "",
-            "| estimator | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "| estimator | " + " | ".join(f"seed {s}: ρ pairs / ρ layers" for s in seeds) + " |",
             "|---|" + "---|" * len(seeds),
         ]
         per_seed = {
@@ -264,7 +265,8 @@ def science(
             if label == ref:
                 continue
             cells = [
-                f"{per_seed[s][label].rho:.3f} (n={per_seed[s][label].n})"
+                f"{per_seed[s][label].rho:.3f} / {per_seed[s][label].rho_layers:.3f} "
+                f"(n={per_seed[s][label].n})"
                 if label in per_seed[s]
                 else "-"
                 for s in seeds
