@@ -4,8 +4,8 @@ the same evaluation data.
 Steps: prepare the model; for each seed (a disjoint calibration sample) and each estimator,
 compute the sensitivity table (cached per target); solve every (solver, budget) on it; build
 the uniform plans; evaluate the fp model and every plan on each held-out dataset (cached per
-plan); pool each policy's per-window results over seeds (CIs over windows and seeds); write the
-report. A killed run resumes from the caches.
+plan); pool each policy's per-window results over seeds, each distinct plan once (CIs over
+windows and seeds); write the report. A killed run resumes from the caches.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mpq.pipeline import (
     Evaluator,
     Prepared,
     SearchOptions,
+    plan_digest,
     preconditioned,
     prepare,
     sensitivity_table,
@@ -176,11 +177,18 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
                 groups[entry.name].append((entry, result, eval_s))
                 seed_rows.append(_row(base.cost, [entry], data_id, result, eval_s))
         for members in groups.values():
-            pooled = pool([r for _, r, _ in members]) if len(members) > 1 else members[0][1]
+            # Seeds that led to the same plan measured the same thing on the same data: pool
+            # each distinct plan once, or its windows would count as independent units.
+            distinct = list({_digest(m.plan): r for m, r, _ in members}.values())
+            pooled = pool(distinct) if len(distinct) > 1 else distinct[0]
             eval_s = sum(s for _, _, s in members)
             rows.append(_row(base.cost, [m for m, _, _ in members], data_id, pooled, eval_s))
     planned = [x for _, entries in runs for x in entries if x.plan]
     return write_report(cfg, out_root / cfg.name, rows, seed_rows, planned, tables)
+
+
+def _digest(plan: BitPlan | None) -> str:
+    return plan_digest(plan) if plan is not None else "fp32"
 
 
 def _row(
@@ -203,6 +211,7 @@ def _row(
         "policy": first.policy,
         "budget": first.budget,
         "seeds": " ".join(str(s) for s in seeds) if seeds else "",
+        "distinct_plans": len({_digest(x.plan) for x in entries}),
         "effective_bits": eff,
         "model_bits": model_bits,
         "bytes": nbytes,

@@ -80,7 +80,7 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     metric, _ = primary_metric(rows)
-    head = ["plan", "eff. bits", "model bits", "MB", "BOPs"]
+    head = ["plan", "plans", "eff. bits", "model bits", "MB", "BOPs"]
     if metric == "ppl":
         head += ["ppl", "ppl 95% CI", "ppl se"]
     if "acc" in rows[0]:
@@ -90,6 +90,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (r["effective_bits"], r["plan"])):
         cells = [
             r["plan"],
+            str(r.get("distinct_plans", 1)),
             f"{r['effective_bits']:.3f}",
             f"{r['model_bits']:.3f}",
             f"{r['bytes'] / 1e6:.2f}",
@@ -393,8 +394,9 @@ def write_report(
         f"Estimators: {', '.join(x.label for x in cfg.estimators)}. Seeds: {seeds} "
         f"({sampling} `{c.data[0]}` {c.split}, n={c.n}, seq_len={c.seq_len}). "
         f"Evaluation: {', '.join(e.data)} {e.split}, n={e.n}, seq_len={e.seq_len}. 95% CIs "
-        f"are over evaluation units (windows / documents / images) pooled over seeds; "
-        f"`est. s` is this run's estimator time (near 0 when cached).",
+        f"are over evaluation units (windows / documents / images) pooled over seeds, each "
+        f"distinct plan once (`plans`: how many distinct plans the seeds gave); `est. s` is "
+        f"this run's estimator time (near 0 when cached).",
         f"Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by mpq "
         f"{__version__} from `{cfg.source}`.",
         "",

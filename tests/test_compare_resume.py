@@ -127,8 +127,13 @@ def test_searches_and_the_guard_in_a_comparison(
         }
     )
     out = run_compare(cfg, tmp_path / "reports", progress=False)
-    rows = {r["plan"] for r in csv.DictReader((out / "results.csv").open())}
-    assert {"bayes/measured@bits=4.6", "ilp+guard/measured@bits=4.6"} <= rows
+    pooled = {r["plan"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert {"bayes/measured@bits=4.6", "ilp+guard/measured@bits=4.6"} <= set(pooled)
+    # Both seeds gave the same ILP plan: pooled once, its CI is the single evaluation's.
+    by_seed = [r for r in csv.DictReader((out / "results_by_seed.csv").open())
+               if r["plan"] == "ilp+guard/measured@bits=4.6"]  # fmt: skip
+    assert len(by_seed) == 2 and pooled["ilp+guard/measured@bits=4.6"]["distinct_plans"] == "1"
+    assert pooled["ilp+guard/measured@bits=4.6"]["kl_se"] == by_seed[0]["kl_se"]
     for seed in (0, 1):
         plan = BitPlan.load(out / "plans" / f"bayes_measured@bits=4.6~seed{seed}.json")
         assert plan.meta["search"]["seed"] == seed and plan.meta["search"]["trials"] == 4
