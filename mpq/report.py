@@ -113,32 +113,45 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ppl_cap(rows: Sequence[dict[str, Any]]) -> float:
+    """The top of a ppl axis: 4x the worst uniform plan (points above are marked, not drawn,
+    so one broken policy does not flatten the others); no cap without uniform rows."""
+    uniform = [r["ppl"] for r in rows if r["policy"] == "uniform" and math.isfinite(r["ppl"])]
+    return 4 * max(uniform) if uniform else math.inf
+
+
 def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Primary metric vs effective bits, one panel per dataset, one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     datasets = list(dict.fromkeys(r["data"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
     for ax, data in zip(axes[0], datasets, strict=True):
         sub = [r for r in rows if r["data"] == data]
         metric, lower = primary_metric(sub)
+        cap = _ppl_cap(sub) if metric == "ppl" else math.inf
+        off: list[tuple[float, float, str]] = []
         for policy in dict.fromkeys(r["policy"] for r in sub):
             if policy == "fp32":
                 continue
             mine = sorted(
                 (r for r in sub if r["policy"] == policy), key=lambda r: r["effective_bits"]
             )
+            off += [(r["effective_bits"], r[metric], policy) for r in mine if r[metric] > cap]
+            mine = [r for r in mine if r[metric] <= cap]
+            if not mine:
+                continue
             pts = [(r["effective_bits"], r[metric], r["plan"]) for r in mine]
             xs, ys, _ = zip(*pts, strict=True)
             style = "o-" if policy == "uniform" else "s--"
             if metric == "ppl":
                 err = [
                     [r["ppl"] - r["ppl_lo"] for r in mine],
-                    [r["ppl_hi"] - r["ppl"] for r in mine],
+                    [min(r["ppl_hi"], cap) - r["ppl"] for r in mine],
                 ]
                 ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=f"{policy} (95% CI)")
             else:
@@ -152,19 +165,29 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
                         xytext=(4, 4),
                         fontsize=8,
                     )
+        stacked: dict[float, int] = {}
+        for i, (x, y, policy) in enumerate(off):  # far worse than all uniform plans: marked
+            k = stacked[x] = stacked.get(x, -1) + 1
+            ax.plot(
+                [x], [cap], "k^", ms=6, label=f"above {cap:.3g} (value written)" if i == 0 else None
+            )
+            ax.annotate(f"{policy.split('/')[0]} {y:.2g}", (x, cap), textcoords="offset points",
+                        xytext=(4 + 10 * k, -8), fontsize=7, rotation=90, va="top")  # fmt: skip
         fp = [r for r in sub if r["policy"] == "fp32"]
         if fp:
             ax.axhline(fp[0][metric], color="gray", ls=":", label="fp32")
         if metric == "ppl":
             ax.set_yscale("log")
-            fmt = FuncFormatter(lambda y, _: f"{y:g}")
-            ax.yaxis.set_major_formatter(fmt)
-            ax.yaxis.set_minor_formatter(fmt)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            lo, hi = ax.get_ylim()
+            # Label minor ticks only on a short axis (they collide over several decades).
+            minor = FuncFormatter(lambda y, _: f"{y:g}") if hi / lo < 20 else NullFormatter()
+            ax.yaxis.set_minor_formatter(minor)
         ax.set_xlabel("effective bits per target weight (scales included)")
         ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
         ax.set_title(f"{data}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

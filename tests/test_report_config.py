@@ -111,3 +111,19 @@ def test_a_report_folder_is_never_shared_by_two_configs(tmp_path: Path) -> None:
     (stray / "report.md").write_text("old")
     with pytest.raises(MpqError, match="was not written by `mpq compare`"):
         claim_folder(stray, cfg)
+
+
+def test_quality_plot_caps_the_axis_at_four_times_the_worst_uniform_plan(tmp_path: Path) -> None:
+    from mpq.report import _ppl_cap, plot_quality
+
+    def row(policy: str, bits: float, ppl: float) -> dict:
+        return {"data": "wiki", "policy": policy, "plan": f"{policy}:{bits:g}",
+                "effective_bits": bits, "ppl": ppl, "ppl_lo": ppl * 0.9, "ppl_hi": ppl * 1.1,
+                "kl": 0.1}  # fmt: skip
+
+    rows = [row("uniform", 3, 500.0), row("uniform", 4, 40.0), row("sac", 3.5, 1e6),
+            row("ilp", 3.5, 60.0)]  # fmt: skip
+    assert _ppl_cap(rows) == 2000.0
+    assert _ppl_cap([row("ilp", 3.5, 60.0)]) == float("inf")
+    out = plot_quality(rows, tmp_path / "q.png")
+    assert out.stat().st_size > 1000
