@@ -175,14 +175,16 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
             for entry in tqdm(entries, desc=f"evaluate on {data_id}", disable=not progress):
                 result, eval_s = evaluator(entry.plan, label=entry.name)
                 groups[entry.name].append((entry, result, eval_s))
-                seed_rows.append(_row(base.cost, [entry], data_id, result, eval_s))
+                seed_rows.append(_row(base.cost, [entry], data_id, task.primary, result, eval_s))
         for members in groups.values():
             # Seeds that led to the same plan measured the same thing on the same data: pool
             # each distinct plan once, or its windows would count as independent units.
             distinct = list({_digest(m.plan): r for m, r, _ in members}.values())
             pooled = pool(distinct) if len(distinct) > 1 else distinct[0]
             eval_s = sum(s for _, _, s in members)
-            rows.append(_row(base.cost, [m for m, _, _ in members], data_id, pooled, eval_s))
+            rows.append(
+                _row(base.cost, [m for m, _, _ in members], data_id, task.primary, pooled, eval_s)
+            )
     planned = [x for _, entries in runs for x in entries if x.plan]
     return write_report(cfg, out_root / cfg.name, rows, seed_rows, planned, tables)
 
@@ -192,7 +194,12 @@ def _digest(plan: BitPlan | None) -> str:
 
 
 def _row(
-    cost: CostModel, entries: list[PlanEntry], data_id: str, result: EvalResult, eval_s: float
+    cost: CostModel,
+    entries: list[PlanEntry],
+    data_id: str,
+    primary: str,
+    result: EvalResult,
+    eval_s: float,
 ) -> dict[str, Any]:
     """One table row; several entries (one per seed) are averaged on cost and time."""
     first = entries[0]
@@ -207,6 +214,7 @@ def _row(
     seeds = [x.seed for x in entries if x.seed is not None]
     return {
         "data": data_id,
+        "primary": primary,
         "plan": first.name,
         "policy": first.policy,
         "budget": first.budget,

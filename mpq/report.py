@@ -26,8 +26,12 @@ if TYPE_CHECKING:
 
 
 def primary_metric(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:
-    """(metric, lower_is_better) for the rows of one dataset."""
+    """(metric, lower_is_better) for the rows of one dataset: the task's ``primary`` metric
+    when the rows name it, else ppl, accuracy or KL, whichever they have first."""
     keys = set(rows[0]) if rows else set()
+    named = str(rows[0].get("primary", "")) if rows else ""
+    if named in keys:
+        return named, named != "acc"
     if "ppl" in keys:
         return "ppl", True
     if "acc" in keys:

@@ -24,6 +24,9 @@ from mpq.models import LoadedModel
 Head = Callable[[nn.Module, Any], torch.Tensor]
 
 
+PRIMARY = {"causal_lm": "ppl", "encoder": "acc", "cnn": "kl"}
+
+
 @dataclass
 class Task:
     """Batches of model inputs, optional labels per batch, and the head that makes logits."""
@@ -35,6 +38,12 @@ class Task:
     labels: list[torch.Tensor] | None
     head: Head
     offset: int = 0
+
+    @property
+    def primary(self) -> str:
+        """The metric a report ranks plans by: perplexity for language models, the probe's
+        topic accuracy for the encoder, KL to the fp model for the CNN (no labels)."""
+        return PRIMARY.get(self.family, "kl")
 
     @property
     def key(self) -> str:

@@ -40,6 +40,19 @@ def test_accuracy_is_higher_is_better() -> None:
     assert "LOSES to" in verdicts(rows)[0]
 
 
+def test_the_task_names_the_metric_plans_are_ranked_by() -> None:
+    """The encoder's rows carry a probe ppl too; its report ranks by topic accuracy."""
+    from mpq.report import primary_metric
+    from mpq.tasks import PRIMARY
+
+    row = {"plan": "p", "policy": "uniform", "effective_bits": 4.0, "ppl": 1.2, "acc": 0.9,
+           "kl": 0.1}  # fmt: skip
+    assert primary_metric([{**row, "primary": PRIMARY["encoder"]}]) == ("acc", False)
+    assert primary_metric([{**row, "primary": PRIMARY["causal_lm"]}]) == ("ppl", True)
+    assert primary_metric([{**row, "primary": PRIMARY["cnn"]}]) == ("kl", True)
+    assert primary_metric([row]) == ("ppl", True)  # rows from before the column existed
+
+
 def _base() -> dict:
     return {
         "name": "x",
