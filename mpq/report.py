@@ -199,10 +199,27 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
-    """Per-layer weight bits of each mixed plan (rows: plans, columns: targets in model order)."""
-    mixed = [e for e in entries if e.policy not in ("uniform", "fp32") and e.plan is not None]
+    """Per-layer weight bits of each distinct mixed plan (rows: plans, labelled with the seeds
+    that gave them; columns: targets in model order)."""
+    from mpq.pipeline import plan_digest
+
+    seeds: dict[tuple[str, str], list[str]] = {}
+    mixed: list[PlanEntry] = []
+    for e in entries:
+        if e.policy in ("uniform", "fp32") or e.plan is None:
+            continue
+        key = (e.name, plan_digest(e.plan))
+        if key not in seeds:
+            seeds[key] = []
+            mixed.append(e)
+        if e.seed is not None:
+            seeds[key].append(str(e.seed))
     if not mixed:
         return None
+    labels = []
+    for e in mixed:
+        tags = seeds[(e.name, plan_digest(e.plan))] if e.plan is not None else []
+        labels.append(f"{e.name} (seed {','.join(tags)})" if tags else e.name)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +230,7 @@ def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
     grid = np.array([[e.plan.formats[n].bits for n in names] for e in mixed if e.plan])
     fig, ax = plt.subplots(figsize=(max(8, len(names) / 12), 1 + 0.5 * len(mixed)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(mixed)), [e.name for e in mixed])
+    ax.set_yticks(range(len(mixed)), labels)
     ax.set_xlabel("target (model order)")
     fig.colorbar(im, ax=ax, label="weight bits")
     fig.tight_layout()
