@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpq.cost import CostModel
+from mpq.envelope import unwrap
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.plan import atomic_write_text
@@ -113,14 +114,8 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, obj: Any) -> LatencyTable:
-        if not isinstance(obj, dict) or obj.get("_type") != TYPE:
-            raise MpqError(f'not a latency table: expected "_type": "{TYPE}"')
-        if obj.get("_version") != VERSION:
-            raise MpqError(
-                f"latency table version {obj.get('_version')!r} is not supported (this mpq "
-                f"reads version {VERSION}); re-measure with this version"
-            )
-        data = dict(obj.get("_data") or {})
+        data = dict(unwrap(obj, TYPE, VERSION, "latency table",
+                           "measure it again with `mpq bench-layers`"))  # fmt: skip
         try:
             entries = tuple(
                 LatencyEntry(

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mpq.envelope import unwrap
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.quantize import check_format
@@ -86,18 +87,9 @@ class BitPlan:
 
     @classmethod
     def from_dict(cls, obj: Any) -> BitPlan:
-        if not isinstance(obj, dict) or obj.get("_type") != PLAN_TYPE:
-            raise MpqError(
-                'not a plan: expected a JSON object with "_type": "BitPlan" '
-                "(write plans with `mpq solve` or BitPlan.save)"
-            )
-        if obj.get("_version") != PLAN_VERSION:
-            raise MpqError(
-                f"plan version {obj.get('_version')!r} is not supported by this mpq "
-                f"(reads version {PLAN_VERSION}); re-create the plan with `mpq solve`"
-            )
-        data = obj.get("_data")
-        if not isinstance(data, dict) or not isinstance(data.get("formats"), dict):
+        data = unwrap(obj, PLAN_TYPE, PLAN_VERSION, "plan",
+                      "write plans with `mpq solve` or BitPlan.save")  # fmt: skip
+        if not isinstance(data.get("formats"), dict):
             raise MpqError('plan file has no "_data.formats" object; the file is malformed')
         if not isinstance(data.get("model_id"), str):
             raise MpqError('plan file has no "_data.model_id" string; the file is malformed')

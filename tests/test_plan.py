@@ -82,6 +82,7 @@ def test_validation_lists_every_problem() -> None:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "not a plan"),
         ('{"_type": "BitPlan", "_version": 99, "_data": {}}', "version 99"),
+        ('{"_type": "BitPlan", "_version": 1}', 'no "_data" object'),
         ('{"_type": "BitPlan", "_version": 1, "_data": {"model_id": "m"}}', "_data.formats"),
         (
             '{"_type": "BitPlan", "_version": 1, "_data": {"model_id": "m", '

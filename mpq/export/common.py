@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mpq.cost import CostModel
+from mpq.envelope import unwrap, wrap
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.plan import BitPlan, atomic_write_text
@@ -123,9 +124,7 @@ class Manifest:
     mpq_version: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"_type": MANIFEST_TYPE, "_version": MANIFEST_VERSION, "_data": asdict(self)}, indent=1
-        )
+        return json.dumps(wrap(MANIFEST_TYPE, MANIFEST_VERSION, asdict(self)), indent=1)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -136,16 +135,8 @@ class Manifest:
             raise MpqError(
                 f"{str(path)!r} is not a readable manifest ({exc}); export the model again"
             ) from None
-        if not isinstance(obj, dict) or obj.get("_type") != MANIFEST_TYPE:
-            raise MpqError(f"{str(path)!r} is not an mpq export manifest; export the model again")
-        if obj.get("_version") != MANIFEST_VERSION:
-            raise MpqError(
-                f"{str(path)!r} has manifest version {obj.get('_version')!r}; this mpq reads "
-                f"version {MANIFEST_VERSION}: export the model again with this mpq"
-            )
-        data = obj.get("_data")
-        if not isinstance(data, dict):
-            raise MpqError(f"{str(path)!r} has no _data object; export the model again")
+        data = unwrap(obj, MANIFEST_TYPE, MANIFEST_VERSION, f"mpq export manifest ({path})",
+                      "export the model again with this mpq")  # fmt: skip
         try:
             return cls(**data)
         except TypeError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mpq.envelope import unwrap
 from mpq.errors import MpqError
 
 TABLE_TYPE = "SensitivityTable"
@@ -82,16 +83,8 @@ class SensitivityTable:
 
     @classmethod
     def from_dict(cls, obj: Any) -> SensitivityTable:
-        if not isinstance(obj, dict) or obj.get("_type") != TABLE_TYPE:
-            raise MpqError('not a sensitivity table: expected "_type": "SensitivityTable"')
-        if obj.get("_version") != TABLE_VERSION:
-            raise MpqError(
-                f"sensitivity table version {obj.get('_version')!r} is not supported "
-                f"(reads {TABLE_VERSION}); recompute it with `mpq sensitivity`"
-            )
-        d = obj.get("_data")
-        if not isinstance(d, dict):
-            raise MpqError('sensitivity table has no "_data" object; the file is malformed')
+        d = unwrap(obj, TABLE_TYPE, TABLE_VERSION, "sensitivity table",
+                   "recompute it with `mpq sensitivity`")  # fmt: skip
         return cls(
             estimator=str(d.get("estimator")),
             model_id=str(d.get("model_id")),
