@@ -198,28 +198,32 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
-    """Per-layer weight bits of each distinct mixed plan (rows: plans, labelled with the seeds
-    that gave them; columns: targets in model order)."""
+def _distinct(entries: Sequence[PlanEntry]) -> list[tuple[PlanEntry, str]]:
+    """Each distinct (name, plan) once, with the seeds that gave it (``"seed 0,2"``)."""
     from mpq.pipeline import plan_digest
 
     seeds: dict[tuple[str, str], list[str]] = {}
-    mixed: list[PlanEntry] = []
+    first: list[tuple[PlanEntry, tuple[str, str]]] = []
     for e in entries:
-        if e.policy in ("uniform", "fp32") or e.plan is None:
+        if e.plan is None:
             continue
         key = (e.name, plan_digest(e.plan))
         if key not in seeds:
             seeds[key] = []
-            mixed.append(e)
+            first.append((e, key))
         if e.seed is not None:
             seeds[key].append(str(e.seed))
-    if not mixed:
+    return [(e, f"seed {','.join(seeds[k])}" if seeds[k] else "") for e, k in first]
+
+
+def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
+    """Per-layer weight bits of each distinct mixed plan (rows: plans, labelled with the seeds
+    that gave them; columns: targets in model order)."""
+    distinct = _distinct([e for e in entries if e.policy not in ("uniform", "fp32")])
+    if not distinct:
         return None
-    labels = []
-    for e in mixed:
-        tags = seeds[(e.name, plan_digest(e.plan))] if e.plan is not None else []
-        labels.append(f"{e.name} (seed {','.join(tags)})" if tags else e.name)
+    mixed = [e for e, _ in distinct]
+    labels = [f"{e.name} ({tag})" if tag else e.name for e, tag in distinct]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,11 +357,11 @@ def science(
 def _equal_loss(entries: Sequence[PlanEntry]) -> list[str]:
     """BAQ's equal-loss structure of every closed-form plan (see mpq.solvers.closed_form)."""
     rows = []
-    for e in entries:
+    for e, tag in _distinct(entries):
         m = e.plan.meta if e.plan is not None else {}
         if "equal_loss_interior" not in m:
             continue
-        seed = f" (seed {e.seed})" if e.seed is not None else ""
+        seed = f" ({tag})" if tag else ""
         rows.append(
             f"| {e.name}{seed} | {m['equal_loss_interior']} | {m['equal_loss_at_lower']} | "
             f"{m['equal_loss_at_upper']} | {_fmt(m.get('equal_loss_spread_relaxed'))} | "

@@ -148,4 +148,4 @@ def test_searches_and_the_guard_in_a_comparison(
     assert "one calibration sample" in report
     baq = BitPlan.load(out / "plans" / "closed_form_measured@bits=4.6~seed0.json")
     inside = baq.meta["equal_loss_interior"]
-    assert f"| closed_form/measured@bits=4.6 (seed 0) | {inside} |" in report
+    assert f"| closed_form/measured@bits=4.6 (seed 0,1) | {inside} |" in report
