@@ -8,9 +8,18 @@ fix (``fix``: how to make a file this mpq reads).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from mpq.errors import MpqError
+
+
+def loads(text: str, what: str) -> Any:
+    """``json.loads(text)``; malformed JSON is an MpqError naming ``what`` was being read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MpqError(f"{what} is not valid JSON ({exc}); the file is malformed") from None
 
 
 def wrap(kind: str, version: int, data: dict[str, Any]) -> dict[str, Any]:

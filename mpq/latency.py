@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpq.cost import CostModel
-from mpq.envelope import unwrap
+from mpq.envelope import loads, unwrap
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.plan import atomic_write_text
@@ -135,11 +135,7 @@ class LatencyTable:
 
     @classmethod
     def from_json(cls, text: str) -> LatencyTable:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MpqError(f"latency table is not valid JSON: {exc}") from None
-        return cls.from_dict(obj)
+        return cls.from_dict(loads(text, "latency table"))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (a temp file renamed into place)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mpq.envelope import unwrap
+from mpq.envelope import loads, unwrap
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.quantize import check_format
@@ -116,11 +116,7 @@ class BitPlan:
 
     @classmethod
     def from_json(cls, text: str) -> BitPlan:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MpqError(f"plan is not valid JSON ({exc}); the file is malformed") from exc
-        return cls.from_dict(obj)
+        return cls.from_dict(loads(text, "plan"))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (a temp file renamed into place): never a half-written plan."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 
 import pytest
 from conftest import tiny_llama
@@ -114,3 +115,18 @@ def test_plan_for_another_model_is_refused(tmp_path) -> None:
     with pytest.raises(MpqError, match="was made for model 'other-model', not 'tiny'"):
         parse_plan_arg(str(path), targets, "tiny")
     assert len(parse_plan_arg(str(path), targets, "other-model").formats) == len(targets)
+
+
+def test_every_versioned_file_refuses_malformed_json(tmp_path: Path) -> None:
+    """Plans, sensitivity tables and latency tables share one reader (mpq.envelope)."""
+    from mpq.latency import LatencyTable
+    from mpq.sensitivity.table import SensitivityTable
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(MpqError, match="latency table is not valid JSON"):
+        LatencyTable.from_json(bad.read_text())
+    with pytest.raises(MpqError, match=r"sensitivity table '.*bad.json' is not valid JSON"):
+        SensitivityTable.load(bad)
+    with pytest.raises(MpqError, match="not a sensitivity table"):
+        SensitivityTable.from_dict({"_type": "BitPlan", "_version": 1, "_data": {}})

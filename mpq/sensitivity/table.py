@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mpq.envelope import unwrap
+from mpq.envelope import loads, unwrap
 from mpq.errors import MpqError
 
 TABLE_TYPE = "SensitivityTable"
@@ -102,7 +102,4 @@ class SensitivityTable:
         p = Path(path)
         if not p.is_file():
             raise MpqError(f"sensitivity table {str(p)!r} does not exist")
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as exc:
-            raise MpqError(f"sensitivity table {str(p)!r} is not valid JSON: {exc}") from exc
+        return cls.from_dict(loads(p.read_text(), f"sensitivity table {str(p)!r}"))
