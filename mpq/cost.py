@@ -198,6 +198,19 @@ def count_macs(model: nn.Module, names: Iterable[str], sample: Any) -> dict[str,
     return macs
 
 
+def target_tensor_keys(
+    model: nn.Module, targets: Sequence[Target]
+) -> set[tuple[int, tuple[int, ...], torch.dtype]]:
+    """The :func:`tensor_key` of every target's weight (a tied weight appears once)."""
+    keys = set()
+    modules = dict(model.named_modules())
+    for t in targets:
+        w = modules[t.name].weight
+        assert isinstance(w, torch.Tensor)
+        keys.add(tensor_key(w))
+    return keys
+
+
 def build_cost_model(
     model: nn.Module,
     targets: Sequence[Target],
@@ -205,12 +218,7 @@ def build_cost_model(
     sample: Any = None,
 ) -> CostModel:
     """Read the fixed (non-target) tensors and, given a sample input, the MACs per target."""
-    target_weights = set()
-    modules = dict(model.named_modules())
-    for t in targets:
-        w = modules[t.name].weight
-        assert isinstance(w, torch.Tensor)
-        target_weights.add(tensor_key(w))
+    target_weights = target_tensor_keys(model, targets)
     state = unique_tensors(model.state_dict())
     fixed = 0
     numel = 0

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpq.cost import CostModel, tensor_bits, tensor_key, unique_tensors
+from mpq.cost import CostModel, target_tensor_keys, tensor_bits, tensor_key, unique_tensors
 from mpq.errors import MpqError
 from mpq.export.common import (
     ContainerCost,
@@ -136,12 +136,7 @@ def type_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 
 def _fixed_tensors(model: nn.Module, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
     """The state dict's tensors that are not target weights, each memory once."""
-    target_keys = set()
-    modules = dict(model.named_modules())
-    for t in targets:
-        w = modules[t.name].weight
-        assert isinstance(w, torch.Tensor)
-        target_keys.add(tensor_key(w))
+    target_keys = target_tensor_keys(model, targets)
     return {
         n: v
         for n, v in unique_tensors(model.state_dict()).items()
