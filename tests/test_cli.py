@@ -415,6 +415,18 @@ def test_solver_names_match_the_registry() -> None:
     assert set(SOLVER_FUNCS) | set(SEARCH_SOLVERS) == set(ALL_SOLVERS)
 
 
+def test_config_search_options_are_search_option_fields() -> None:
+    """config.SOLVE_OPTIONS (torch-free) names SearchOptions fields with their types."""
+    import dataclasses
+
+    from mpq.config import SOLVE_OPTIONS
+    from mpq.pipeline import SearchOptions
+
+    fields = {f.name: f.type for f in dataclasses.fields(SearchOptions)}
+    for key, kind in SOLVE_OPTIONS.items():
+        assert key in fields and fields[key] == kind.__name__, key
+
+
 @pytest.mark.parametrize("solver", ["ilp", "pareto", "closed_form"])
 def test_solve_with_exact_and_convex_solvers(
     solver: str, tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
