@@ -25,16 +25,21 @@ Z95 = 1.959963984540054
 
 @dataclass(frozen=True)
 class Reference:
-    """The fp model's log-probabilities on every batch of one task, computed once."""
+    """The fp model's logits on every batch of one task, computed once (float32).
 
-    logprobs: tuple[torch.Tensor, ...]
+    Stored as logits, not log-probabilities: :func:`batch_stats` normalizes the reference and
+    the compared logits with the same float64 ``log_softmax``, so identical logits give a KL of
+    exactly 0 and a KL far below float32's resolution is still resolved.
+    """
+
+    logits: tuple[torch.Tensor, ...]
 
 
 def reference(task: Task, model: nn.Module, progress: bool = False) -> Reference:
     out = []
     with torch.no_grad():
         for batch in tqdm(task.batches, desc="fp reference", disable=not progress, leave=False):
-            out.append(torch.log_softmax(task.head(model, batch).float(), dim=-1))
+            out.append(task.head(model, batch).float())
     return Reference(tuple(out))
 
 
@@ -75,10 +80,10 @@ def pool(results: Sequence[EvalResult]) -> EvalResult:
     positions = sum(r.metrics.get("n_positions", 0.0) for r in results)
     units = {k: [x for r in results for x in r.units[k]] for k in sorted(keys)}
     stats = UnitStats(
-        kl=torch.tensor(units["kl"]),
-        agree=torch.tensor(units["agree"]),
-        nll=torch.tensor(units["nll"]) if "nll" in units else None,
-        correct=torch.tensor(units["correct"]) if "correct" in units else None,
+        kl=torch.tensor(units["kl"], dtype=torch.float64),
+        agree=torch.tensor(units["agree"], dtype=torch.float64),
+        nll=torch.tensor(units["nll"], dtype=torch.float64) if "nll" in units else None,
+        correct=torch.tensor(units["correct"], dtype=torch.float64) if "correct" in units else None,
     )
     out = summarize([stats])
     out.metrics["n_positions"] = positions
@@ -86,18 +91,30 @@ def pool(results: Sequence[EvalResult]) -> EvalResult:
 
 
 def batch_stats(
-    logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: torch.Tensor | None
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor | None
 ) -> UnitStats:
-    """Per-unit KL, agreement, NLL and accuracy from logits ``[U, P, C]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p_ref = ref_logprobs.exp()
-    # 0 * log 0 = 0: classes the reference gives no mass add nothing (and never NaN).
-    kl = torch.where(p_ref > 0, p_ref * (ref_logprobs - logp), 0.0).sum(-1).mean(-1)
-    agree = (logp.argmax(-1) == ref_logprobs.argmax(-1)).float().mean(-1)
+    """Per-unit KL, agreement, NLL and accuracy from logits ``[U, P, C]``.
+
+    ``ref_logits`` are the fp model's logits (or log-probabilities: normalizing again changes
+    nothing). Everything is computed in float64: a float32 KL carries summation noise at the
+    1e-7 level, which is the size of an 8-bit layer's true damage on a small model.
+    """
+    kls, agrees, nlls, corrects = [], [], [], []
+    for u in range(logits.shape[0]):  # one unit at a time: float64 [P, C] stays small
+        logp = torch.log_softmax(logits[u].double(), dim=-1)
+        ref_logprobs = torch.log_softmax(ref_logits[u].double(), dim=-1)
+        p_ref = ref_logprobs.exp()
+        # 0 * log 0 = 0: classes the reference gives no mass add nothing (and never NaN).
+        kls.append(torch.where(p_ref > 0, p_ref * (ref_logprobs - logp), 0.0).sum(-1).mean(-1))
+        pred = logp.argmax(-1)
+        agrees.append((pred == ref_logprobs.argmax(-1)).double().mean(-1))
+        if labels is not None:
+            nlls.append(-logp.gather(-1, labels[u][..., None]).squeeze(-1).mean(-1))
+            corrects.append((pred == labels[u]).double().mean(-1))
+    kl, agree = torch.stack(kls), torch.stack(agrees)
     nll = correct = None
     if labels is not None:
-        nll = -logp.gather(-1, labels[..., None]).squeeze(-1).mean(-1)
-        correct = (logp.argmax(-1) == labels).float().mean(-1)
+        nll, correct = torch.stack(nlls), torch.stack(corrects)
     return UnitStats(kl=kl, agree=agree, nll=nll, correct=correct, positions=logits.shape[1])
 
 
@@ -134,11 +151,11 @@ def evaluate(
     desc: str = "eval",
 ) -> EvalResult:
     """Evaluate ``model`` on ``task`` against the fp reference ``ref``."""
-    if len(ref.logprobs) != len(task.batches):
+    if len(ref.logits) != len(task.batches):
         raise MpqError("reference and task have different batches; recompute the reference")
     stats = []
     with torch.no_grad():
         for i, batch in enumerate(tqdm(task.batches, desc=desc, disable=not progress, leave=False)):
             labels = task.labels[i] if task.labels is not None else None
-            stats.append(batch_stats(task.head(model, batch), ref.logprobs[i], labels))
+            stats.append(batch_stats(task.head(model, batch), ref.logits[i], labels))
     return summarize(stats)

@@ -460,12 +460,19 @@ def test_sensitivity_command_writes_a_table_and_a_plot(
 
     out = tmp_path / "table.json"
     argv = ["sensitivity", "--model", tiny.model, "--estimator", estimator, "--formats", "3,8"]
-    run_ok(capsys, [*argv, "--n", "1", "--seq-len", "16", "--out", str(out)])
+    run_ok(capsys, [*argv, "--n", "2", "--seq-len", "16", "--out", str(out)])
     table = SensitivityTable.load(out)
     assert set(table.distortions) == {t.name for t in tiny.targets}
-    # Every estimator's distortion model ranks 3 bits as no better than 8 bits on any layer.
+    # Every estimator's distortion model ranks 3 bits as no better than 8 bits on any layer,
+    # within the estimator's noise floor: 4 standard errors where it measures them (measured:
+    # two windows), plus a relative float64 tolerance for estimators that measure none.
+    for name, row in table.distortions.items():
+        se = table.distortion_se.get(name, {})
+        floor = 4 * (se.get("3", 0.0) + se.get("8", 0.0)) + 1e-9 * abs(row["8"])
+        assert row["3"] >= row["8"] - floor, (name, row, se)
+    if estimator == "measured":
+        assert set(table.distortion_se) == set(table.distortions)
     rows = table.distortions.values()
-    assert all(row["3"] >= row["8"] for row in rows)
     assert sum(row["3"] for row in rows) > sum(row["8"] for row in rows)
     png = tmp_path / "s.png"
     run_ok(capsys, ["plot-sensitivity", str(out), "--out", str(png)])

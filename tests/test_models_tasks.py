@@ -223,22 +223,43 @@ def test_batch_stats_matches_torch_oracles() -> None:
     ref_logp = torch.log_softmax(torch.randn(U, P, C, generator=g) * 3, dim=-1)
     labels = torch.randint(0, C, (U, P), generator=g)
     s = batch_stats(logits, ref_logp, labels)
-    logq = torch.log_softmax(logits, dim=-1)
-    kl = F.kl_div(logq, ref_logp, log_target=True, reduction="none").sum(-1).mean(-1)
-    nll = F.cross_entropy(logits.reshape(-1, C), labels.reshape(-1), reduction="none")
-    assert s.kl.shape == (U,) and s.positions == P
-    torch.testing.assert_close(s.kl, kl, rtol=1e-5, atol=1e-6)
+    # Oracles in float64, as batch_stats computes.
+    logq = torch.log_softmax(logits.double(), dim=-1)
+    ref64 = torch.log_softmax(ref_logp.double(), dim=-1)
+    kl = F.kl_div(logq, ref64, log_target=True, reduction="none").sum(-1).mean(-1)
+    nll = F.cross_entropy(logits.double().reshape(-1, C), labels.reshape(-1), reduction="none")
+    assert s.kl.shape == (U,) and s.positions == P and s.kl.dtype == torch.float64
+    torch.testing.assert_close(s.kl, kl, rtol=1e-9, atol=1e-12)
     assert bool((s.kl > 0).all())
     assert s.nll is not None and s.correct is not None
-    torch.testing.assert_close(s.nll, nll.reshape(U, P).mean(-1), rtol=1e-5, atol=1e-6)
-    agree = (logits.argmax(-1) == ref_logp.argmax(-1)).float().mean(-1)
+    torch.testing.assert_close(s.nll, nll.reshape(U, P).mean(-1), rtol=1e-9, atol=1e-12)
+    agree = (logits.argmax(-1) == ref_logp.argmax(-1)).double().mean(-1)
     assert torch.equal(s.agree, agree)
     assert 0 < float(agree.sum()) < U * P  # the oracle is not trivially all-or-nothing
-    assert torch.equal(s.correct, (logits.argmax(-1) == labels).float().mean(-1))
+    assert torch.equal(s.correct, (logits.argmax(-1) == labels).double().mean(-1))
     same = batch_stats(ref_logp, ref_logp, None)
     assert same.nll is None and same.correct is None
-    torch.testing.assert_close(same.kl, torch.zeros(U), atol=1e-6, rtol=0)
-    assert torch.equal(same.agree, torch.ones(U))
+    assert torch.equal(same.kl, torch.zeros(U, dtype=torch.float64))  # exactly, not within eps
+    assert torch.equal(same.agree, torch.ones(U, dtype=torch.float64))
+
+
+def test_batch_stats_resolves_kl_below_float32_noise() -> None:
+    """A KL of ~1e-9 (an 8-bit layer's damage on a small model) is resolved and ordered.
+
+    For logits ``z + eps*d``, KL(p_z || p_{z+eps*d}) = eps^2/2 Var_p(d) + O(eps^3): the
+    second-order oracle. float32 arithmetic has noise at 1e-7 here; float64 must match.
+    """
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 64, 1000, generator=g, dtype=torch.float64) * 3
+    d = torch.randn(2, 64, 1000, generator=g, dtype=torch.float64)
+    p = torch.softmax(z, -1)
+    var = (p * d * d).sum(-1) - (p * d).sum(-1) ** 2
+    for eps in (1e-4, 2e-4):
+        s = batch_stats(z + eps * d, z, None)
+        oracle = (0.5 * eps * eps * var).mean(-1)
+        torch.testing.assert_close(s.kl, oracle, rtol=1e-3, atol=0)
+    small, large = batch_stats(z + 1e-4 * d, z, None), batch_stats(z + 2e-4 * d, z, None)
+    assert bool((large.kl > 3.9 * small.kl).all())
 
 
 def test_summarize_ppl_and_interval() -> None:

@@ -172,6 +172,10 @@ class Estimator(Protocol):
 
     def score_stderr(self, result: TargetResult, target: Target) -> float | None: ...
 
+    def distortion_stderr(
+        self, result: TargetResult, target: Target, formats: Sequence[QuantFormat]
+    ) -> dict[str, float]: ...
+
     def distortions(
         self,
         result: TargetResult,
@@ -217,6 +221,14 @@ class EstimatorBase:
     def score_stderr(self, result: TargetResult, target: Target) -> float | None:
         v = result.stderr.get("score")
         return None if v is None else float(v)
+
+    def distortion_stderr(
+        self, result: TargetResult, target: Target, formats: Sequence[QuantFormat]
+    ) -> dict[str, float]:
+        """Standard error of each format's distortion, where the estimator measures one (the
+        noise floor: two distortions closer than a few of these are not ordered)."""
+        row = result.distortions.get(f"{self.distortion_row()}_se", {})
+        return {f.spec(): float(row[f.spec()]) for f in formats if f.spec() in row}
 
     def coefficient(self, result: TargetResult, target: Target) -> float:
         """Predicted loss increase per unit of ``||dW||^2`` (score-only estimators)."""

@@ -111,7 +111,11 @@ def logits_loss(
             f"calibration batch {batch_index}: labels of shape {tuple(labels.shape)} do not "
             f"match the logits' [units, positions] {tuple(logits.shape[:2])}"
         )
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).long())
+    # Without a graph (measured Δloss) in float64: Δloss of an 8-bit layer is below float32's
+    # summation noise on a small model. With a graph (gradients, HVPs) float32 as the model.
+    dtype = torch.float32 if logits.requires_grad else torch.float64
+    flat = logits.reshape(-1, logits.shape[-1]).to(dtype)
+    loss = F.cross_entropy(flat, labels.reshape(-1).long())
     value = float(loss.detach())
     if not math.isfinite(value):
         raise MpqError(

@@ -18,6 +18,7 @@ negative values to 0 and its score is the largest distortion over the formats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ from mpq.targets import Target
 from mpq.tasks import Task
 
 ESTIMATOR = "measured_kl"
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error (float64); one unit has no spread, so its se is 0."""
+    x = values.double().flatten()
+    se = float(x.std(unbiased=True) / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+    return float(x.mean()), se
 
 
 def measure_target(
@@ -90,21 +98,27 @@ class Measured(EstimatorBase):
             original = weight.detach().clone()
             kl: dict[str, float] = {}
             dloss: dict[str, float] = {}
+            kl_se: dict[str, float] = {}
+            loss_se: dict[str, float] = {}
             try:
                 with torch.no_grad():
                     for fmt in ctx.fitting_formats(t):
                         weight.copy_(fake_quantize(original, fmt))
-                        kls, total = [], 0.0
+                        kls, losses = [], []
                         for i, batch in enumerate(ctx.task.batches):
                             logits = ctx.task.head(ctx.model, batch)
-                            kls.append(batch_stats(logits, ref.logprobs[i], None).kl)
-                            total += float(logits_loss(logits, labels[i], i))
-                        kl[fmt.spec()] = float(torch.cat(kls).double().mean())
-                        dloss[fmt.spec()] = total / len(ctx.task.batches) - base
+                            kls.append(batch_stats(logits, ref.logits[i], None).kl)
+                            losses.append(float(logits_loss(logits, labels[i], i)))
+                        spec = fmt.spec()
+                        kl[spec], kl_se[spec] = _mean_se(torch.cat(kls))
+                        losses_t = torch.tensor(losses, dtype=torch.float64)
+                        mean_loss, loss_se[spec] = _mean_se(losses_t)
+                        dloss[spec] = mean_loss - base
             finally:
                 with torch.no_grad():
                     weight.copy_(original)
-            out[t.name] = TargetResult(values={}, distortions={"kl": kl, "loss": dloss})
+            rows = {"kl": kl, "loss": dloss, "kl_se": kl_se, "loss_se": loss_se}
+            out[t.name] = TargetResult(values={}, distortions=rows)
         return out
 
 

@@ -50,7 +50,8 @@ from mpq.tasks import Task
 
 log = logging.getLogger("mpq.sensitivity")
 
-CACHE_VERSION = 1
+# 2: measured KL/Δloss in float64 with per-format standard errors (the estimator's noise floor).
+CACHE_VERSION = 2
 
 ESTIMATORS: dict[str, type] = {
     cls.name: cls
@@ -329,6 +330,7 @@ def build_table(
     scores: dict[str, float] = {}
     stderr: dict[str, float] = {}
     distortions: dict[str, dict[str, float]] = {}
+    distortion_se: dict[str, dict[str, float]] = {}
     for t in targets:
         r = results[t.name]
         scores[t.name] = estimator.score(r, t)
@@ -338,6 +340,9 @@ def build_table(
         weight = model.get_submodule(t.name).weight
         assert isinstance(weight, torch.Tensor)
         distortions[t.name] = estimator.distortions(r, t, weight, formats)
+        se_row = estimator.distortion_stderr(r, t, formats)
+        if se_row:
+            distortion_se[t.name] = se_row
     params = {
         **estimator.params(),
         "formats": [f.spec() for f in formats],
@@ -351,5 +356,6 @@ def build_table(
         distortions=distortions,
         scores=scores,
         stderr=stderr,
+        distortion_se=distortion_se,
         params=params,
     )

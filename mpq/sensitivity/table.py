@@ -30,6 +30,9 @@ class SensitivityTable:
     scores: Mapping[str, float] = field(default_factory=dict)
     stderr: Mapping[str, float] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Standard error of each measured distortion (target -> spec -> se); empty where the
+    # estimator does not measure one. Two distortions closer than a few se are not ordered.
+    distortion_se: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [
@@ -44,11 +47,10 @@ class SensitivityTable:
                 f"{' ...' if len(bad) > 5 else ''}; recompute it (check the calibration data "
                 f"and that the model's fp outputs are finite)"
             )
-        object.__setattr__(
-            self,
-            "distortions",
-            MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.distortions.items()}),
-        )
+        for name in ("distortions", "distortion_se"):
+            rows = getattr(self, name)
+            frozen = {k: MappingProxyType(dict(v)) for k, v in rows.items()}
+            object.__setattr__(self, name, MappingProxyType(frozen))
         for name in ("scores", "stderr", "params"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
@@ -73,6 +75,11 @@ class SensitivityTable:
                 "scores": dict(self.scores),
                 "stderr": dict(self.stderr),
                 "distortions": {k: dict(v) for k, v in self.distortions.items()},
+                **(
+                    {"distortion_se": {k: dict(v) for k, v in self.distortion_se.items()}}
+                    if self.distortion_se
+                    else {}
+                ),
             },
         }
 
@@ -95,6 +102,10 @@ class SensitivityTable:
             scores={k: float(v) for k, v in d.get("scores", {}).items()},
             stderr={k: float(v) for k, v in d.get("stderr", {}).items()},
             params=dict(d.get("params", {})),
+            distortion_se={
+                k: {s: float(x) for s, x in v.items()}
+                for k, v in d.get("distortion_se", {}).items()
+            },
         )
 
     @classmethod
