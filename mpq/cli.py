@@ -105,9 +105,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(
         f"\n{len(prep.targets)} targets, {len(ties)} tie groups, "
         f"{prep.cost.target_numel:,} target weights of {prep.cost.model_numel:,} model values.\n"
-        f"fp32 model: {prep.cost.fp_bits // 8:,} bytes; targets kept at fp16: "
+        f"fp32 model: {prep.cost.fp_report().total_bytes:,} bytes; targets kept at fp16: "
         f"{keep.total_bytes:,} bytes; fixed (non-target) tensors: "
-        f"{prep.cost.fixed_bits // 8:,} bytes."
+        f"{prep.cost.fixed_bytes:,} bytes."
     )
     return 0
 
@@ -152,6 +152,7 @@ def _latency(
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
+    from mpq.cost import parse_budget
     from mpq.pipeline import (
         SEARCH_SOLVERS,
         SearchOptions,
@@ -161,7 +162,6 @@ def cmd_solve(args: argparse.Namespace) -> int:
         solve,
         task_for,
     )
-    from mpq.problem import parse_budget
     from mpq.sensitivity.table import SensitivityTable
 
     if Path(args.out).is_dir():
@@ -254,8 +254,9 @@ def cmd_plot_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_bounds(args: argparse.Namespace) -> int:
+    from mpq.cost import parse_budget, to_limit, to_user
     from mpq.pipeline import damage_table, prepare, task_for
-    from mpq.problem import build_problem, parse_budget, to_limit, to_user
+    from mpq.problem import build_problem
     from mpq.solvers.bounds import headroom
 
     formats = _formats(args.formats)

@@ -203,14 +203,12 @@ def _row(
 ) -> dict[str, Any]:
     """One table row; several entries (one per seed) are averaged on cost and time."""
     first = entries[0]
-    if first.plan is None:
-        eff, model_bits, nbytes, bops = 32.0, 32.0, float(cost.fp_bits // 8), None
-    else:
-        reps = [cost.plan_cost(x.plan) for x in entries if x.plan is not None]
-        eff = sum(r.effective_bits for r in reps) / len(reps)
-        model_bits = sum(r.model_bits for r in reps) / len(reps)
-        nbytes = sum(r.total_bytes for r in reps) / len(reps)
-        bops = sum(r.bops or 0 for r in reps) / len(reps) if reps[0].bops is not None else None
+    # The fp model (no plan): every tensor at its own dtype (32 bits for an fp32 model).
+    reps = [cost.plan_cost(x.plan) for x in entries if x.plan is not None] or [cost.fp_report()]
+    eff = sum(r.effective_bits for r in reps) / len(reps)
+    model_bits = sum(r.model_bits for r in reps) / len(reps)
+    nbytes = sum(r.total_bytes for r in reps) / len(reps)
+    bops = sum(r.bops or 0 for r in reps) / len(reps) if reps[0].bops is not None else None
     seeds = [x.seed for x in entries if x.seed is not None]
     return {
         "data": data_id,

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpq.cost import parse_budget
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.problem import parse_budget
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,24 @@ counted by hooks on one sample forward pass; unquantized activations count as 16
 
 Latency is the fourth budget resource (:data:`RESOURCES`) but is measured, not counted here:
 :mod:`mpq.latency` turns a measured table into the per-decision seconds a problem constrains.
+
+Every conversion of a budget lives here: the user's text (:func:`parse_budget`), user units <->
+limits on the decisions' summed costs (:func:`to_limit`, :func:`to_user`), the full-precision
+ceiling (:func:`check_budget`), whether a plan's figures fit (:func:`over_budget`,
+:func:`check_fit`) and the whole-model figures (:class:`CostReport`, :meth:`CostModel.fp_report`).
+
+A container (an export format) states how it stores one target weight as a :class:`Storage`:
+one function ``(shape, format) -> bytes``. :meth:`CostModel.in_container` swaps it in, so the
+problem's ``bits``/``bytes`` columns, the budget checks and the reports all count the
+container's real bytes; mpq's own packed layout is :data:`PACKED`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +37,7 @@ import torch
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.formats import KEEP_BITS, SCALE_DTYPES, QuantFormat
+from mpq.formats import KEEP, KEEP_BITS, SCALE_DTYPES, QuantFormat
 from mpq.kernels.packing import WORD_BITS, words_per_row
 from mpq.models import run_batch
 from mpq.plan import BitPlan
@@ -42,16 +55,139 @@ TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 """Units a ``latency=`` budget may be written in (``latency=2ms`` = ``latency=0.002``)."""
 
 
+# Byte units of ``bytes=`` budgets: decimal (kB = 1000) and binary (KiB = 1024); case-insensitive.
+BYTE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+# Other spellings of a resource name.
+RESOURCE_ALIASES = {"avg-bits": "bits", "avg_bits": "bits", "avgbits": "bits"}
+_NUMBER_UNIT = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([A-Za-z]+)\s*$")
+
+
+def parse_budget(text: str) -> dict[str, float]:
+    """``"4.0"`` (bits), ``"bits=3.5"``, ``"avg-bits=4"``, ``"bytes=80e6"``, ``"bytes=60MB"``,
+    ``"60MiB"`` (a number with a byte unit is a bytes budget), ``"bits=4,bops=1e12"``,
+    ``"latency=0.002"`` / ``"latency=2ms"`` / ``"2ms"`` (seconds of the target layers, measured by
+    ``mpq bench-layers``; units ``s``, ``ms``, ``us``, ``ns``).
+
+    Byte units: ``B``, ``kB``, ``MB``, ``GB``, ``TB`` (powers of 1000) and ``KiB``, ``MiB``,
+    ``GiB``, ``TiB`` (powers of 1024), in any letter case; ``avg-bits`` is ``bits``.
+    """
+    out: dict[str, float] = {}
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, value = part.rpartition("=")
+        key = key.strip().lower()
+        key = RESOURCE_ALIASES.get(key, key)
+        number, unit = value.strip(), ""
+        m = _NUMBER_UNIT.match(value)
+        if m and m.group(2).lower() not in ("inf", "nan", "infinity"):
+            number, unit = m.group(1), m.group(2)
+        if not key:
+            key = "latency" if unit.lower() in TIME_UNITS else "bytes" if unit else "bits"
+        if key not in RESOURCES:
+            raise MpqError(
+                f"budget {part!r}: unknown resource {key!r}; use one of {list(RESOURCES)} "
+                f"(avg-bits is bits)"
+            )
+        scale: float = 1
+        if unit:
+            if key not in ("bytes", "latency"):
+                raise MpqError(
+                    f"budget {part!r}: the unit {unit!r} applies to byte and latency budgets "
+                    f"only; write {key}=<number>, bytes=<number><unit> (e.g. bytes=60MB) or "
+                    f"latency=<number><unit> (e.g. latency=2ms)"
+                )
+            units: Mapping[str, float] = BYTE_UNITS if key == "bytes" else TIME_UNITS
+            if unit.lower() not in units:
+                known = (
+                    "B, kB, MB, GB, TB (x1000) or KiB, MiB, GiB, TiB (x1024)"
+                    if key == "bytes"
+                    else "s, ms, us, ns"
+                )
+                raise MpqError(f"budget {part!r}: unknown unit {unit!r}; use one of {known}")
+            scale = units[unit.lower()]
+        try:
+            amount = float(number) * scale
+        except ValueError:
+            raise MpqError(
+                f"budget {part!r}: {value!r} is not a number; write e.g. bits=4.0, "
+                f"bytes=80e6 or bytes=60MB"
+            ) from None
+        if not math.isfinite(amount):
+            raise MpqError(f"budget {part!r}: {value!r} is not a finite number")
+        if key in out:
+            raise MpqError(f"budget {text!r} gives {key} twice; give each resource once")
+        out[key] = amount
+    if not out:
+        raise MpqError(f"budget {text!r} is empty; write e.g. 'bits=4.0' or 'bytes=80e6'")
+    return out
+
+
+def packed_stream_bits(streams: int, length: int, bits: int) -> int:
+    """Bits of ``streams`` streams of ``length`` ``bits``-bit codes, each padded to 32-bit words."""
+    return streams * words_per_row(length, bits) * WORD_BITS
+
+
+def code_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
+    """Bits of the packed codes of a quantized weight: one padded stream per output row."""
+    rows, cols = matrix_shape(shape)
+    return packed_stream_bits(rows, cols, fmt.bits)
+
+
+def scale_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
+    """Bits of the scales ``[rows, groups]`` of a quantized weight at the scale dtype."""
+    rows, cols = matrix_shape(shape)
+    return rows * n_groups(cols, fmt) * SCALE_DTYPES[fmt.scale_dtype]
+
+
+def keep_bits(shape: tuple[int, ...]) -> int:
+    """Bits of a weight kept as float16 (format ``16``)."""
+    rows, cols = matrix_shape(shape)
+    return rows * cols * KEEP_BITS
+
+
 def weight_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
     """Exact stored bits of one weight of ``shape`` under ``fmt`` (codes + scales + zeros)."""
-    rows, cols = matrix_shape(shape)
     if fmt.keep:
-        return rows * cols * KEEP_BITS
-    groups = n_groups(cols, fmt)
-    codes = rows * words_per_row(cols, fmt.bits) * WORD_BITS
-    scales = rows * groups * SCALE_DTYPES[fmt.scale_dtype]
-    zeros = 0 if fmt.symmetric else words_per_row(rows * groups, fmt.bits) * WORD_BITS
-    return codes + scales + zeros
+        return keep_bits(shape)
+    rows, cols = matrix_shape(shape)
+    zeros = 0 if fmt.symmetric else packed_stream_bits(1, rows * n_groups(cols, fmt), fmt.bits)
+    return code_bits(shape, fmt) + scale_bits(shape, fmt) + zeros
+
+
+def packed_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
+    """Bytes of one weight in mpq's packed layout (every part is whole 32-bit words or scales
+    of whole bytes, so :func:`weight_bits` is a multiple of 8)."""
+    return weight_bits(shape, fmt) // 8
+
+
+WeightBytes = Callable[[tuple[int, ...], QuantFormat], int]
+"""How a container stores one target weight: exact bytes per (shape, format)."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A container's storage of target weights: ``weight_bytes(shape, format)`` is the exact
+    number of bytes it writes for one weight (codes, scales, zero-points and any per-tensor
+    bookkeeping); every other tensor is stored at its dtype, as :class:`CostModel` counts it."""
+
+    name: str
+    weight_bytes: WeightBytes
+
+
+PACKED = Storage("mpq", packed_bytes)
+"""mpq's own packed layout (the ``mpq`` and ``hf`` export folders, the packed model)."""
 
 
 def tensor_bits(t: torch.Tensor) -> int:
@@ -105,6 +241,10 @@ class CostReport:
         """Average stored bits per parameter of the whole model, everything included."""
         return self.total_bits / self.model_numel
 
+    @property
+    def target_bytes(self) -> int:
+        return self.target_bits // 8
+
     def resource(self, name: str) -> float:
         if name == "bits":
             return self.effective_bits
@@ -140,14 +280,35 @@ class CostModel:
     fp_bits: int
     model_numel: int
     macs: Mapping[str, int] | None
+    storage: Storage = PACKED
 
     @property
     def target_numel(self) -> int:
         return sum(t.numel for t in self.targets)
 
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of the non-target tensors, each at its dtype."""
+        return self.fixed_bits // 8
+
+    def in_container(self, storage: Storage) -> CostModel:
+        """This cost model with target weights stored as ``storage`` says (same fixed tensors)."""
+        return dataclasses.replace(self, storage=storage)
+
+    def fp_report(self) -> CostReport:
+        """The figures of the unquantized model: every tensor at its own dtype."""
+        return CostReport(
+            target_bits=self.fp_bits - self.fixed_bits,
+            fixed_bits=self.fixed_bits,
+            target_numel=self.target_numel,
+            model_numel=self.model_numel,
+            bops=None,
+            per_target_bits={},
+        )
+
     def target_cost(self, target: Target, fmt: QuantFormat) -> tuple[int, int | None]:
-        """(stored bits, BOPs) of one target at one format."""
-        bits = weight_bits(target.shape, fmt)
+        """(stored bits, BOPs) of one target at one format, in this cost model's storage."""
+        bits = self.storage.weight_bytes(target.shape, fmt) * 8
         if self.macs is None:
             return bits, None
         w_bits = fmt.bits
@@ -241,3 +402,70 @@ def build_cost_model(
         model_numel=numel,
         macs=macs,
     )
+
+
+def to_limit(cost_model: CostModel, resource: str, value: float) -> float:
+    """A budget in user units as a limit on the summed decision costs."""
+    if resource == "bits":
+        return value * cost_model.target_numel
+    if resource == "bytes":
+        return value - cost_model.fixed_bits / 8
+    return value
+
+
+def to_user(cost_model: CostModel, resource: str, amount: float) -> float:
+    """Inverse of :func:`to_limit`."""
+    if resource == "bits":
+        return amount / cost_model.target_numel
+    if resource == "bytes":
+        return amount + cost_model.fixed_bits / 8
+    return amount
+
+
+def check_budget(cost_model: CostModel, budget: Mapping[str, float]) -> None:
+    """Refuse a non-positive budget, or one above the full-precision ceiling (every target
+    kept at 16 bits in the cost model's storage)."""
+    keep = {t.name: KEEP for t in cost_model.targets}
+    fp = cost_model.plan_cost(BitPlan(formats=keep, model_id=cost_model.model_id))
+    for r, v in budget.items():
+        if v <= 0:
+            raise MpqError(f"budget {r}={v:g} must be positive")
+        if r == "latency":
+            continue  # measured, not a property of the plan's bytes: no full-precision ceiling
+        ceiling = fp.resource(r)
+        if v > ceiling * (1 + 1e-12):
+            raise MpqError(
+                f"budget {r}={v:g} is above full precision ({r}={ceiling:.6g} with every "
+                f"target kept at 16 bits): nothing to allocate; use uniform:16 or a lower budget"
+            )
+
+
+def over_budget(report: CostReport, budget: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+    """``{resource: (figure, limit)}`` for every stored-size budget (bits, bytes, BOPs) the
+    report exceeds; latency is measured, not a property of the stored bytes, so never here."""
+    out: dict[str, tuple[float, float]] = {}
+    if "bytes" in budget and report.total_bytes > budget["bytes"]:
+        out["bytes"] = (float(report.total_bytes), float(budget["bytes"]))
+    if "bits" in budget and report.effective_bits > budget["bits"] * (1 + 1e-12):
+        out["bits"] = (report.effective_bits, float(budget["bits"]))
+    if "bops" in budget and report.bops is not None and report.bops > budget["bops"]:
+        out["bops"] = (float(report.bops), float(budget["bops"]))
+    return out
+
+
+def check_fit(what: str, report: CostReport, budget: Mapping[str, float]) -> None:
+    """Raise :class:`MpqError` naming every budget ``report`` exceeds."""
+    over = over_budget(report, budget)
+    if over:
+        parts = ", ".join(
+            f"{r}: {s:,.6g} stored > {lim:,.6g} allowed" for r, (s, lim) in over.items()
+        )
+        raise MpqError(
+            f"{what} do not fit the budget ({parts}); raise the budget, pass a cheaper plan or "
+            f"let mpq export solve one (without --plan)"
+        )
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a state dict, each tensor's memory counted once."""
+    return sum(tensor_bits(t) for t in unique_tensors(state).values()) // 8

@@ -235,9 +235,9 @@ def resident_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the model's state dict, each tensor's memory counted once: what the cost model
     predicts; bytes of the backend-only runtime buffers of the quantized modules, e.g. the CPU
     int4 op's repacked codes). Other non-persistent buffers (rotary tables) are in neither."""
-    from mpq.cost import tensor_bits, unique_tensors
+    from mpq.cost import state_bytes
 
-    state = sum(tensor_bits(t) for t in unique_tensors(model.state_dict()).values()) // 8
+    state = state_bytes(model.state_dict())
     runtime = sum(m.runtime_bytes() for m in model.modules() if isinstance(m, QUANT_MODULES))
     return state, runtime
 

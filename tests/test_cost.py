@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
@@ -90,3 +91,44 @@ def test_effective_bits_include_scales() -> None:
     rep = cost.plan_cost(uniform_plan(targets, QuantFormat(bits=4), "m"))
     assert rep.effective_bits == pytest.approx(4 + 16 / 64)
     assert rep.total_bytes == (4 * 64 * 4 + 4 * 16) // 8
+
+
+def test_a_container_storage_is_the_cost_column_of_the_problem() -> None:
+    """``in_container`` swaps the bytes per (shape, format): the problem's bits/bytes columns,
+    the plan's report and the budget limits all count the container's bytes."""
+    from mpq.cost import PACKED, Storage, check_fit, over_budget, packed_bytes, to_limit
+    from mpq.errors import MpqError
+    from mpq.problem import build_problem
+    from mpq.targets import decisions
+
+    model = tiny_llama()
+    targets = discover(model)
+    cost = build_cost_model(model, targets, "t")
+    assert cost.storage == PACKED
+    extra = 100  # a toy container: mpq's bytes plus 100 bytes of bookkeeping per weight
+    boxed = cost.in_container(Storage("toy", lambda s, f: packed_bytes(s, f) + extra))
+    formats = [QuantFormat(4), QuantFormat(8)]
+    mine, theirs = build_problem(cost, formats, {}), build_problem(boxed, formats, {})
+    members = [[len(m)] for m in decisions(targets).values()]
+    assert (theirs.costs["bytes"] == mine.costs["bytes"] + extra * np.array(members)).all()
+    assert (theirs.costs["bits"] == mine.costs["bits"] + 8 * extra * np.array(members)).all()
+    plan = uniform_plan(targets, QuantFormat(4), "t")
+    ours, container = cost.plan_cost(plan), boxed.plan_cost(plan)
+    assert container.total_bytes == ours.total_bytes + extra * len(targets)
+    assert container.fixed_bits == ours.fixed_bits == cost.fixed_bytes * 8
+    assert to_limit(boxed, "bytes", 1e6) == to_limit(cost, "bytes", 1e6)  # same fixed tensors
+    budget = {"bytes": float(ours.total_bytes)}
+    assert over_budget(ours, budget) == {}
+    assert over_budget(container, budget) == {
+        "bytes": (float(container.total_bytes), budget["bytes"])
+    }
+    with pytest.raises(MpqError, match="do not fit the budget"):
+        check_fit("the toy container's weights", container, budget)
+
+
+def test_fp_report_is_every_tensor_at_its_dtype() -> None:
+    model = tiny_llama()
+    cost = build_cost_model(model, discover(model), "t")
+    fp = cost.fp_report()
+    assert fp.effective_bits == fp.model_bits == 32.0  # an fp32 model
+    assert fp.total_bits == cost.fp_bits

@@ -171,11 +171,11 @@ def test_gguf_dequantizes_to_mpq_weights(tmp_path: Path) -> None:
     assert BitPlan.from_json(bytes(fields["mpq.plan"].parts[-1]).decode()).formats == plan.formats
     # Symmetric types store exactly mpq's bytes; asymmetric ones an fp16 min per block.
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    assert sum(sizes.values()) == report.stored.total_bytes
-    assert report.stored.total_bytes > report.predicted_bytes
+    assert sum(sizes.values()) == report.stored.total_bytes == report.predicted_bytes
+    assert report.stored.total_bytes > report.mpq_bytes
     sym = _mixed(prep, ["4:g32", "5:g32", "8:g32"])
     sym_report = _export(prep, sym, "gguf", tmp_path / "s")
-    assert sym_report.stored.total_bytes == sym_report.predicted_bytes
+    assert sym_report.stored.total_bytes == sym_report.predicted_bytes == sym_report.mpq_bytes
 
 
 def test_gguf_refuses_formats_without_a_type_and_lists_what_maps(tmp_path: Path) -> None:
@@ -211,10 +211,8 @@ def test_llamacpp_overrides_name_every_tensor_of_the_source(tmp_path: Path) -> N
     script = (folder / SCRIPT).read_text()
     assert "llama-quantize --pure" in script and f"{SOURCE} model-mpq.gguf" in script
     assert script.count("--tensor-type") == len(lines)
-    assert (
-        report.stored.total_bytes
-        == exporters()["llamacpp"].predict(plan, prep.targets, prep.cost).total_bytes
-    )
+    assert report.stored.total_bytes == report.predicted_bytes
+    assert report.predicted_bytes == exporters()["llamacpp"].predict(plan, prep.cost).total_bytes
     # k-quants where rows hold whole 256-value super-blocks (SmolLM2's down_proj: 1536).
     assert [llama_type(b, 1536) for b in (2, 3, 4, 5, 6, 8, 16)] == [
         "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_0", "f16"
@@ -260,7 +258,8 @@ def test_compressed_tensors_decompress_to_mpq_weights(tmp_path: Path) -> None:
     # Container overhead: the 16-byte weight_shape of each quantized layer (the zero-points
     # pack to mpq's size here: rows * bits is a multiple of 32).
     quantized = sum(not plan[t.name].keep for t in prep.targets)
-    assert report.stored.total_bytes - report.predicted_bytes == 16 * quantized
+    assert report.stored.total_bytes == report.predicted_bytes
+    assert report.stored.total_bytes - report.mpq_bytes == 16 * quantized
 
 
 def test_compressed_tensors_refuses_3_bits_and_quantized_embeddings(tmp_path: Path) -> None:

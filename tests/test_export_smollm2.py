@@ -78,7 +78,7 @@ def test_smollm2_round_trips_through_gguf_compressed_tensors_and_hf(
         report = export(prep, plan, exporters()[fmt], tmp_path / fmt)
         # Q4_0 and the mpq layout store the plan's bytes exactly; compressed-tensors adds a
         # 16-byte weight_shape per quantized layer.
-        assert report.stored.total_bytes == report.predicted_bytes + extra, fmt
+        assert report.stored.total_bytes == report.predicted_bytes == report.mpq_bytes + extra, fmt
     reader = gguf.GGUFReader(str(tmp_path / "gguf" / GGUF_FILE))
     tensors = {t.name: t for t in reader.tensors}
     names, perms = _name_map(prep.loaded.model), _row_permutations(prep.loaded.model)

@@ -1,11 +1,10 @@
 """``mpq export``: solve a plan under a budget and write it as a file people deploy.
 
-One command runs prepare -> measured damage table (cached) -> solve -> quantize -> write, then
-reads the written files back and checks that the stored weights fit the budget; it fails
-loudly when they do not. Containers that store some formats in more bytes than mpq's packed
-layout (GGUF's fp16 minimum per block, llama.cpp's k-quants, compressed-tensors' shape
-tensors) are handled by solving again under a budget tightened by the overshoot, a few times;
-the check on the written files has the last word.
+One command runs prepare -> measured damage table (cached) -> solve -> quantize -> write. The
+solve counts each candidate format at the bytes the chosen container really stores (GGUF's
+fp16 minimum per block, llama.cpp's k-quants, compressed-tensors' shape tensors: each
+container's ``weight_bytes``), so the plan fits the budget in that container; the written
+files are read back and must hold exactly the predicted bytes.
 
 Formats: ``mpq`` (packed safetensors + plan.json + config.json; ``mpq.load``), ``hf``
 (``save_pretrained`` folder with an mpq ``quantization_config``; ``mpq.load``), ``gguf``
@@ -16,6 +15,7 @@ Formats: ``mpq`` (packed safetensors + plan.json + config.json; ``mpq.load``), `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from mpq.formats import QuantFormat
     from mpq.pipeline import Prepared
     from mpq.plan import BitPlan
+    from mpq.tasks import Task
 
-MAX_RESOLVES = 6
 # The same names as mpq.export.common.EXPORT_FORMATS, here so `mpq --help` imports no torch.
 EXPORT_FORMATS = ("mpq", "hf", "gguf", "llamacpp", "compressed-tensors")
 
@@ -102,10 +102,10 @@ class ExportReport:
     format: str
     folder: Path
     plan: BitPlan
-    predicted_bytes: int  # the plan's total_bytes (mpq cost model)
-    stored: ContainerCost  # read back from the written files
+    predicted_bytes: int  # the plan's total bytes in this container (its storage)
+    mpq_bytes: int  # the plan's total bytes in mpq's packed layout
+    stored: ContainerCost  # read back from the written files (equal to predicted_bytes)
     file_bytes: int  # sizes of the files on disk (every file of the folder)
-    resolves: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -134,28 +134,6 @@ def _expressible(exporter: Exporter, formats: Sequence[QuantFormat], prep: Prepa
         )
 
 
-def _tightened(
-    limit: dict[str, float],
-    budget: dict[str, float],
-    over: dict[str, tuple[float, float]],
-    container: ContainerCost,
-    plan: BitPlan,
-    prep: Prepared,
-) -> dict[str, float]:
-    """The next solver budget: the part a plan can vary (its target bytes) scaled down by the
-    container's overhead ratio on the last plan, and never above the previous limit."""
-    ratio = container.target_bytes / max(1, prep.cost.plan_cost(plan).target_bits // 8)
-    fixed = prep.cost.fixed_bits / 8
-    out = dict(limit)
-    for r in over:
-        if r == "bits":
-            new = budget[r] / ratio
-        else:
-            new = fixed + (budget[r] - container.total_bytes + container.target_bytes) / ratio
-        out[r] = min(new, limit[r] - (1e-6 if r == "bits" else 1.0))
-    return out
-
-
 def solve_for_container(
     prep: Prepared,
     exporter: Exporter,
@@ -163,49 +141,16 @@ def solve_for_container(
     formats: Sequence[QuantFormat],
     budget: dict[str, float],
     table: Any,
-    calib: Any = None,
+    calib: Task | None = None,
     guard: bool = False,
-) -> tuple[BitPlan, int]:
-    """A plan whose *container* bytes fit ``budget``: solve, predict the container's bytes,
-    and re-solve under a budget tightened by the overshoot (at most ``MAX_RESOLVES`` times).
-    Returns (plan, number of re-solves)."""
+) -> BitPlan:
+    """A plan whose bytes *in the container* fit ``budget``: one solve on a problem whose
+    ``bits``/``bytes`` costs are the container's :attr:`~mpq.export.common.Exporter.storage`."""
     from mpq.pipeline import solve
 
-    limit = dict(budget)
-    plan = None
-    for attempt in range(MAX_RESOLVES + 1):
-        try:
-            plan, _ = solve(prep, solver, formats, limit, table, calib=calib, guard=guard)
-        except MpqError as exc:
-            if attempt == 0:
-                raise
-            raise MpqError(
-                f"the budget {budget} holds the plan's mpq bytes but not the {exporter.name} "
-                f"container's overhead: tightened to {limit}, {exc}"
-            ) from None
-        container = exporter.predict(plan, prep.targets, prep.cost)
-        over = container.over(budget)
-        if not over:
-            return plan, attempt
-        limit = _tightened(limit, budget, over, container, plan, prep)
-    assert plan is not None
-    raise MpqError(
-        f"the {exporter.name} container stores the plan in more than the budget {budget} after "
-        f"{MAX_RESOLVES} re-solves (container overhead, see `mpq export --help`); raise the "
-        f"budget or use formats the container stores exactly"
-    )
-
-
-def _check_fit(what: str, cost: ContainerCost, budget: dict[str, float]) -> None:
-    over = cost.over(budget)
-    if over:
-        parts = ", ".join(
-            f"{r}: {s:,.6g} stored > {lim:,.6g} allowed" for r, (s, lim) in over.items()
-        )
-        raise MpqError(
-            f"{what} do not fit the budget ({parts}); raise the budget, pass a cheaper plan or "
-            f"let mpq export solve one (without --plan)"
-        )
+    in_container = dataclasses.replace(prep, cost=prep.cost.in_container(exporter.storage))
+    plan, _ = solve(in_container, solver, formats, budget, table, calib=calib, guard=guard)
+    return plan
 
 
 def export(
@@ -216,24 +161,24 @@ def export(
     *,
     force: bool = False,
     budget: dict[str, float] | None = None,
-    resolves: int = 0,
 ) -> ExportReport:
     """Write ``plan`` on ``prep``'s model as ``exporter``'s format into ``out``, read it back,
-    check the stored bytes (equal to the plan's for mpq/hf; within ``budget`` for all), and
-    write the manifest. Raises :class:`MpqError` before touching ``out`` when the format cannot
+    check the stored bytes (equal to the container's predicted bytes, which must fit ``budget``),
+    and write the manifest. Raises :class:`MpqError` before touching ``out`` when the format cannot
     express the plan."""
     from mpq import __version__
+    from mpq.cost import check_fit
     from mpq.executor import apply_plan
     from mpq.export.common import ExportInput, Manifest, checksums, output_folder, write_manifest
 
     t0 = time.perf_counter()
     plan.validate(prep.targets)
     exporter.refuse(plan, prep.targets, prep.loaded.model)
-    predicted = prep.cost.plan_cost(plan).total_bytes
+    predicted = exporter.predict(plan, prep.cost).total_bytes
     if budget:
-        _check_fit(
+        check_fit(
             f"the plan's weights in the {exporter.name} container",
-            exporter.predict(plan, prep.targets, prep.cost),
+            exporter.predict(plan, prep.cost),
             budget,
         )
     packed = apply_plan(prep.loaded.model, plan, prep.targets, mode="packed")
@@ -249,13 +194,12 @@ def export(
     with output_folder(out, force) as tmp:
         notes = exporter.write(inp, tmp)
         stored = exporter.measure(tmp, inp)
-        if exporter.name in ("mpq", "hf") and stored.total_bytes != predicted:
+        if stored.total_bytes != predicted:
             raise MpqError(
-                f"internal error: the written tensors hold {stored.total_bytes:,} bytes but the "
-                f"cost model predicts {predicted:,}; please report this"
+                f"internal error: the written {exporter.name} tensors hold "
+                f"{stored.total_bytes:,} bytes but the cost model predicts {predicted:,}; "
+                f"please report this"
             )
-        if budget:
-            _check_fit(f"the written {exporter.name} weights", stored, budget)
         manifest = Manifest(
             format=exporter.name,
             model_id=prep.loaded.model_id,
@@ -274,9 +218,9 @@ def export(
         folder=out,
         plan=plan,
         predicted_bytes=predicted,
+        mpq_bytes=prep.cost.plan_cost(plan).total_bytes,
         stored=stored,
         file_bytes=file_bytes,
-        resolves=resolves,
         notes=notes,
         seconds=time.perf_counter() - t0,
     )
@@ -284,9 +228,9 @@ def export(
 
 def run_export(args: argparse.Namespace) -> ExportReport:
     """The ``export`` command's work (see the module docstring); returns its report."""
+    from mpq.cost import parse_budget
     from mpq.pipeline import damage_table, prepare, task_for
     from mpq.plan import parse_plan_arg
-    from mpq.problem import parse_budget
 
     exporter = exporters()[args.export_format]
     out = Path(args.out)
@@ -300,7 +244,6 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     budget = parse_budget(args.budget) if args.budget else {}
     formats = _formats(args.formats or exporter.default_formats)
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
-    resolves = 0
     if args.plan is not None:
         plan = parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)
         if plan.meta.get("precondition"):
@@ -313,19 +256,17 @@ def run_export(args: argparse.Namespace) -> ExportReport:
         if args.solver != "uniform":
             calib = task_for(prep, args.data, "calib", args.n, args.seq_len, None)
             table = damage_table(prep, formats, calib)
-        plan, resolves = solve_for_container(
+        plan = solve_for_container(
             prep, exporter, args.solver, formats, budget, table, calib,
             guard=not args.no_guard and args.solver != "uniform",
         )  # fmt: skip
-    return export(prep, plan, exporter, out, force=args.force, budget=budget, resolves=resolves)
+    return export(prep, plan, exporter, out, force=args.force, budget=budget)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``mpq export``: prints one summary line (and the container's notes); 0 on success."""
     report = run_export(args)
     print(report.summary())
-    if report.resolves:
-        print(f"  re-solved {report.resolves} time(s) to fit the container's overhead")
     for note in report.notes:
         print(f"  note: {note}")
     return 0

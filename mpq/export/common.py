@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpq.cost import CostModel
+from mpq.cost import CostModel, CostReport, Storage, WeightBytes
 from mpq.envelope import unwrap, wrap
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
@@ -64,15 +64,6 @@ class ContainerCost:
         """Stored bits per target weight in this container."""
         return self.target_bytes * 8 / self.target_numel
 
-    def over(self, budget: Mapping[str, float]) -> dict[str, tuple[float, float]]:
-        """``{resource: (stored, limit)}`` for every byte or bit budget this container exceeds."""
-        out: dict[str, tuple[float, float]] = {}
-        if "bytes" in budget and self.total_bytes > budget["bytes"]:
-            out["bytes"] = (float(self.total_bytes), float(budget["bytes"]))
-        if "bits" in budget and self.effective_bits > budget["bits"] * (1 + 1e-12):
-            out["bits"] = (self.effective_bits, float(budget["bits"]))
-        return out
-
 
 @dataclass(frozen=True)
 class Exporter:
@@ -80,9 +71,11 @@ class Exporter:
 
     ``check(plan, targets, model)`` lists why the format cannot hold a plan (empty = it can);
     ``maps`` says which mpq formats the container can store (for error messages);
-    ``predict(plan, targets, cost)`` is the container's bytes for a plan, without writing;
-    ``write(inp, folder)`` writes the files and returns notes; ``measure(folder, inp)`` reads
-    the written files back and returns the bytes they hold; ``maps_format(fmt)`` says whether
+    ``weight_bytes(shape, fmt)`` is the exact bytes the container stores for one target weight
+    (its :class:`~mpq.cost.Storage`: ``mpq export`` solves under these bytes, and
+    :meth:`predict` counts a plan with them); ``write(inp, folder)`` writes the files and
+    returns notes; ``measure(folder, inp)`` reads the written files back and returns the bytes
+    they hold; ``maps_format(fmt)`` says whether
     the container can store a format at all (candidate formats are checked before solving).
     """
 
@@ -90,11 +83,20 @@ class Exporter:
     description: str
     maps: str
     check: Callable[[BitPlan, Sequence[Target], nn.Module], list[str]]
-    predict: Callable[[BitPlan, Sequence[Target], CostModel], ContainerCost]
+    weight_bytes: WeightBytes
     write: Callable[[ExportInput, Path], list[str]]
     measure: Callable[[Path, ExportInput], ContainerCost]
     maps_format: Callable[[QuantFormat], bool] = lambda fmt: True
     default_formats: str = "3,4,5,6,8"
+
+    @property
+    def storage(self) -> Storage:
+        return Storage(self.name, self.weight_bytes)
+
+    def predict(self, plan: BitPlan, cost: CostModel) -> CostReport:
+        """The container's figures for ``plan``, without writing (the written files hold
+        exactly ``total_bytes``; :func:`mpq.export.command.export` checks it)."""
+        return cost.in_container(self.storage).plan_cost(plan)
 
     def refuse(self, plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> None:
         """Raise :class:`MpqError` listing every target the format cannot store."""

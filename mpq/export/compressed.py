@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpq.cost import CostModel
+from mpq.cost import code_bits, keep_bits, packed_stream_bits, scale_bits
 from mpq.errors import MpqError
 from mpq.export.common import (
     ContainerCost,
@@ -42,8 +42,8 @@ from mpq.export.common import (
     target_numel,
     target_owner,
 )
-from mpq.formats import KEEP_BITS, SCALE_DTYPES, QuantFormat
-from mpq.kernels.packing import pack, words_per_row
+from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.kernels.packing import pack
 from mpq.plan import BitPlan, atomic_write_text
 from mpq.quantize import matrix_shape, n_groups
 from mpq.targets import Target
@@ -83,23 +83,14 @@ def check(plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> list[st
 
 
 def layer_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
-    """Bytes compressed-tensors stores for one Linear weight at ``fmt``."""
-    rows, cols = matrix_shape(shape)
+    """Bytes compressed-tensors stores for one Linear weight at ``fmt``: mpq's codes and scales,
+    zero-points packed per column of groups (``[groups, rows]`` streams) and the int64
+    ``weight_shape``; a kept weight is a dense fp16 tensor."""
     if fmt.keep:
-        return rows * cols * 2
-    groups = n_groups(cols, fmt)
-    out = (
-        rows * words_per_row(cols, fmt.bits) * 4
-        + rows * groups * SCALE_DTYPES[fmt.scale_dtype] // 8
-    )
-    if not fmt.symmetric:
-        out += groups * words_per_row(rows, fmt.bits) * 4
-    return out + SHAPE_BYTES
-
-
-def predict(plan: BitPlan, targets: Sequence[Target], cost: CostModel) -> ContainerCost:
-    tb = sum(layer_bytes(t.shape, plan.formats[t.name]) for t in targets)
-    return ContainerCost(tb + cost.fixed_bits // 8, tb, target_numel(targets))
+        return keep_bits(shape) // 8
+    rows, cols = matrix_shape(shape)
+    zeros = 0 if fmt.symmetric else packed_stream_bits(n_groups(cols, fmt), rows, fmt.bits)
+    return (code_bits(shape, fmt) + scale_bits(shape, fmt) + zeros) // 8 + SHAPE_BYTES
 
 
 def weight_args(fmt: QuantFormat) -> dict[str, Any]:
@@ -200,7 +191,7 @@ CT_EXPORTER = Exporter(
     description="compressed-tensors pack-quantized folder (vLLM), per-layer config_groups",
     maps=MAPS,
     check=check,
-    predict=predict,
+    weight_bytes=layer_bytes,
     write=_write,
     measure=measure,
     maps_format=supported,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpq.cost import CostModel, target_tensor_keys, tensor_bits, tensor_key, unique_tensors
+from mpq.cost import target_tensor_keys, tensor_key, unique_tensors
 from mpq.errors import MpqError
 from mpq.export.common import (
     ContainerCost,
@@ -144,14 +144,12 @@ def _fixed_tensors(model: nn.Module, targets: Sequence[Target]) -> dict[str, tor
     }
 
 
-def predict(plan: BitPlan, targets: Sequence[Target], cost: CostModel) -> ContainerCost:
-    tb = 0
-    for t in targets:
-        name = gguf_type_name(plan.formats[t.name])
-        if name is None:
-            raise MpqError(f"{t.name}: {plan.formats[t.name].spec()} has no GGUF type ({MAPS})")
-        tb += type_bytes(name, t.shape)
-    return ContainerCost(tb + cost.fixed_bits // 8, tb, target_numel(targets))
+def weight_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
+    """Bytes the GGUF file stores for one weight at ``fmt`` (its GGML type's block size)."""
+    name = gguf_type_name(fmt)
+    if name is None:
+        raise MpqError(f"{fmt.spec()} has no GGUF type ({MAPS})")
+    return type_bytes(name, shape)
 
 
 def _permutation(rows: int, n_head: int) -> torch.Tensor:
@@ -376,16 +374,12 @@ def f16_source_plan(inp: ExportInput) -> BitPlan:
     return uniform_plan(inp.targets, QuantFormat(bits=KEEP_BITS), inp.plan.model_id)
 
 
-def fixed_bytes(model: nn.Module, targets: Sequence[Target]) -> int:
-    return sum(tensor_bits(v) for v in _fixed_tensors(model, targets).values()) // 8
-
-
 GGUF_EXPORTER = Exporter(
     name="gguf",
     description="LLaMA GGUF file (Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16 per tensor) for llama.cpp",
     maps=MAPS,
     check=check,
-    predict=predict,
+    weight_bytes=weight_bytes,
     write=_write,
     measure=measure,
     maps_format=lambda fmt: gguf_type_name(fmt) is not None,

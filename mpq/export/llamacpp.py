@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpq.cost import CostModel
 from mpq.export.common import ContainerCost, Exporter, ExportInput, target_numel
 from mpq.export.gguf_writer import (
     _config,
@@ -41,7 +40,7 @@ from mpq.export.gguf_writer import (
     type_bytes,
     write_gguf,
 )
-from mpq.formats import KEEP_BITS
+from mpq.formats import KEEP_BITS, QuantFormat
 from mpq.plan import BitPlan, atomic_write_text
 from mpq.quantize import matrix_shape
 from mpq.targets import Target
@@ -97,12 +96,10 @@ def overrides(plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> dic
     return out
 
 
-def predict(plan: BitPlan, targets: Sequence[Target], cost: CostModel) -> ContainerCost:
-    tb = 0
-    for t in targets:
-        _, cols = matrix_shape(t.shape)
-        tb += type_bytes(_gguf_type(llama_type(plan.formats[t.name].bits, cols)), t.shape)
-    return ContainerCost(tb + cost.fixed_bits // 8, tb, target_numel(targets))
+def weight_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
+    """Bytes llama-quantize stores for one weight at ``fmt`` (its llama.cpp type's size)."""
+    _, cols = matrix_shape(shape)
+    return type_bytes(_gguf_type(llama_type(fmt.bits, cols)), shape)
 
 
 def command(types: dict[str, str], base: str) -> list[str]:
@@ -176,7 +173,7 @@ LLAMACPP_EXPORTER = Exporter(
     description="F16 source GGUF + llama-quantize --tensor-type overrides (k-quants)",
     maps=MAPS,
     check=check,
-    predict=predict,
+    weight_bytes=weight_bytes,
     write=_write,
     measure=measure,
     maps_format=lambda fmt: fmt.act_bits == KEEP_BITS,

@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from mpq import __version__
-from mpq.cost import CostModel
+from mpq.cost import packed_bytes
 from mpq.export.common import (
     ContainerCost,
     Exporter,
@@ -55,11 +55,6 @@ PACKING = (
 
 def _check(plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> list[str]:
     return []  # the packed layout stores every mpq format
-
-
-def _predict(plan: BitPlan, targets: Sequence[Target], cost: CostModel) -> ContainerCost:
-    rep = cost.plan_cost(plan)
-    return ContainerCost(rep.total_bytes, rep.target_bits // 8, target_numel(targets))
 
 
 def _measure(folder: Path, inp: ExportInput) -> ContainerCost:
@@ -132,7 +127,7 @@ MPQ_EXPORTER = Exporter(
     description="packed safetensors + plan.json + config.json (mpq.load)",
     maps="every mpq format (2..8 bits, any group, sym/asym, fp16/bf16/fp32 scales, 16 = fp16)",
     check=_check,
-    predict=_predict,
+    weight_bytes=packed_bytes,
     write=_write_mpq,
     measure=_measure,
 )
@@ -142,7 +137,7 @@ HF_EXPORTER = Exporter(
     description="save_pretrained-style folder, quantization_config quant_method 'mpq'",
     maps=MPQ_EXPORTER.maps,
     check=_check,
-    predict=_predict,
+    weight_bytes=packed_bytes,
     write=_write_hf,
     measure=_measure,
 )
