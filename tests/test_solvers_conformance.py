@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 from conftest import tiny_llama
@@ -18,7 +19,7 @@ from conftest import tiny_llama
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.closed_form import solve_closed_form
 from mpq.solvers.greedy import solve_greedy
-from mpq.solvers.ilp import solve_ilp, solve_ilp_cbc
+from mpq.solvers.ilp import solve_ilp, solve_ilp_cbc, solve_ilp_full
 from mpq.solvers.pareto import solve_pareto
 from mpq.solvers.uniform import solve_uniform
 from mpq.testing import SolverConformance, SolverSpec, check_tie_groups
@@ -39,6 +40,15 @@ class TestIlpHighsConformance(SolverConformance):
 
 class TestIlpCbcConformance(SolverConformance):
     spec = SolverSpec("ilp-cbc", solve_ilp_cbc, exact=True)
+
+
+# The same backends on the whole model (no core reduction): every path against brute force.
+class TestIlpHighsFullConformance(SolverConformance):
+    spec = SolverSpec("ilp-full", solve_ilp_full, exact=True)
+
+
+class TestIlpCbcFullConformance(SolverConformance):
+    spec = SolverSpec("ilp-cbc-full", partial(solve_ilp_full, backend="cbc"), exact=True)
 
 
 class TestParetoConformance(SolverConformance):
@@ -94,7 +104,7 @@ def test_suite_catches_a_solver_that_overspends() -> None:
 def test_new_solver_modules_import_no_torch_nor_heavy_backends() -> None:
     code = (
         "import sys, mpq.solvers, mpq.solvers.ilp, mpq.solvers.pareto, mpq.solvers.bounds, "
-        "mpq.solvers.closed_form, mpq.solvers.validate, mpq.testing\n"
+        "mpq.solvers.closed_form, mpq.solvers.validate, mpq.solvers._reduce, mpq.testing\n"
         "bad = [m for m in ('torch', 'transformers', 'scipy', 'cvxpy', 'pulp') "
         "if m in sys.modules]\n"
         "assert not bad, bad"

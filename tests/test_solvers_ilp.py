@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import mpq.solvers.ilp as ilp
+from mpq.solvers._reduce import dominated, lagrange_bound
 from mpq.solvers.base import AllocationProblem
 from mpq.solvers.ilp import least_given_others, solve_ilp
 from mpq.testing import brute_force, random_problem
@@ -153,3 +154,79 @@ def test_highs_stdout_noise_is_silenced_and_stdout_restored(
     print("shown", flush=True)
     out = capfd.readouterr().out
     assert "hidden" not in out and "shown" in out
+
+
+def test_dominated_options_match_their_definition() -> None:
+    """Brute force over option pairs: an option is dropped exactly when another allowed option
+    of its decision is no worse on distortion and every budgeted resource (ties: lower index
+    wins), and every dropped option keeps a dominator that is not dropped."""
+    for seed in range(6):
+        p = random_problem(seed, decisions=30, options=5, resources=3, disallow=0.2)
+        # Duplicate option 1 into option 3 of some rows: exact ties must keep one of them.
+        dist = p.distortion.copy()
+        costs = {r: c.copy() for r, c in p.costs.items()}
+        for arr in (dist, *costs.values()):
+            arr[:10, 3] = arr[:10, 1]
+        p = AllocationProblem(p.decisions, p.options, dist, costs, p.limits)
+        res = tuple(p.limits)
+        got = dominated(p, res)
+        n, m = dist.shape
+        for d in range(n):
+            for o in range(m):
+                by = [q for q in range(m) if q != o and p.allowed[d, q] and p.allowed[d, o]
+                      and dist[d, q] <= dist[d, o]
+                      and all(costs[r][d, q] <= costs[r][d, o] for r in res)
+                      and (q < o or dist[d, q] < dist[d, o]
+                           or any(costs[r][d, q] < costs[r][d, o] for r in res))]
+                assert got[d, o] == bool(by), (seed, d, o, by)
+                if got[d, o]:
+                    assert any(not got[d, q] for q in range(m) if p.allowed[d, q] and q != o
+                               and dist[d, q] <= dist[d, o]
+                               and all(costs[r][d, q] <= costs[r][d, o] for r in res))
+        assert not (got & ~p.allowed).any()
+
+
+def test_lagrange_bound_is_below_the_optimum() -> None:
+    for seed in range(10):
+        p = random_problem(seed, decisions=6, resources=3, disallow=0.15)
+        best, plan = brute_force(p)
+        bound = lagrange_bound(p, dict(p.limits), p.allowed)
+        assert bound is not None
+        assert (bound.lam >= 0).all()
+        assert bound.lower <= best + bound.tolerance()
+        assert bound.lower == pytest.approx(bound.lp_value, rel=1e-6, abs=1e-9)
+        assert (bound.reduced[p.allowed] >= -bound.tolerance()).all()
+        assert plan is not None  # the optimum's reduced costs fit in the gap (the fixing rule)
+        rc = bound.reduced[np.arange(6), plan].sum()
+        assert rc <= best - bound.lower + bound.tolerance()
+
+
+@pytest.mark.parametrize("backend", ["highs", "cbc"])
+def test_core_that_must_grow_still_gives_the_optimum(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first core of the LP's own options only (delta 0) often holds no plan, or a plan the
+    bound cannot certify: the core grows and the answer is still brute force's optimum."""
+    real = ilp.core_delta
+    monkeypatch.setattr(
+        ilp, "core_delta", lambda rc, count: 0.0 if count <= 32 else real(rc, count)
+    )
+    solves = []
+    for seed in range(12):
+        p = random_problem(seed, decisions=7, options=4, resources=3, disallow=0.1)
+        best, _ = brute_force(p)
+        sol = solve_ilp(p, backend=backend)
+        assert sol.status == "optimal"
+        assert sol.objective == pytest.approx(best, rel=1e-9)
+        solves.append(sol.stats["reduction"]["core_solves"])
+    assert max(solves) >= 2, solves  # the growing path ran
+
+
+def test_reduced_and_full_models_agree_at_scale() -> None:
+    p = _big(n=300)
+    a, b = solve_ilp(p), solve_ilp(p, reduce=False)
+    assert a.status == b.status == "optimal"
+    assert a.objective == pytest.approx(b.objective, rel=1e-9)
+    info = a.stats["reduction"]
+    assert info["core_options"] < p.allowed.sum() / 2 and "reduction" not in b.stats
+    assert info["lower_bound"] <= a.objective
