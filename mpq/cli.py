@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import MpqError
-from mpq.sensitivity import ESTIMATOR_NAMES
+from mpq.registry import ESTIMATORS, MODELS, SEARCHES, solver_names
 
 if TYPE_CHECKING:
     from mpq.pipeline import CalibSpec, Prepared
 
-# Kept in step with mpq.pipeline.ALL_SOLVERS (a test checks), so `--help` needs no torch import.
-SOLVER_NAMES = [
-    "bayes", "closed_form", "evolution", "greedy", "ilp", "ilp-cbc", "pareto", "sac", "uniform"
-]  # fmt: skip
+# Every --solver name: the registry's table solvers and searches (torch-free).
+SOLVER_NAMES = solver_names()
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +29,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m",
-        help="bundled id (smollm2-135m, minilm-l6, mobilenet-v2) or a local HF folder",
+        help=f"bundled id ({', '.join(MODELS)}) or a local HF folder",
     )
     p.add_argument(
         "--include",
@@ -153,16 +151,9 @@ def _latency(
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from mpq.cost import parse_budget
-    from mpq.pipeline import (
-        SEARCH_SOLVERS,
-        SearchOptions,
-        damage_table,
-        preconditioned,
-        prepare,
-        solve,
-        task_for,
-    )
+    from mpq.pipeline import damage_table, preconditioned, prepare, solve, task_for
     from mpq.sensitivity.table import SensitivityTable
+    from mpq.solvers.options import SearchOptions
 
     if Path(args.out).is_dir():
         raise MpqError(f"--out {args.out!r} is a folder; give the path of the plan file to write")
@@ -211,7 +202,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         search=opts,
         guard=guard,
         latency=_latency(args, prep, formats, budget),
-        progress=args.solver in SEARCH_SOLVERS,
+        progress=args.solver in SEARCHES,
     )
     plan.save(args.out)
     cost = prep.cost.plan_cost(plan)
@@ -347,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sensitivity", help="score every target with one estimator; write a table")
     model_args(p)
-    p.add_argument("--estimator", required=True, choices=ESTIMATOR_NAMES)
+    p.add_argument("--estimator", required=True, choices=sorted(ESTIMATORS))
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="estimator parameter, e.g. tol=0.05 (repeatable)")  # fmt: skip
     p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")

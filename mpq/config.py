@@ -10,6 +10,7 @@ from typing import Any
 from mpq.cost import parse_budget
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
+from mpq.registry import ESTIMATORS, solver_names
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,10 @@ class EstimatorSpec:
 
     @classmethod
     def parse(cls, text: str) -> EstimatorSpec:
-        from mpq.sensitivity import ESTIMATOR_NAMES
         from mpq.sensitivity.runner import parse_params
 
         name, _, rest = str(text).partition(":")
-        if name not in ESTIMATOR_NAMES:
-            raise MpqError(f"estimator {name!r} is unknown; use one of {sorted(ESTIMATOR_NAMES)}")
+        ESTIMATORS.check(name)
         return cls(name, tuple(parse_params([rest]).items()) if rest else ())
 
 
@@ -81,10 +80,8 @@ class CompareConfig:
     source: str = field(default="", compare=False)
 
 
-# Kept in step with mpq.pipeline.ALL_SOLVERS (a test checks); no torch import here.
-SOLVERS = (
-    "bayes", "closed_form", "evolution", "greedy", "ilp", "ilp-cbc", "pareto", "sac", "uniform"
-)  # fmt: skip
+# Every solver name (mpq.registry; no torch import here).
+SOLVERS = tuple(solver_names())
 # Search settings a [[solve]] entry may set (SearchOptions fields; the seed is the config's).
 SOLVE_OPTIONS = {"trials": int, "generations": int, "offspring": int, "timesteps": int,
                  "metric": str}  # fmt: skip

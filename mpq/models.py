@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mpq.errors import MpqError
+from mpq.registry import MODELS
 
 Family = str  # "causal_lm" | "encoder" | "cnn"
 TOKENIZER_FILES = (
@@ -114,16 +115,11 @@ def _load_mobilenet() -> LoadedModel:
     return LoadedModel(model_id="mobilenet-v2", family="cnn", model=load_mobilenet_v2())
 
 
-MODELS: dict[str, ModelSpec] = {
-    s.model_id: s
-    for s in (
-        ModelSpec(
-            "smollm2-135m", "causal_lm", "SmolLM2-135M-Instruct (LLaMA, 135M)", _load_smollm2
-        ),
-        ModelSpec("minilm-l6", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 23M)", _load_minilm),
-        ModelSpec("mobilenet-v2", "cnn", "MobileNetV2 ImageNet (CNN, 3.5M)", _load_mobilenet),
-    )
-}
+SMOLLM2 = ModelSpec(
+    "smollm2-135m", "causal_lm", "SmolLM2-135M-Instruct (LLaMA, 135M)", _load_smollm2
+)
+MINILM = ModelSpec("minilm-l6", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 23M)", _load_minilm)
+MOBILENET = ModelSpec("mobilenet-v2", "cnn", "MobileNetV2 ImageNet (CNN, 3.5M)", _load_mobilenet)
 
 
 def _load_hf_folder(path: Path, model_id: str) -> LoadedModel:
@@ -167,7 +163,8 @@ def load_model(model_id: str) -> LoadedModel:
     """Load a bundled model by id, or a local Hugging Face folder by path."""
     torch.manual_seed(0)
     if model_id in MODELS:
-        return MODELS[model_id].loader()
+        spec: ModelSpec = MODELS.load(model_id)
+        return spec.loader()
     path = Path(model_id).expanduser()
     if path.is_dir():
         return _load_hf_folder(path, str(path.resolve()))

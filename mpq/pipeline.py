@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mpq import __version__
 from mpq.cost import CostModel, build_cost_model
 from mpq.errors import MpqError
@@ -20,52 +22,15 @@ from mpq.formats import QuantFormat
 from mpq.models import LoadedModel, cache_root, load_model, sample_input
 from mpq.plan import BitPlan, atomic_write_text, uniform_plan
 from mpq.problem import build_problem, solution_to_plan
+from mpq.registry import SEARCHES, SOLVERS, solver_names
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.measured import measured_damage
 from mpq.sensitivity.runner import run_estimator
 from mpq.sensitivity.table import SensitivityTable
-from mpq.solvers.base import AllocationProblem, Solution, Solver
-from mpq.solvers.closed_form import solve_closed_form
-from mpq.solvers.greedy import solve_greedy
-from mpq.solvers.ilp import solve_ilp, solve_ilp_cbc
-from mpq.solvers.pareto import solve_pareto
-from mpq.solvers.uniform import solve_uniform
+from mpq.solvers.base import AllocationProblem, Solution
+from mpq.solvers.options import SearchOptions
 from mpq.targets import DEFAULT_TIE_RULES, Target, discover
 from mpq.tasks import Task, make_task
-
-SOLVER_FUNCS: dict[str, Solver] = {
-    "uniform": solve_uniform,
-    "greedy": solve_greedy,
-    "ilp": solve_ilp,
-    "ilp-cbc": solve_ilp_cbc,
-    "pareto": solve_pareto,
-    "closed_form": solve_closed_form,
-}
-# Searches on measured quality: they evaluate plans on calibration data (see SearchOptions).
-SEARCH_SOLVERS = ("bayes", "evolution", "sac")
-ALL_SOLVERS = tuple(sorted((*SOLVER_FUNCS, *SEARCH_SOLVERS)))
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """Settings of the searches on measured quality and of the uniform guard.
-
-    ``bayes`` runs optuna TPE until its study has ``trials`` trials (``storage``: None in
-    memory, a ``.db`` path or an SQLAlchemy URL; a rerun on the same storage and study resumes
-    a killed search and runs only the trials it lacks; ``study`` defaults to a name derived
-    from the problem).
-    ``evolution`` runs ``generations`` x ``offspring`` measured mutants from the ILP plan.
-    ``sac`` trains RAMP's agent for ``timesteps`` steps. ``metric``: what is minimized, a key
-    of the calibration task's metrics (``kl``: mean KL to the fp model)."""
-
-    seed: int = 0
-    trials: int = 40
-    generations: int = 10
-    offspring: int = 8
-    timesteps: int = 2000
-    storage: str | None = None
-    study: str | None = None
-    metric: str = "kl"
 
 
 @dataclass
@@ -158,14 +123,14 @@ def solve(
     uniform plan is returned; the plan's ``meta`` says which happened and why (``guard``,
     ``guard_reason``, ``measured_mixed``, ``measured_uniform``). ``latency``: the
     ``[decisions, formats]`` seconds of a latency table, for a ``latency=`` budget."""
-    if solver not in ALL_SOLVERS:
-        raise MpqError(f"solver {solver!r} is unknown; use one of {list(ALL_SOLVERS)}")
+    if solver not in SOLVERS and solver not in SEARCHES:
+        raise MpqError(f"solver {solver!r} is unknown; use one of {solver_names()}")
     if solver != "uniform" and table is None:
         raise MpqError(f"solver {solver!r} needs a sensitivity table")
     opts = search or SearchOptions()
     problem = build_problem(prep.cost, formats, budget, table, latency=latency)
     measure = None
-    if solver in SEARCH_SOLVERS or (guard and solver != "uniform"):
+    if solver in SEARCHES or (guard and solver != "uniform"):
         if calib is None:
             raise MpqError(
                 f"solver {solver!r}{' with the uniform guard' if guard else ''} measures plans: "
@@ -177,7 +142,16 @@ def solve(
         measure = evaluator_measure(
             evaluator, problem, formats, metric=opts.metric, progress=progress
         )
-    sol = _run_solver(solver, problem, measure, opts, prep)
+    if solver in SEARCHES:
+
+        def features(problem: AllocationProblem) -> np.ndarray:
+            from mpq.measure import decision_features
+
+            return decision_features(problem, prep.targets, prep.loaded.model)
+
+        sol = SEARCHES.load(solver)(opts, features)(problem, measure)
+    else:
+        sol = SOLVERS.load(solver)(problem)
     reason = ""
     if guard and solver != "uniform":
         from mpq.guard import guard_uniform
@@ -189,52 +163,11 @@ def solve(
     meta = {**plan.meta, **_stats_meta(sol.stats)}
     if reason:
         meta["guard_reason"] = reason
-    if solver in SEARCH_SOLVERS:
+    if solver in SEARCHES:
         meta["search"] = {**dataclasses.asdict(opts), "storage": _redacted(opts.storage)}
     if prep.precondition.get("method", "none") != "none":
         meta["precondition"] = prep.precondition
     return dataclasses.replace(plan, meta=meta), sol
-
-
-def _run_solver(
-    solver: str,
-    problem: AllocationProblem,
-    measure: Any,
-    opts: SearchOptions,
-    prep: Prepared,
-) -> Solution:
-    if solver == "bayes":
-        from mpq.solvers.bayes import fingerprint, solve_bayes
-
-        study = opts.study
-        if study is None and opts.storage is not None:
-            study = f"mpq-bayes-{fingerprint(problem)}-seed{opts.seed}"
-
-        return solve_bayes(
-            problem,
-            measure,
-            n_trials=opts.trials,
-            seed=opts.seed,
-            storage=opts.storage,
-            study_name=study,
-            top_up=opts.storage is not None,
-        )
-    if solver == "evolution":
-        from mpq.solvers.evolution import solve_evolution
-
-        return solve_evolution(
-            problem, measure, generations=opts.generations, offspring=opts.offspring,
-            seed=opts.seed,
-        )  # fmt: skip
-    if solver == "sac":
-        from mpq.measure import decision_features
-        from mpq.solvers.sac import solve_sac
-
-        features = decision_features(problem, prep.targets, prep.loaded.model)
-        return solve_sac(
-            problem, measure, total_timesteps=opts.timesteps, seed=opts.seed, features=features
-        )
-    return SOLVER_FUNCS[solver](problem)
 
 
 def _stats_meta(stats: Mapping[str, Any]) -> dict[str, Any]:

@@ -406,21 +406,12 @@ def test_library_raises_mpq_error_not_exit(tiny: Tiny) -> None:
         parse_plan_arg("uniform:9", tiny.targets, tiny.loaded.model_id)
 
 
-def test_solver_names_match_the_registry() -> None:
-    from mpq.cli import SOLVER_NAMES
-    from mpq.config import SOLVERS
-    from mpq.pipeline import ALL_SOLVERS, SEARCH_SOLVERS, SOLVER_FUNCS
-
-    assert list(ALL_SOLVERS) == SOLVER_NAMES == sorted(SOLVERS)
-    assert set(SOLVER_FUNCS) | set(SEARCH_SOLVERS) == set(ALL_SOLVERS)
-
-
 def test_config_search_options_are_search_option_fields() -> None:
     """config.SOLVE_OPTIONS (torch-free) names SearchOptions fields with their types."""
     import dataclasses
 
     from mpq.config import SOLVE_OPTIONS
-    from mpq.pipeline import SearchOptions
+    from mpq.solvers.options import SearchOptions
 
     fields = {f.name: f.type for f in dataclasses.fields(SearchOptions)}
     for key, kind in SOLVE_OPTIONS.items():

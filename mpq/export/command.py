@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import MpqError
+from mpq.registry import EXPORTERS
+from mpq.registry import solver_names as all_solver_names
 
 if TYPE_CHECKING:
     from mpq.export.common import ContainerCost, Exporter
@@ -31,35 +33,19 @@ if TYPE_CHECKING:
     from mpq.plan import BitPlan
     from mpq.tasks import Task
 
-# The same names as mpq.export.common.EXPORT_FORMATS, here so `mpq --help` imports no torch.
-EXPORT_FORMATS = ("mpq", "hf", "gguf", "llamacpp", "compressed-tensors")
-
-
 def exporters() -> dict[str, Exporter]:
-    """The export formats by name (imports the writers lazily)."""
-    from mpq.export.compressed import CT_EXPORTER
-    from mpq.export.gguf_writer import GGUF_EXPORTER
-    from mpq.export.llamacpp import LLAMACPP_EXPORTER
-    from mpq.export.mpq_format import HF_EXPORTER, MPQ_EXPORTER
-
-    out = {
-        e.name: e
-        for e in (MPQ_EXPORTER, HF_EXPORTER, GGUF_EXPORTER, LLAMACPP_EXPORTER, CT_EXPORTER)
-    }
-    from mpq.export.common import EXPORT_FORMATS as NAMES
-
-    assert tuple(out) == EXPORT_FORMATS == NAMES
-    return out
+    """The export formats by name (:data:`mpq.registry.EXPORTERS`; imports the writers)."""
+    return {name: EXPORTERS.load(name) for name in EXPORTERS}
 
 
 def add_export_parser(
     sub: Any, solver_names: Sequence[str] | None = None
 ) -> argparse.ArgumentParser:
     """Register ``export`` on an ``argparse`` subparsers object; returns its parser."""
-    from mpq.cli import SOLVER_NAMES, model_args
+    from mpq.cli import model_args
 
     if solver_names is None:
-        solver_names = SOLVER_NAMES
+        solver_names = all_solver_names()
     p: argparse.ArgumentParser = sub.add_parser(
         "export",
         help="solve under a budget, quantize and write a deployable file (mpq, hf, gguf, ...)",
@@ -78,7 +64,7 @@ def add_export_parser(
         default=None,
         help="candidate formats, comma-separated (default: what the --format container maps)",
     )
-    p.add_argument("--format", dest="export_format", default="mpq", choices=list(EXPORT_FORMATS))
+    p.add_argument("--format", dest="export_format", default="mpq", choices=list(EXPORTERS))
     p.add_argument("--out", required=True, help="output folder (refused if it exists)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument(
@@ -232,7 +218,7 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     from mpq.pipeline import damage_table, prepare, task_for
     from mpq.plan import parse_plan_arg
 
-    exporter = exporters()[args.export_format]
+    exporter: Exporter = EXPORTERS.load(args.export_format)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise MpqError(

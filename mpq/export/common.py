@@ -32,7 +32,6 @@ from mpq.targets import Target
 MANIFEST = "mpq_manifest.json"
 MANIFEST_TYPE = "MpqExport"
 MANIFEST_VERSION = 1
-EXPORT_FORMATS = ("mpq", "hf", "gguf", "llamacpp", "compressed-tensors")
 
 
 @dataclass

@@ -119,7 +119,8 @@ def load_export(folder: str | os.PathLike[str], *, backend: str = "reference") -
 def _architecture(root: Path, config: dict[str, Any] | None, plan: BitPlan) -> nn.Module:
     """An fp32 model of the right architecture (its weights are overwritten by the file)."""
     if config is None:
-        from mpq.models import MODELS, load_model
+        from mpq.models import load_model
+        from mpq.registry import MODELS
 
         if plan.model_id not in MODELS:
             raise MpqError(

@@ -1,7 +1,7 @@
 """Sensitivity estimators: how much each layer (at each format) hurts the model when quantized.
 
 Every estimator returns a :class:`SensitivityTable` through the one runner,
-:func:`run_estimator`; :func:`make_estimator` builds one by name (``ESTIMATORS``):
+:func:`run_estimator`; :func:`make_estimator` builds one by name (:data:`mpq.registry.ESTIMATORS`):
 
 =================  ==========================================  ================================
 name               method (paper)                              table distortion
@@ -27,18 +27,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-#: every estimator name of :data:`mpq.sensitivity.runner.ESTIMATORS`, without importing torch
-#: (for CLI help and argument choices); a test keeps the two equal.
-ESTIMATOR_NAMES: tuple[str, ...] = (
-    "activation",
-    "correlation",
-    "fisher",
-    "hessian_eig",
-    "hessian_trace",
-    "measured",
-    "pruning",
-    "taylor",
-)
+from mpq.registry import ESTIMATORS as _REGISTRY
+
+#: every estimator name of :data:`mpq.registry.ESTIMATORS`, sorted (no torch import).
+ESTIMATOR_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 _LAZY = {
     "SensitivityTable": "mpq.sensitivity.table",

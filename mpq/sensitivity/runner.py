@@ -35,15 +35,10 @@ from tqdm.auto import tqdm
 from mpq.errors import MpqError
 from mpq.evaluate import Reference
 from mpq.formats import QuantFormat
-from mpq.sensitivity.activations import ActivationStats
+from mpq.registry import ESTIMATORS as REGISTRY
 from mpq.sensitivity.base import Context, Estimator, TargetResult
 from mpq.sensitivity.cache import TargetCache
-from mpq.sensitivity.correlation import Correlation
-from mpq.sensitivity.gradient import Fisher, Taylor
-from mpq.sensitivity.hessian import HessianEigen, HessianTrace
 from mpq.sensitivity.loss import Calibration, check_calibration, check_double_backward
-from mpq.sensitivity.measured import Measured
-from mpq.sensitivity.pruning import Pruning
 from mpq.sensitivity.table import SensitivityTable
 from mpq.targets import Target
 from mpq.tasks import Task
@@ -53,19 +48,8 @@ log = logging.getLogger("mpq.sensitivity")
 # 2: measured KL/Δloss in float64 with per-format standard errors (the estimator's noise floor).
 CACHE_VERSION = 2
 
-ESTIMATORS: dict[str, type] = {
-    cls.name: cls
-    for cls in (
-        HessianEigen,
-        HessianTrace,
-        Fisher,
-        Taylor,
-        Correlation,
-        Pruning,
-        Measured,
-        ActivationStats,
-    )
-}
+# The estimator name table (name -> class, imported on use); re-exported for callers.
+ESTIMATORS = REGISTRY
 
 
 def make_estimator(name: str, params: Mapping[str, Any] | None = None) -> Estimator:
@@ -74,9 +58,7 @@ def make_estimator(name: str, params: Mapping[str, Any] | None = None) -> Estima
     ``make_estimator("hessian_trace", {"tol": "0.02"})``; unknown names and parameters are
     errors that list what exists.
     """
-    if name not in ESTIMATORS:
-        raise MpqError(f"estimator {name!r} is unknown; use one of {sorted(ESTIMATORS)}")
-    cls = ESTIMATORS[name]
+    cls = ESTIMATORS.load(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}

@@ -43,6 +43,7 @@ from mpq.errors import MpqError
 from mpq.solvers._common import done, over_min, repair_downgrades
 from mpq.solvers._measure import CachedMeasure, Measure, cached, start_plans, uniform_choices
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
 
 OverBudget = Literal["repair", "prune"]
@@ -464,3 +465,24 @@ def bayes_frontier(
     return MeasuredFrontier(
         resource, tuple(front), len(study.get_trials(deepcopy=False)), study.study_name
     )
+
+
+def from_options(opts: SearchOptions, features: Features) -> Search:
+    """The ``bayes`` search of :data:`mpq.registry.SEARCHES`: ``opts.trials`` TPE trials; with a
+    ``storage``, a named study (default: derived from the problem) topped up on reruns."""
+
+    def search(problem: AllocationProblem, measure: Measure | None = None) -> Solution:
+        study = opts.study
+        if study is None and opts.storage is not None:
+            study = f"mpq-bayes-{fingerprint(problem)}-seed{opts.seed}"
+        return solve_bayes(
+            problem,
+            measure,
+            n_trials=opts.trials,
+            seed=opts.seed,
+            storage=opts.storage,
+            study_name=study,
+            top_up=opts.storage is not None,
+        )
+
+    return search

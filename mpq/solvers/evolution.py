@@ -39,6 +39,7 @@ from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done, over_min
 from mpq.solvers._measure import Measure, cached, ladders
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
 
 
@@ -180,3 +181,15 @@ def solve_evolution(
         "seed": seed,
     }
     return done(problem, best, "feasible", "evolution", t0, stats)
+
+
+def from_options(opts: SearchOptions, features: Features) -> Search:
+    """The ``evolution`` search of :data:`mpq.registry.SEARCHES`."""
+
+    def search(problem: AllocationProblem, measure: Measure | None = None) -> Solution:
+        return solve_evolution(
+            problem, measure, generations=opts.generations, offspring=opts.offspring,
+            seed=opts.seed,
+        )  # fmt: skip
+
+    return search

@@ -91,6 +91,7 @@ from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done, over_min, repair_downgrades
 from mpq.solvers._measure import CachedMeasure, Measure, cached, ladders
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
 
 FEATURES = (
@@ -448,3 +449,19 @@ def solve_sac(
     stats["measured"] = value
     stats["measure_calls"] = score.calls
     return done(problem, np.asarray(choice).copy(), "feasible", "sac", t0, stats)
+
+
+def from_options(opts: SearchOptions, features: Features) -> Search:
+    """The ``sac`` search of :data:`mpq.registry.SEARCHES`: RAMP's agent on the problem's
+    per-decision ``features``, trained ``opts.timesteps`` steps."""
+
+    def search(problem: AllocationProblem, measure: Measure | None = None) -> Solution:
+        return solve_sac(
+            problem,
+            measure,
+            total_timesteps=opts.timesteps,
+            seed=opts.seed,
+            features=features(problem),
+        )
+
+    return search
