@@ -1,4 +1,5 @@
-"""One name table per kind: solvers, searches, estimators, export formats, models.
+"""One name table per kind: solvers, searches, estimators, export formats, kernel
+backends, models.
 
 Each entry is ``name -> "module:attr"``; nothing is imported until :meth:`Registry.load` asks
 for one entry, so this module (and ``mpq --help``, which reads the names for argument choices)
@@ -15,6 +16,7 @@ What an entry must be, per kind:
 - ``ESTIMATORS``: an :class:`mpq.sensitivity.base.Estimator` dataclass (its fields are its
   parameters, see :func:`mpq.sensitivity.runner.make_estimator`);
 - ``EXPORTERS``: an :class:`mpq.export.common.Exporter`;
+- ``BACKENDS``: a :class:`mpq.kernels.backends.Backend` (``reference`` is the oracle);
 - ``MODELS``: a :class:`mpq.models.ModelSpec` (bundled, offline models).
 """
 
@@ -100,6 +102,16 @@ EXPORTERS = Registry(
         "gguf": "mpq.export.gguf_writer:GGUF_EXPORTER",
         "llamacpp": "mpq.export.llamacpp:LLAMACPP_EXPORTER",
         "compressed-tensors": "mpq.export.compressed:CT_EXPORTER",
+    },
+)
+
+BACKENDS = Registry(
+    "kernel backend",
+    {
+        "reference": "mpq.kernels.reference:BACKEND",
+        "cpu": "mpq.kernels.cpu:BACKEND",
+        "triton": "mpq.kernels.triton_backend:BACKEND",
+        "cupy": "mpq.kernels.cupy_backend:BACKEND",
     },
 )
 

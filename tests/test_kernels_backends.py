@@ -3,6 +3,7 @@ packed files that were edited or belong to another plan."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def test_unknown_backend_is_refused() -> None:
 
 
 def test_missing_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(B.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     p = PackedWeight(torch.randn(8, 32), QuantFormat(bits=4))
     with pytest.raises(MpqError, match="'triton' was asked for but is unavailable: Triton is not"):
         QuantLinear(p, None, backend="triton")

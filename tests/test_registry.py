@@ -94,3 +94,29 @@ def test_unknown_names_list_what_exists() -> None:
         registry.SOLVERS.load("simplex")
     with pytest.raises(MpqError, match=r"export format 'onnx' is unknown; use one of"):
         registry.EXPORTERS.check("onnx")
+
+
+def test_every_backend_object_answers_for_its_name_and_matches_the_reference() -> None:
+    """Each registered backend is a Backend named as its entry; every backend this machine can
+    run gives the reference backend's output (the oracle) within the kernels' error bound."""
+    import torch
+
+    from mpq.formats import QuantFormat
+    from mpq.kernels import backends as B
+    from mpq.kernels.checks import matmul_bound, max_violation
+    from mpq.kernels.modules import PackedWeight, QuantLinear
+
+    assert registry.BACKENDS.names() == B.BACKENDS
+    for name in registry.BACKENDS:
+        obj = registry.BACKENDS.load(name)
+        assert isinstance(obj, B.Backend) and obj.name == name
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    for fmt in (QuantFormat(4, group_size=32), QuantFormat(8), QuantFormat(3, symmetric=False)):
+        packed = PackedWeight(w, fmt)
+        ref = QuantLinear(packed, None, backend="reference")(x)
+        for name in B.available_here():
+            layer = QuantLinear(packed, None, backend=name)
+            got = layer(x)
+            bound = matmul_bound(x, packed.dequantize())
+            assert max_violation(got, ref, bound) <= 1.0, (name, fmt.spec(), layer.kernel)

@@ -29,7 +29,6 @@ from mpq.errors import MpqError
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_MAX = 2**31 - 1
-KERNEL_BACKENDS = ("triton", "cupy")
 
 
 def interpreted() -> bool:
@@ -51,19 +50,9 @@ def offsets_problem(rows: int, cols: int, bits: int, groups: int, batch: int = 0
 
 def device_problem(backend: str, device: torch.device) -> str | None:
     """Why ``backend``'s kernels cannot run tensors on ``device`` (with the fix), or None."""
-    if device.type == "cuda":
-        return None
-    if backend == "triton":
-        if interpreted():
-            return None
-        return (
-            f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), the "
-            f"input is on {device}; move the model to a GPU or use backend 'cpu'"
-        )
-    return (
-        f"backend {backend!r} runs CUDA tensors, the input is on {device}; move the model to a "
-        f"GPU or use backend 'cpu'"
-    )
+    from mpq.kernels.backends import get
+
+    return get(backend).device_problem(device)
 
 
 @dataclass(frozen=True)
@@ -152,7 +141,10 @@ class KernelOperands:
                 detail = _input_detail(x2, self.cols, self.qweight.device)
             if detail is None:
                 # Triton indexes activations with int32; cupy's kernel with 64-bit offsets.
-                batch = x2.shape[0] if x2 is not None and backend == "triton" else 0
+                from mpq.kernels.backends import get
+
+                wide = get(backend).int32_activations
+                batch = x2.shape[0] if x2 is not None and wide else 0
                 detail = offsets_problem(self.rows, self.cols, self.bits, self.groups, batch)
             if detail is not None:
                 problem = f"the {backend} kernels cannot run it: {detail}"

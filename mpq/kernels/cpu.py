@@ -30,10 +30,16 @@ Dequantization is exact in both ops; only the accumulation order differs from th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from mpq.errors import MpqError
 from mpq.formats import QuantFormat
+from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
+
+if TYPE_CHECKING:
+    from mpq.kernels.modules import PackedWeight, QuantLinear
 
 INT4_GROUPS = (32, 64, 128, 256)
 # The ops work row by row (their cost grows linearly with the rows of x): above this many rows
@@ -118,3 +124,50 @@ def linear_int4(
         z = z.expand(-1, n_op)
     sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(x2.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w4, kernel.group, sz)
+
+
+@dataclass(frozen=True)
+class CpuBackend(Backend):
+    """The ``cpu`` backend: torch's fused int8 / int4 CPU ops where the format allows
+    (:func:`choose`); the reference path otherwise, and the layer then reports ``reference``."""
+
+    def prepare(self, packed: PackedWeight) -> KernelChoice:
+        k = choose(packed.fmt, packed.rows, packed.cols)
+        if k is None:
+            return REFERENCE_KERNEL
+        buffers = {}
+        if k.op == "int4":
+            buffers["_cpu_w4"] = int4_weight(packed.codes())
+        elif packed.cols % 4 != 0:
+            buffers["_cpu_w8"] = int8_weight(packed.qweight, packed.cols)
+        describe = f"{k.describe()} (<= {FUSED_MAX_M} rows; else dequantize + F.linear)"
+        return KernelChoice("cpu", describe, buffers, k)
+
+    def linear(self, layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
+        p = layer.packed
+        if x2.dtype not in DTYPES:
+            raise MpqError(
+                f"{layer.layer_name}: backend 'cpu' needs a float input (float32, float16, "
+                f"bfloat16), got {x2.dtype}"
+            )
+        if x2.device.type != "cpu":
+            raise MpqError(
+                f"{layer.layer_name}: backend 'cpu' runs CPU tensors, the input is on "
+                f"{x2.device}; use backend 'triton', 'cupy' or 'auto'"
+            )
+        if x2.shape[0] > FUSED_MAX_M:  # the ops are GEMV-like: large batches dequantize
+            return super().linear(layer, x2)
+        k: CpuKernel = layer.kernel_choice.state
+        x2 = x2.contiguous()
+        if k.op == "int8":
+            w8 = layer._buffers.get("_cpu_w8")
+            w8 = w8 if w8 is not None else int8_weight(p.qweight, p.cols)
+            y = linear_int8(x2, w8, p.scales, p.zeros())
+        else:
+            w4 = layer._buffers["_cpu_w4"]
+            assert w4 is not None
+            y = linear_int4(x2, w4, k, p.scales, p.zeros(), p.cols)
+        return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
+BACKEND = CpuBackend("cpu")

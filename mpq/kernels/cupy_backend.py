@@ -15,11 +15,16 @@ compiles with NVRTC without a GPU (:func:`compile_cubin`, used by the tests).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpq.kernels.backends import KernelChoice, LaunchingBackend, launch
 from mpq.kernels.checks import KernelOperands
+
+if TYPE_CHECKING:
+    from mpq.kernels.modules import PackedWeight, QuantLinear
 
 KERNEL_NAME = "mpq_dequant_gemv"
 THREADS = 128
@@ -134,3 +139,25 @@ def linear(x2: torch.Tensor, ops: KernelOperands) -> torch.Tensor:
             ints = (xs.shape[0], n, ops.cols, ops.words, ops.groups, ops.group, *flags)
             _kernel()((n, xs.shape[0]), (THREADS,), (*args, *(np.int32(v) for v in ints)))
     return y.to(x2.dtype)
+
+
+@dataclass(frozen=True)
+class CupyBackend(LaunchingBackend):
+    """The ``cupy`` backend: a CuPy RawKernel dequantize-GEMV; any width, group, symmetry; CUDA
+    tensors (64-bit activation offsets)."""
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import_cupy()
+        except ImportError as exc:
+            return str(exc)
+        return None
+
+    def prepare(self, packed: PackedWeight) -> KernelChoice:
+        return KernelChoice("cupy", "cupy RawKernel dequant-gemv")
+
+    def linear(self, layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
+        return launch(linear, layer, x2)
+
+
+BACKEND = CupyBackend("cupy")

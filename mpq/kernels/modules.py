@@ -24,8 +24,10 @@ from torch import nn
 from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.errors import MpqError
 from mpq.formats import KEEP_BITS, QuantFormat
-from mpq.kernels.checks import FLOAT_DTYPES, KernelOperands
+from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
+from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
+from mpq.kernels.reference import BACKEND as REFERENCE
 from mpq.quantize import (
     QuantizedTensor,
     dequantize_codes,
@@ -221,14 +223,23 @@ class QuantLinear(nn.Module):
         self.act = act
         self.layer_name = name
         self.requested = "reference"
-        self.backend = "reference"
-        self.kernel = "dequantize + F.linear"
-        self._cpu: Any = None
+        self.kernel_choice = REFERENCE_KERNEL
+        self._impl: Backend | None = None
         self.set_backend(backend)
 
     @property
     def fmt(self) -> QuantFormat:
         return self.packed.fmt
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs the matmul (``auto`` resolved; ``reference`` where the chosen
+        backend hands a format it has no kernel for back to the reference)."""
+        return self.kernel_choice.backend
+
+    @property
+    def kernel(self) -> str:
+        return self.kernel_choice.kernel
 
     def set_backend(self, backend: str) -> None:
         """Choose the backend (``auto`` resolves on the device the layer is on now)."""
@@ -238,82 +249,27 @@ class QuantLinear(nn.Module):
         p = self.packed
         B.check_layer(backend, self.layer_name, "linear", p.rows, p.cols, p.fmt)
         device = (p.weight if p.fmt.keep else p.qweight).device
-        chosen = B.resolve(backend, device.type)
+        chosen = B.get(B.resolve(backend, device.type))
         self.requested = backend
-        for key in ("_cpu_w4", "_cpu_w8"):
-            if key in self._buffers:
-                del self._buffers[key]
-                self._non_persistent_buffers_set.discard(key)
-        self._cpu = None
-        self.backend, self.kernel = "reference", "dequantize + F.linear"
+        for key in self.kernel_choice.buffers:
+            self._buffers.pop(key, None)
+            self._non_persistent_buffers_set.discard(key)
         if p.fmt.keep:
-            self.kernel = "float16 weight + F.linear"
-            return
-        if chosen == "cpu":
-            from mpq.kernels import cpu
-
-            k = cpu.choose(p.fmt, p.rows, p.cols)
-            if k is None:
-                return  # reference path, reported as such
-            if k.op == "int4":
-                self.register_buffer("_cpu_w4", cpu.int4_weight(p.codes()), persistent=False)
-            elif p.cols % 4 != 0:
-                w8 = cpu.int8_weight(p.qweight, p.cols)
-                self.register_buffer("_cpu_w8", w8, persistent=False)
-            self._cpu = k
-            self.backend = "cpu"
-            self.kernel = f"{k.describe()} (<= {cpu.FUSED_MAX_M} rows; else dequantize + F.linear)"
-        elif chosen == "triton":
-            self.backend, self.kernel = "triton", "triton gemv (M<=4) / gemm"
-        elif chosen == "cupy":
-            self.backend, self.kernel = "cupy", "cupy RawKernel dequant-gemv"
+            choice = KernelChoice("reference", "float16 weight + F.linear")
+        else:
+            choice = chosen.prepare(p)
+        for key, value in choice.buffers.items():
+            self.register_buffer(key, value, persistent=False)
+        self.kernel_choice = choice
+        self._impl = None if choice.backend == "reference" else B.get(choice.backend)
 
     def runtime_bytes(self) -> int:
         return _runtime_bytes(self)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        p = self.packed
-        b = self.backend
-        if b == "reference" or p.fmt.keep or x2.shape[0] == 0:
-            w = p.weight if p.fmt.keep else p.dequantize(x2.dtype)
-            bias = None if self.bias is None else self.bias.to(x2.dtype)
-            return F.linear(x2, w.reshape(p.rows, p.cols).to(x2.dtype), bias)
-        if b == "cpu":
-            from mpq.kernels import cpu
-
-            if x2.dtype not in FLOAT_DTYPES:
-                raise MpqError(
-                    f"{self.layer_name}: backend 'cpu' needs a float input (float32, float16, "
-                    f"bfloat16), got {x2.dtype}"
-                )
-            if x2.device.type != "cpu":
-                raise MpqError(
-                    f"{self.layer_name}: backend 'cpu' runs CPU tensors, the input is on "
-                    f"{x2.device}; use backend 'triton', 'cupy' or 'auto'"
-                )
-            k = self._cpu
-            if x2.shape[0] > cpu.FUSED_MAX_M:  # the ops are GEMV-like: large batches dequantize
-                w = p.dequantize(x2.dtype)
-                return F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
-            x2 = x2.contiguous()
-            if k.op == "int8":
-                w8 = self._buffers.get("_cpu_w8")
-                w8 = w8 if w8 is not None else cpu.int8_weight(p.qweight, p.cols)
-                y = cpu.linear_int8(x2, w8, p.scales, p.zeros())
-            else:
-                w4 = self._buffers["_cpu_w4"]
-                assert w4 is not None
-                y = cpu.linear_int4(x2, w4, k, p.scales, p.zeros(), p.cols)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        if b == "triton":
-            from mpq.kernels.triton_kernels import linear as kernel
-        else:
-            from mpq.kernels.cupy_backend import linear as kernel
-        bias = self.bias.to(x2.dtype) if self.bias is not None else None
-        try:
-            return kernel(x2, p.operands(bias))
-        except MpqError as exc:
-            raise MpqError(f"{self.layer_name}: {exc}") from None
+        if self._impl is None or self.packed.fmt.keep or x2.shape[0] == 0:
+            return REFERENCE.linear(self, x2)
+        return self._impl.linear(self, x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _act_quant(x, self.fmt, self.act, -1)
