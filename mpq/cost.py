@@ -2,7 +2,10 @@
 
 Bits of a quantized weight = packed codes (rows padded to 32-bit words, see
 :mod:`mpq.kernels.packing`) + scales at their dtype + packed zero-points (asymmetric formats,
-one stream for the whole tensor). A kept weight (16) is stored as float16. Every other tensor of
+one stream for the whole tensor). A ``:dq`` format stores instead of scales and zero-points,
+per scale (and per min when asymmetric), one packed stream of ``rows * groups`` ``dq_bits``-bit
+codes and ``rows * ceil(cols / 256)`` super-scales at the scale dtype (:mod:`mpq.dq`). A kept
+weight (16) is stored as float16. Every other tensor of
 the model's state dict (norms, biases, BatchNorm statistics, excluded layers) is counted at its
 own dtype; a tensor shared by several modules is counted once. The sum equals the bytes of the
 quantized model's state dict, and of the tensors :mod:`mpq.export` writes (tests check both).
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.dq import n_supers
 from mpq.errors import MpqError
 from mpq.formats import KEEP, KEEP_BITS, SCALE_DTYPES, QuantFormat
 from mpq.kernels.packing import WORD_BITS, words_per_row
@@ -146,8 +150,13 @@ def code_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
 
 
 def scale_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
-    """Bits of the scales ``[rows, groups]`` of a quantized weight at the scale dtype."""
+    """Bits of the scales ``[rows, groups]`` of a quantized weight at the scale dtype; for a
+    ``:dq`` format, its scale (and min) code streams and super-scales (super-mins)."""
     rows, cols = matrix_shape(shape)
+    if fmt.dq_bits is not None:
+        one = packed_stream_bits(1, rows * n_groups(cols, fmt), fmt.dq_bits)
+        one += rows * n_supers(cols) * SCALE_DTYPES[fmt.scale_dtype]
+        return one * (1 if fmt.symmetric else 2)
     return rows * n_groups(cols, fmt) * SCALE_DTYPES[fmt.scale_dtype]
 
 
@@ -162,7 +171,8 @@ def weight_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
     if fmt.keep:
         return keep_bits(shape)
     rows, cols = matrix_shape(shape)
-    zeros = 0 if fmt.symmetric else packed_stream_bits(1, rows * n_groups(cols, fmt), fmt.bits)
+    asym_int = not fmt.symmetric and fmt.dq_bits is None  # :dq stores mins, in scale_bits
+    zeros = 0 if not asym_int else packed_stream_bits(1, rows * n_groups(cols, fmt), fmt.bits)
     return code_bits(shape, fmt) + scale_bits(shape, fmt) + zeros
 
 

@@ -6,7 +6,10 @@ the activations that feed the layer. Its storage cost lives in :mod:`mpq.cost`, 
 Spec strings (CLI and configs): ``"4"``, ``"4:g128"``, ``"4:g128:asym"``, ``"3:asym:bf16"``,
 ``"8:a8"``, ``"16"`` (keep in high precision). Tokens after the bits, in any order:
 ``g<N>`` group size (default: one group per output channel), ``sym``/``asym``,
-``fp16``/``bf16``/``fp32`` scale dtype, ``rtn``/``gptq`` method, ``a<N>`` activation bits.
+``fp16``/``bf16``/``fp32`` scale dtype, ``rtn``/``gptq`` method, ``a<N>`` activation bits,
+``dq``/``dq4``/``dq6``/``dq8`` double-quantized group scales (see :mod:`mpq.dq`: each group's
+scale, and min when asymmetric, is an N-bit code (``dq`` = 6) under one super-scale per 256
+weights of a row, stored at the scale dtype; needs a group size that divides 256).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ SCALE_DTYPES = {"float16": 16, "bfloat16": 16, "float32": 32}
 _SCALE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 METHODS = ("rtn", "gptq")
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+DQ_BITS = (4, 6, 8)
+SUPER_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,12 @@ class QuantFormat:
     scale_dtype: str = "float16"
     method: str = "rtn"
     act_bits: int = 16
+    dq_bits: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("bits", "act_bits", "group_size"):
+        for name in ("bits", "act_bits", "group_size", "dq_bits"):
             value = getattr(self, name)
-            if value is None and name == "group_size":
+            if value is None and name in ("group_size", "dq_bits"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise MpqError(f"{name}={value!r} must be an integer")
@@ -65,6 +71,20 @@ class QuantFormat:
             raise MpqError(
                 f"act_bits={self.act_bits} is not supported: use one of {list(ACT_BITS)}"
             )
+        if self.dq_bits is not None:
+            if self.dq_bits not in DQ_BITS:
+                raise MpqError(
+                    f"dq_bits={self.dq_bits} is not supported: double-quantized scales are "
+                    f"{list(DQ_BITS)}-bit codes (tokens dq4, dq/dq6, dq8)"
+                )
+            if self.group_size is None or SUPER_BLOCK % self.group_size:
+                raise MpqError(
+                    f"format {self.bits}:dq needs a group size that divides the {SUPER_BLOCK}-"
+                    f"weight super-block (g16, g32, g64, g128 or g256), got "
+                    f"{'per channel' if self.group_size is None else self.group_size}"
+                )
+            if self.keep:
+                raise MpqError("a kept (16-bit) weight has no scales to double-quantize")
 
     @property
     def keep(self) -> bool:
@@ -90,6 +110,8 @@ class QuantFormat:
             parts.append("asym")
         if self.scale_dtype != "float16":
             parts.append({v: k for k, v in _SCALE_ALIASES.items()}[self.scale_dtype])
+        if self.dq_bits is not None:
+            parts.append("dq" if self.dq_bits == 6 else f"dq{self.dq_bits}")
         if self.method != "rtn":
             parts.append(self.method)
         if self.act_bits != KEEP_BITS:
@@ -119,10 +141,12 @@ class QuantFormat:
                 kwargs["method"] = tok
             elif tok.startswith("a") and tok[1:].isdigit():
                 kwargs["act_bits"] = int(tok[1:])
+            elif tok == "dq" or (tok.startswith("dq") and tok[2:].isdigit()):
+                kwargs["dq_bits"] = int(tok[2:] or 6)
             else:
                 raise MpqError(
                     f"format {spec!r}: unknown token {tok!r}; expected g<N>, sym, asym, "
-                    f"fp16, bf16, fp32, rtn, gptq or a<N>"
+                    f"fp16, bf16, fp32, rtn, gptq, a<N> or dq/dq<N>"
                 )
         if kwargs["bits"] == KEEP_BITS:
             kwargs = {"bits": KEEP_BITS, "act_bits": kwargs.get("act_bits", KEEP_BITS)}

@@ -7,7 +7,8 @@ the codes are computed, so ``dequantize(quantize(w))`` is exactly what a deploye
 Symmetric: ``q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)`` with ``s = max|w| / (2^(b-1) - 1)``,
 codes stored unsigned as ``q + 2^(b-1)``. Asymmetric: ``s = (max - min) / (2^b - 1)``, integer
 zero-point ``z = clamp(round(-min / s), 0, 2^b - 1)``, ``q = clamp(round(w / s) + z, 0, 2^b - 1)``.
-Dequantized: ``(q - z) * s``.
+Dequantized: ``(q - z) * s``. ``:dq`` formats (double-quantized scales) quantize and
+dequantize in :mod:`mpq.dq`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mpq.dq import DoubleQuant, dequantize_dq, effective, quantize_dq
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 
@@ -29,13 +31,16 @@ def scale_torch_dtype(fmt: QuantFormat) -> torch.dtype:
 @dataclass(frozen=True)
 class QuantizedTensor:
     """Unsigned codes ``[rows, cols]`` (uint8), scales ``[rows, groups]`` in the scale dtype and,
-    for asymmetric formats, integer zero-points ``[rows, groups]`` (uint8)."""
+    for asymmetric formats, integer zero-points ``[rows, groups]`` (uint8). ``:dq`` formats carry
+    their stored scale codes in ``dq`` (``scales`` are then the float32 group scales they stand
+    for, ``zeros`` None)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
     shape: tuple[int, ...]
     fmt: QuantFormat
+    dq: DoubleQuant | None = None
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -87,6 +92,15 @@ def quantize(
         raise MpqError("quantize() got a keep (16-bit) format; keep weights need no codes")
     shape = tuple(weight.shape)
     check_format(shape, fmt)
+    if fmt.dq_bits is not None:
+        if fmt.method != "rtn":
+            raise MpqError(
+                f"format {fmt.spec()}: double-quantized scales are rounded to nearest only; "
+                f"drop :{fmt.method} or :dq"
+            )
+        rows, cols = matrix_shape(shape)
+        codes, dq = quantize_dq(weight.reshape(rows, cols), fmt)
+        return QuantizedTensor(codes, effective(dq, fmt)[0], None, shape, fmt, dq)
     if fmt.method == "gptq":
         if hessian is None:
             raise MpqError(
@@ -145,6 +159,8 @@ def dequantize_codes(
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """The float32 weight (original shape) that ``qt`` stands for."""
+    if qt.dq is not None:
+        return dequantize_dq(qt.codes, qt.dq, qt.fmt).reshape(qt.shape)
     return dequantize_codes(qt.codes, qt.scales, qt.zeros, qt.fmt).reshape(qt.shape)
 
 

@@ -56,8 +56,8 @@ SHAPE_BYTES = 16  # weight_shape: int64 [2]
 
 
 def supported(fmt: QuantFormat) -> bool:
-    if fmt.act_bits != KEEP_BITS:
-        return False
+    if fmt.act_bits != KEEP_BITS or fmt.dq_bits is not None:
+        return False  # activations, or double-quantized scales (no compressed-tensors scheme)
     return fmt.keep or fmt.bits in CT_BITS
 
 

@@ -13,6 +13,13 @@ mpq format    GGUF type  block (32 weights)
 ``16``        F16        the kept fp16 weight
 ============  =========  =============================================================
 
+``:dq`` formats (double-quantized scales, :mod:`mpq.dq`) map to the k-quants (256-weight
+super-blocks, :mod:`mpq.export.kquants`): ``4:g32:asym:dq`` Q4_K, ``5:g32:asym:dq`` Q5_K,
+``6:g16:dq8`` Q6_K, ``3:g16:dq`` Q3_K, ``2:g16:asym:dq4`` Q2_K, all written bit-exact at exactly
+mpq's bytes. A k-quant needs rows of whole super-blocks: a ``:dq`` layer whose rows do not divide
+256 (SmolLM2's 576-wide q/k/v/o/gate/up) is refused with its name (mpq's own container stores
+the shorter last super-block; GGUF has no type for it).
+
 ``u`` is mpq's unsigned code. The symmetric types store mpq's codes and scales unchanged, so
 gguf's dequantization reproduces mpq's dequantized weights bit for bit, at exactly mpq's bytes.
 The asymmetric types store the minimum ``m = -z * d`` as fp16 instead of mpq's integer
@@ -41,6 +48,7 @@ import torch
 from torch import nn
 
 from mpq.cost import target_tensor_keys, tensor_key, unique_tensors
+from mpq.dq import DoubleQuant, take_rows
 from mpq.errors import MpqError
 from mpq.export.common import (
     ContainerCost,
@@ -49,7 +57,8 @@ from mpq.export.common import (
     codes_scales_zeros,
     target_numel,
 )
-from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.export.kquants import K_MAPS, k_blocks, k_type_name
+from mpq.formats import KEEP_BITS, SUPER_BLOCK, QuantFormat
 from mpq.plan import BitPlan, uniform_plan
 from mpq.quantize import matrix_shape
 from mpq.targets import Target
@@ -65,7 +74,8 @@ QUANT_TYPES: dict[tuple[int, bool], str] = {
     (4, False): "Q4_1",
 }
 MAPS = (
-    "8:g32 -> Q8_0, 5:g32 -> Q5_0, 4:g32 -> Q4_0, 5:g32:asym -> Q5_1, 4:g32:asym -> Q4_1, 16 -> F16"
+    "8:g32 -> Q8_0, 5:g32 -> Q5_0, 4:g32 -> Q4_0, 5:g32:asym -> Q5_1, 4:g32:asym -> Q4_1, "
+    "16 -> F16, " + K_MAPS
 )
 DEFAULT_FORMATS = "4:g32,4:g32:asym,5:g32,5:g32:asym,8:g32"
 
@@ -76,6 +86,8 @@ def gguf_type_name(fmt: QuantFormat) -> str | None:
         return None
     if fmt.keep:
         return "F16"
+    if fmt.dq_bits is not None:
+        return k_type_name(fmt)
     if fmt.group_size != BLOCK or fmt.scale_dtype != "float16":
         return None
     return QUANT_TYPES.get((fmt.bits, fmt.symmetric))
@@ -115,9 +127,17 @@ def check(plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> list[st
     problems = []
     for t in targets:
         fmt = plan.formats[t.name]
-        if gguf_type_name(fmt) is None:
+        name = gguf_type_name(fmt)
+        if name is None:
             problems.append(f"{t.name}: {fmt.spec()} has no GGUF type")
             continue
+        _, cols = matrix_shape(t.shape)
+        if fmt.dq_bits is not None and cols % SUPER_BLOCK:
+            problems.append(
+                f"{t.name}: {fmt.spec()} is {name}, whose {SUPER_BLOCK}-weight super-blocks must "
+                f"fill a row, and its rows have {cols} values (mpq stores a shorter last "
+                f"super-block, GGUF cannot); give this layer a format without :dq"
+            )
         if t.kind == "conv2d":
             problems.append(f"{t.name}: GGUF export handles Linear and Embedding layers")
     return problems
@@ -149,6 +169,13 @@ def weight_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
     name = gguf_type_name(fmt)
     if name is None:
         raise MpqError(f"{fmt.spec()} has no GGUF type ({MAPS})")
+    _, cols = matrix_shape(shape)
+    if fmt.dq_bits is not None and cols % SUPER_BLOCK:
+        raise MpqError(
+            f"{fmt.spec()} is {name}, whose {SUPER_BLOCK}-weight super-blocks must fill a row; "
+            f"a {list(shape)} weight has rows of {cols}: leave :dq formats out of --formats for "
+            f"a GGUF export of this model, or use --format mpq (which stores the shorter block)"
+        )
     return type_bytes(name, shape)
 
 
@@ -209,6 +236,15 @@ def quantized_blocks(
         parts = [d, m, _nibbles(u)] if type_name == "Q4_1" else [d, m, _high_bits(u), _nibbles(u)]
     blocks = np.concatenate(parts, axis=-1)
     return np.ascontiguousarray(blocks.reshape(rows, -1))
+
+
+def codes_double_quant(packed: nn.Module, name: str) -> tuple[torch.Tensor, DoubleQuant]:
+    """Unsigned codes and the stored scale codes of the packed ``:dq`` module ``name``."""
+    from mpq.kernels.modules import PackedWeight
+
+    pw = packed.get_submodule(name).packed
+    assert isinstance(pw, PackedWeight)
+    return pw.codes(), pw.double_quant()
 
 
 def _add_metadata(writer: Any, model: nn.Module, inp: ExportInput, ftype: int) -> None:
@@ -301,6 +337,11 @@ def write_gguf(inp: ExportInput, path: Path, plan: BitPlan | None = None) -> lis
         "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
         "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+        "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_M,
+        "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+        "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+        "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
     }[main]
     writer = gguf.GGUFWriter(str(path), "llama")
     notes: list[str] = []
@@ -334,6 +375,13 @@ def write_gguf(inp: ExportInput, path: Path, plan: BitPlan | None = None) -> lis
                 writer.add_tensor(gname, arr16.numpy())
                 continue
             assert packed is not None
+            if type_name.endswith("_K"):
+                codes, dq = codes_double_quant(packed, t.name)
+                if perm is not None:  # whole rows move: every per-row tensor follows
+                    codes, dq = codes[perm], take_rows(dq, perm)
+                blocks = k_blocks(type_name, codes, dq)
+                writer.add_tensor(gname, blocks, raw_dtype=gguf.GGMLQuantizationType[type_name])
+                continue
             codes, scales, zeros = codes_scales_zeros(packed, t.name)
             if perm is not None:
                 codes, scales = codes[perm], scales[perm]
@@ -376,7 +424,8 @@ def f16_source_plan(inp: ExportInput) -> BitPlan:
 
 GGUF_EXPORTER = Exporter(
     name="gguf",
-    description="LLaMA GGUF file (Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16 per tensor) for llama.cpp",
+    description="LLaMA GGUF file (Q8_0/Q5_0/Q5_1/Q4_0/Q4_1, Q2_K..Q6_K, F16 per tensor) for "
+    "llama.cpp",
     maps=MAPS,
     check=check,
     weight_bytes=weight_bytes,

@@ -138,6 +138,8 @@ class LaunchingBackend(Backend):
             return f"backend {self.name!r} has no {kind} kernel"
         if fmt.keep:
             return None
+        if fmt.dq_bits is not None:
+            return "its kernels do not read double-quantized (:dq) scales"
         groups = 1 if fmt.group_size is None else cols // fmt.group_size
         return offsets_problem(rows, cols, fmt.bits, groups)
 

@@ -22,6 +22,9 @@ Both ops cost about one weight pass per input row, so above ``FUSED_MAX_M`` rows
 layer dequantizes once and calls ``F.linear`` instead (measured on a 2-core AVX-512 EPYC: the
 fused ops win at 1 row, lose from about 8 rows on).
 
+4-bit ``:dq`` formats (:mod:`mpq.dq`) use the int4 op too, with their float32 group scales and
+the offset ``0`` (symmetric) or ``8 * scale - min`` (asymmetric).
+
 Every other format (2, 3, 5, 6, 7 bits, grouped 8-bit, N not a multiple of 16, ...) runs the
 reference path (dequantize, then ``F.linear``), and the module reports ``backend="reference"``.
 Dequantization is exact in both ops; only the accumulation order differs from the reference.
@@ -114,15 +117,20 @@ def linear_int4(
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     cols: int,
+    *,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x2 [M, K]`` times the 4-bit weight repacked by :func:`int4_weight`."""
+    """``x2 [M, K]`` times the 4-bit weight repacked by :func:`int4_weight`. ``offsets``
+    (float ``[N, groups]``) replaces the zero-point term: ``w = (code - 8) * scale + offset``
+    (``:dq`` formats: 0 when symmetric, ``8 * scale - min`` when asymmetric)."""
     s = scales.float()
     z = torch.full_like(s, 8.0) if zeros is None else zeros.float()
+    off = (8.0 - z) * s if offsets is None else offsets.float()
     n_op = cols // kernel.group
     if s.shape[1] != n_op:  # per channel: repeat the channel's scale for every op group
         s = s.expand(-1, n_op)
-        z = z.expand(-1, n_op)
-    sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(x2.dtype)
+        off = off.expand(-1, n_op)
+    sz = torch.stack([s, off], dim=-1).transpose(0, 1).contiguous().to(x2.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w4, kernel.group, sz)
 
 
@@ -166,7 +174,12 @@ class CpuBackend(Backend):
         else:
             w4 = layer._buffers["_cpu_w4"]
             assert w4 is not None
-            y = linear_int4(x2, w4, k, p.scales, p.zeros(), p.cols)
+            if p.fmt.dq_bits is not None:
+                s, m = p.group_scales()
+                off = torch.zeros_like(s) if m is None else 8.0 * s - m
+                y = linear_int4(x2, w4, k, s, None, p.cols, offsets=off)
+            else:
+                y = linear_int4(x2, w4, k, p.scales, p.zeros(), p.cols)
         return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
 

@@ -3,7 +3,11 @@
 Each quantized module stores exactly the tensors the cost model counts: ``qweight`` (int32 words,
 one packed row per output channel, see :mod:`mpq.kernels.packing`), ``scales`` (``[rows, groups]``
 in the format's scale dtype) and, for asymmetric formats, ``qzeros`` (one packed stream of
-``rows * groups`` zero-points). A weight kept at 16 bits is a float16 ``weight`` buffer.
+``rows * groups`` zero-points). A weight kept at 16 bits is a float16 ``weight`` buffer. A ``:dq``
+format (:mod:`mpq.dq`) stores ``qscales`` (one packed stream of ``rows * groups`` scale codes)
+and ``super_scales`` (``[rows, ceil(cols / 256)]`` at the scale dtype) instead of ``scales``,
+plus ``qmins`` and ``super_mins`` when asymmetric; its float32 group scales are computed from
+them (:meth:`PackedWeight.group_scales`).
 
 ``QuantLinear`` runs its matmul on the backend it was given (:mod:`mpq.kernels.backends`) and
 reports it in ``backend`` (``kernel`` says which op). Backends may keep runtime-only tensors
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
+from mpq.dq import DoubleQuant, dequantize_dq, effective, n_supers, take_rows
 from mpq.errors import MpqError
 from mpq.formats import KEEP_BITS, QuantFormat
 from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
@@ -51,6 +56,10 @@ class PackedWeight(nn.Module):
     scales: torch.Tensor
     qzeros: torch.Tensor | None
     weight: torch.Tensor
+    qscales: torch.Tensor
+    super_scales: torch.Tensor
+    qmins: torch.Tensor
+    super_mins: torch.Tensor
 
     def __init__(
         self,
@@ -91,11 +100,44 @@ class PackedWeight(nn.Module):
                 f"{self.shape} at {fmt.spec()}"
             )
         self.register_buffer("qweight", pack_codes(qt.codes, fmt.bits))
+        if fmt.dq_bits is not None:
+            assert qt.dq is not None, "a :dq format carries its scale codes"
+            self._register_dq(qt.dq)
+            self.qzeros = None
+            return
         self.register_buffer("scales", qt.scales.to(scale_torch_dtype(fmt)))
         if qt.zeros is not None:
             self.register_buffer("qzeros", pack(qt.zeros.reshape(1, -1), fmt.bits))
         else:
             self.qzeros = None
+
+    def _register_dq(self, dq: DoubleQuant) -> None:
+        k = self.fmt.dq_bits
+        assert k is not None
+        self.register_buffer("qscales", pack(dq.scale_codes.reshape(1, -1), k))
+        self.register_buffer("super_scales", dq.super_scales.to(scale_torch_dtype(self.fmt)))
+        if dq.min_codes is not None and dq.super_mins is not None:
+            self.register_buffer("qmins", pack(dq.min_codes.reshape(1, -1), k))
+            self.register_buffer("super_mins", dq.super_mins.to(scale_torch_dtype(self.fmt)))
+
+    def double_quant(self) -> DoubleQuant:
+        """The stored scale codes of a ``:dq`` format, unpacked."""
+        k = self.fmt.dq_bits
+        assert k is not None, "not a :dq format"
+        groups = n_groups(self.cols, self.fmt)
+        n = self.rows * groups
+        codes = unpack(self.qscales, k, n).reshape(self.rows, groups)
+        if self.fmt.symmetric:
+            return DoubleQuant(self.super_scales, codes)
+        mins = unpack(self.qmins, k, n).reshape(self.rows, groups)
+        return DoubleQuant(self.super_scales, codes, self.super_mins, mins)
+
+    def group_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float32 group scales ``[rows, groups]`` and, for asymmetric :dq formats, the float32
+        mins (``w = s * u - m``); otherwise the stored scales and None."""
+        if self.fmt.dq_bits is None:
+            return self.scales.float(), None
+        return effective(self.double_quant(), self.fmt)
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor) -> PackedWeight:
@@ -113,6 +155,7 @@ class PackedWeight(nn.Module):
     def zeros(self) -> torch.Tensor | None:
         if self.qzeros is None:
             return None
+        assert self.fmt.dq_bits is None
         groups = self.scales.shape[1]
         return unpack(self.qzeros, self.fmt.bits, self.rows * groups).reshape(self.rows, groups)
 
@@ -126,6 +169,10 @@ class PackedWeight(nn.Module):
         if self.fmt.keep:
             w = self.weight.reshape(self.rows, self.cols)
             return (w if rows is None else w[rows]).float()
+        if self.fmt.dq_bits is not None:
+            dq = self.double_quant()
+            return dequantize_dq(self.codes(rows), dq if rows is None else take_rows(dq, rows),
+                                 self.fmt)  # fmt: skip
         scales = self.scales if rows is None else self.scales[rows]
         zeros = self.zeros()
         if zeros is not None and rows is not None:
@@ -139,6 +186,11 @@ class PackedWeight(nn.Module):
         """What a kernel launch reads (:mod:`mpq.kernels.checks`); not for a kept weight."""
         if self.fmt.keep:
             raise MpqError("a weight kept at 16 bits has no packed operands; use F.linear")
+        if self.fmt.dq_bits is not None:
+            raise MpqError(
+                f"{self.fmt.spec()}: the Triton/CuPy kernels do not read double-quantized scales; "
+                f"use backend 'reference' or 'cpu'"
+            )
         return KernelOperands(
             self.qweight, self.scales, self.qzeros, bias, self.fmt.bits, self.cols, self.group
         )
@@ -159,6 +211,18 @@ class PackedWeight(nn.Module):
             return
         if not padding_is_zero(self.qweight, self.fmt.bits, self.cols):
             raise MpqError(f"{name}.qweight: padding bits are set; the packed codes were edited")
+        if self.fmt.dq_bits is not None:
+            n = self.rows * n_groups(self.cols, self.fmt)
+            asym = not self.fmt.symmetric
+            for key in ("qscales", "qmins") if asym else ("qscales",):
+                if not padding_is_zero(getattr(self, key), self.fmt.dq_bits, n):
+                    raise MpqError(
+                        f"{name}.{key}: padding bits are set; the scale codes were edited"
+                    )
+            for key in ("super_scales", "super_mins") if asym else ("super_scales",):
+                if not bool(torch.isfinite(getattr(self, key).float()).all()):
+                    raise MpqError(f"{name}.{key}: non-finite super-scales; the file is corrupt")
+            return
         if self.qzeros is not None and not padding_is_zero(
             self.qzeros, self.fmt.bits, self.scales.numel()
         ):
@@ -181,8 +245,15 @@ def expected_buffers(
     groups = n_groups(cols, fmt)
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
         "qweight": ((rows, -(-cols * fmt.bits // 32)), torch.int32),
-        "scales": ((rows, groups), scale_torch_dtype(fmt)),
     }
+    if fmt.dq_bits is not None:
+        stream = ((1, -(-rows * groups * fmt.dq_bits // 32)), torch.int32)
+        supers = ((rows, n_supers(cols)), scale_torch_dtype(fmt))
+        out |= {"qscales": stream, "super_scales": supers}
+        if not fmt.symmetric:
+            out |= {"qmins": stream, "super_mins": supers}
+        return out
+    out["scales"] = ((rows, groups), scale_torch_dtype(fmt))
     if not fmt.symmetric:
         out["qzeros"] = ((1, -(-rows * groups * fmt.bits // 32)), torch.int32)
     return out
@@ -256,6 +327,8 @@ class QuantLinear(nn.Module):
             self._non_persistent_buffers_set.discard(key)
         if p.fmt.keep:
             choice = KernelChoice("reference", "float16 weight + F.linear")
+        elif p.fmt.dq_bits is not None and chosen.launches_kernels:
+            choice = REFERENCE_KERNEL  # 'auto' on a GPU: no Triton/CuPy kernel reads :dq scales
         else:
             choice = chosen.prepare(p)
         for key, value in choice.buffers.items():
