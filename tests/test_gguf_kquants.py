@@ -120,8 +120,9 @@ def test_gguf_export_writes_k_quants_bit_exact(tmp_path: Path) -> None:
     assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "F16"} <= seen
     # The container's bytes are predicted exactly (GGML type sizes).
     assert report.stored.total_bytes == sum(int(t.n_bytes) for t in reader.tensors)
-    predicted = exporters()["gguf"].predict(plan, prep.targets, prep.cost)
-    assert predicted.total_bytes == report.stored.total_bytes
+    assert report.predicted_bytes == report.stored.total_bytes
+    predicted = exporters()["gguf"].predict(plan, prep.cost)
+    assert predicted.total_bits == 8 * report.stored.total_bytes
 
 
 def test_gguf_refuses_dq_on_rows_that_do_not_fill_super_blocks(tmp_path: Path) -> None:
