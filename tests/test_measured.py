@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import TinyConvNet, tiny_llama
 
 from mpq.evaluate import evaluate, reference
 from mpq.formats import QuantFormat
@@ -100,3 +100,62 @@ def test_resume_after_kill_recomputes_at_most_one_target(tmp_path) -> None:
         on_target=again.append,
     )
     assert len(again) == len(targets)
+
+
+def _table(model, task, path: str, formats=FORMATS):  # noqa: ANN001, ANN202
+    from mpq.sensitivity.measured import Measured
+    from mpq.sensitivity.runner import run_estimator
+
+    return {
+        metric: run_estimator(
+            Measured(metric=metric, path=path),
+            model,
+            discover(model),
+            task,
+            model_id="tiny",
+            formats=formats,
+            progress=False,
+        )
+        for metric in ("kl", "loss")
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_cached_block_path_equals_plain_path(batch_size: int) -> None:
+    """Every (target, format): KL, Δloss and their standard errors agree to 1e-6 relative."""
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    batches = list(ids.split(batch_size))
+    task = Task("causal_lm", "synthetic", "calib", batches, [b[:, 1:] for b in batches], lm_head)
+    formats = [*FORMATS, QuantFormat(bits=3, symmetric=False), QuantFormat(bits=8)]
+    plain = _table(model, task, "plain", formats)
+    fast = _table(model, task, "auto", formats)
+    for metric in ("kl", "loss"):
+        a, b = plain[metric], fast[metric]
+        assert set(a.distortions) == set(b.distortions)
+        for name, row in a.distortions.items():
+            assert set(row) == set(b.distortions[name])
+            for spec, value in row.items():
+                assert b.distortions[name][spec] == pytest.approx(value, rel=1e-6, abs=1e-12)
+                se = a.distortion_se[name][spec]
+                assert b.distortion_se[name][spec] == pytest.approx(se, rel=1e-5, abs=1e-12)
+    # The damage is resolved, not zero: 2 bits hurt far more than 8 bits on a block weight.
+    row = fast["kl"].distortions["model.layers.1.mlp.down_proj"]
+    assert row["2"] > 100 * row["8"] > 0
+
+
+def test_block_cache_recognizes_llama_and_refuses_other_tasks() -> None:
+    from mpq.sensitivity.blocks import capture
+    from mpq.tasks import cnn_head
+
+    model = tiny_llama()
+    cache = capture(model, _task())
+    assert not isinstance(cache, str)
+    assert cache.prefix == "model.layers"
+    assert cache.block_of(["model.layers.1.self_attn.q_proj"]) == 1
+    assert cache.block_of(["model.embed_tokens"]) is None
+    assert cache.block_of(["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]) is None
+    images = torch.randn(2, 3, 16, 16)
+    cnn = Task("cnn", "photos", "x", [images], None, cnn_head)
+    reason = capture(TinyConvNet().eval(), cnn)
+    assert isinstance(reason, str) and "language-model" in reason

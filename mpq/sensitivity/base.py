@@ -119,6 +119,9 @@ class Context:
     formats: tuple[QuantFormat, ...] = ()
     progress: bool = False
     _reference: Reference | None = None
+    #: what an estimator computes once per run and reuses across its ``compute`` calls (measured
+    #: damage keeps the fp model's cached block inputs here); dropped with the context
+    memo: dict[str, Any] = field(default_factory=dict)
 
     def weight(self, target: Target) -> torch.Tensor:
         w = getattr(self.model.get_submodule(target.name), "weight", None)

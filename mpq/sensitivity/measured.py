@@ -14,10 +14,21 @@ weight is fake-quantized in place, the model is run on the calibration batches, 
 are recorded; the weight is restored exactly afterwards. ``metric`` picks which one is the
 table's distortion (both are cached together, so switching is free); the table clamps
 negative values to 0 and its score is the largest distortion over the formats.
+
+Two paths give the same numbers (a test holds them within 1e-6 relative): the plain one runs
+the whole model per (target, format); the cached one (``path="auto"``, the default, on
+decoder-only language models that :mod:`mpq.sensitivity.blocks` recognizes) runs only the
+target's block per format, then the rest of the model once for all of a target's formats
+stacked, and scores every format against reference statistics computed once per batch
+(:func:`ref_stats`, :func:`fast_stats`: the same float64 KL and NLL with one ``logsumexp``
+and one dot product per format instead of two ``log_softmax``). Targets outside the blocks
+(embeddings, the head) and models it does not recognize use the plain path; the reason is
+logged once (logger ``mpq.sensitivity``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,16 +38,21 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from mpq.errors import MpqError
 from mpq.evaluate import Reference, batch_stats, evaluate
 from mpq.formats import QuantFormat
 from mpq.quantize import fake_quantize
 from mpq.sensitivity.base import Context, EstimatorBase, TargetResult, choice
+from mpq.sensitivity.blocks import MAX_ROWS, BlockCache, capture
 from mpq.sensitivity.loss import logits_loss
 from mpq.sensitivity.table import SensitivityTable
 from mpq.targets import Target
 from mpq.tasks import Task
 
 ESTIMATOR = "measured_kl"
+PATHS = ("auto", "plain")
+
+log = logging.getLogger("mpq.sensitivity")
 
 
 def _mean_se(values: torch.Tensor) -> tuple[float, float]:
@@ -66,17 +82,63 @@ def measure_target(
 
 
 @dataclass(frozen=True)
+class RefStats:
+    """The fp model's output distribution on one batch, in float64, for :func:`fast_stats`:
+    ``p`` ``[U, P, C]``, ``plogp`` = sum p log p and ``mass`` = sum p per position ``[U, P]``."""
+
+    p: torch.Tensor
+    plogp: torch.Tensor
+    mass: torch.Tensor
+
+
+def ref_stats(ref_logits: torch.Tensor) -> RefStats:
+    logp = torch.log_softmax(ref_logits.double(), dim=-1)
+    p = logp.exp()
+    # 0 * log 0 = 0, as in mpq.evaluate.batch_stats.
+    plogp = torch.where(p > 0, p * logp, 0.0).sum(-1)
+    return RefStats(p=p, plogp=plogp, mass=p.sum(-1))
+
+
+def fast_stats(
+    logits: torch.Tensor, ref: RefStats, labels: torch.Tensor, batch_index: int
+) -> tuple[torch.Tensor, float]:
+    """Per-unit KL(fp || q) and the mean NLL of ``logits`` ``[U, P, C]``, both float64.
+
+    The same quantities as :func:`mpq.evaluate.batch_stats` and
+    :func:`~mpq.sensitivity.loss.logits_loss`: with ``log q = z - lse(z)``,
+    ``KL = sum p log p - sum p z + lse(z) sum p`` and ``NLL = lse(z) - z[label]``."""
+    z = logits.double()
+    lse = torch.logsumexp(z, dim=-1)
+    u, pos, c = z.shape
+    cross = torch.bmm(z.reshape(u * pos, 1, c), ref.p.reshape(u * pos, c, 1)).reshape(u, pos)
+    kl = (ref.plogp - cross + lse * ref.mass).mean(-1)
+    nll = float((lse - z.gather(-1, labels[..., None].long()).squeeze(-1)).mean())
+    if not math.isfinite(nll):
+        raise MpqError(
+            f"the loss on calibration batch {batch_index} is {nll}; the model's outputs are "
+            f"not finite (check the model and the calibration data)"
+        )
+    return kl, nll
+
+
+@dataclass(frozen=True)
 class Measured(EstimatorBase):
-    """ZeroQ / MixDQ measured damage: ΔKL and Δloss with only one target quantized."""
+    """ZeroQ / MixDQ measured damage: ΔKL and Δloss with only one target quantized.
+
+    ``path``: ``auto`` uses the cached block inputs where the model allows (module docstring),
+    ``plain`` always runs the whole model; both give the same numbers, so it is not part of the
+    cache key."""
 
     name: ClassVar[str] = "measured"
     per_format: ClassVar[bool] = True
-    view_params: ClassVar[tuple[str, ...]] = ("metric",)
+    view_params: ClassVar[tuple[str, ...]] = ("metric", "path")
 
     metric: str = "kl"
+    path: str = "auto"
 
     def __post_init__(self) -> None:
         choice(self.metric, ("kl", "loss"), "metric")
+        choice(self.path, PATHS, "path")
 
     def label(self) -> str:
         return f"measured_{self.metric}"
@@ -92,34 +154,113 @@ class Measured(EstimatorBase):
         ref = ctx.reference()
         labels = ctx.calib.labels()
         base = ctx.calib.base_loss()
+        blocks = self._blocks(ctx)
         out = {}
         for t in targets:
-            weight = ctx.weight(t)
-            original = weight.detach().clone()
+            fmts = ctx.fitting_formats(t)
+            block = None if blocks is None else blocks.block_of([t.name, *t.aliases])
+            if blocks is not None and block is not None:
+                kls, losses = _cached_target(ctx, t, fmts, blocks, block, ref, labels)
+            else:
+                kls, losses = _plain_target(ctx, t, fmts, ref, labels)
             kl: dict[str, float] = {}
             dloss: dict[str, float] = {}
             kl_se: dict[str, float] = {}
             loss_se: dict[str, float] = {}
-            try:
-                with torch.no_grad():
-                    for fmt in ctx.fitting_formats(t):
-                        weight.copy_(fake_quantize(original, fmt))
-                        kls, losses = [], []
-                        for i, batch in enumerate(ctx.task.batches):
-                            logits = ctx.task.head(ctx.model, batch)
-                            kls.append(batch_stats(logits, ref.logits[i], None).kl)
-                            losses.append(float(logits_loss(logits, labels[i], i)))
-                        spec = fmt.spec()
-                        kl[spec], kl_se[spec] = _mean_se(torch.cat(kls))
-                        losses_t = torch.tensor(losses, dtype=torch.float64)
-                        mean_loss, loss_se[spec] = _mean_se(losses_t)
-                        dloss[spec] = mean_loss - base
-            finally:
-                with torch.no_grad():
-                    weight.copy_(original)
+            for spec in kls:
+                kl[spec], kl_se[spec] = _mean_se(torch.cat(kls[spec]))
+                mean_loss, loss_se[spec] = _mean_se(torch.tensor(losses[spec], dtype=torch.float64))
+                dloss[spec] = mean_loss - base
             rows = {"kl": kl, "loss": dloss, "kl_se": kl_se, "loss_se": loss_se}
             out[t.name] = TargetResult(values={}, distortions=rows)
         return out
+
+    def _blocks(self, ctx: Context) -> BlockCache | None:
+        """The block cache (captured on the first call with the fp weights), or None."""
+        if self.path == "plain":
+            return None
+        if "blocks" not in ctx.memo:
+            got = capture(ctx.model, ctx.task)
+            if isinstance(got, str):
+                log.info("measured damage: plain path (%s)", got)
+                ctx.memo["blocks"] = None
+            else:
+                ctx.memo["blocks"] = got
+        found = ctx.memo["blocks"]
+        return found if isinstance(found, BlockCache) else None
+
+
+PerFormat = tuple[dict[str, list[torch.Tensor]], dict[str, list[float]]]
+
+
+def _plain_target(
+    ctx: Context,
+    t: Target,
+    fmts: Sequence[QuantFormat],
+    ref: Reference,
+    labels: Sequence[torch.Tensor],
+) -> PerFormat:
+    """Per format: per-unit KLs and per-batch losses from whole-model runs."""
+    weight = ctx.weight(t)
+    original = weight.detach().clone()
+    kls: dict[str, list[torch.Tensor]] = {}
+    losses: dict[str, list[float]] = {}
+    try:
+        with torch.no_grad():
+            for fmt in fmts:
+                weight.copy_(fake_quantize(original, fmt))
+                spec = fmt.spec()
+                kls[spec], losses[spec] = [], []
+                for i, batch in enumerate(ctx.task.batches):
+                    logits = ctx.task.head(ctx.model, batch)
+                    kls[spec].append(batch_stats(logits, ref.logits[i], None).kl)
+                    losses[spec].append(float(logits_loss(logits, labels[i], i)))
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    return kls, losses
+
+
+def _cached_target(
+    ctx: Context,
+    t: Target,
+    fmts: Sequence[QuantFormat],
+    blocks: BlockCache,
+    block: int,
+    ref: Reference,
+    labels: Sequence[torch.Tensor],
+) -> PerFormat:
+    """The same numbers as :func:`_plain_target` from block ``block`` on (module docstring)."""
+    weight = ctx.weight(t)
+    original = weight.detach().clone()
+    specs = [f.spec() for f in fmts]
+    kls: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
+    losses: dict[str, list[float]] = {s: [] for s in specs}
+    quantized = [fake_quantize(original, f) for f in fmts]
+    with torch.no_grad():
+        for b in range(len(blocks.batches)):
+            hidden = []
+            try:
+                for q in quantized:
+                    weight.copy_(q)
+                    hidden.append(blocks.hidden_after(block, b))
+            finally:
+                weight.copy_(original)
+            if not hidden:
+                continue
+            rs = ref_stats(ref.logits[b])
+            rows = int(hidden[0].shape[0] * hidden[0].shape[1])
+            step = max(1, MAX_ROWS // max(rows, 1))
+            for start in range(0, len(hidden), step):
+                chunk = hidden[start : start + step]
+                logits = blocks.tail_logits(block + 1, b, chunk)
+                units = chunk[0].shape[0]
+                for j in range(len(chunk)):
+                    spec = specs[start + j]
+                    kl, nll = fast_stats(logits[j * units : (j + 1) * units], rs, labels[b], b)
+                    kls[spec].append(kl)
+                    losses[spec].append(nll)
+    return kls, losses
 
 
 def measured_damage(
