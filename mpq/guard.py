@@ -7,16 +7,25 @@ the budget (best by the table, as :func:`mpq.solvers.uniform.solve_uniform` pick
 same ``measure`` (lower is better: the calibration KL of the quantized model, built by
 :mod:`mpq.measure`) and returns the uniform plan, with the reason and both numbers, when the
 mixed one is worse. Ties keep the mixed plan.
+
+:func:`guard_unseen` is the same guarantee measured where it can see overfitting: on
+calibration tokens that neither the table nor the search used (the caller's ``measure``), with
+the log-perplexity (NLL) of language models. It also measures every uniform plan, places the
+mixed plan on the uniform curve and reports the nearest uniform plans on both sides of the
+budget and the budget at which uniform quantization would reach the mixed plan's quality
+(:func:`equal_quality_use`, interpolated linearly in the measured value: log ppl for NLL).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from mpq.solvers._measure import Measure, cached
+from mpq.solvers._measure import Measure, cached, uniform_choices
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.uniform import solve_uniform
 
@@ -74,3 +83,113 @@ def _with(solution: Solution, **extra: Any) -> Solution:
     stats = dict(solution.stats)
     stats.update(extra)
     return replace(solution, stats=stats)
+
+
+@dataclass(frozen=True)
+class UniformPoint:
+    """A uniform plan on the curve: its option, its use of the budgeted resource, its value."""
+
+    option: str
+    use: float
+    value: float
+
+
+def equal_quality_use(points: Sequence[UniformPoint], value: float) -> float:
+    """The resource use at which the uniform curve reaches ``value`` (lower is better).
+
+    Points are sorted by use; the first adjacent pair whose values bracket ``value`` (from the
+    cheap side) is interpolated linearly in the value. ``nan`` when ``value`` is outside the
+    curve's range (worse than the cheapest uniform plan, or better than the best).
+    """
+    pts = sorted(points, key=lambda p: (p.use, p.value))
+    for a, b in zip(pts, pts[1:], strict=False):
+        lo, hi = min(a.value, b.value), max(a.value, b.value)
+        if lo <= value <= hi:
+            if a.value == b.value:
+                return a.use
+            return a.use + (b.use - a.use) * (a.value - value) / (a.value - b.value)
+    if len(pts) == 1 and pts[0].value == value:
+        return pts[0].use
+    return math.nan
+
+
+def _resource(problem: AllocationProblem) -> str:
+    return "bits" if "bits" in problem.limits else next(iter(problem.limits))
+
+
+def uniform_curve(problem: AllocationProblem, measure: Measure) -> list[UniformPoint]:
+    """Every uniform plan the problem allows (whatever the budget), measured, by use."""
+    resource = _resource(problem)
+    n = len(problem.decisions)
+    out = []
+    for o, option in enumerate(problem.options):
+        choice = np.full(n, o, dtype=np.int64)
+        if not bool(problem.allowed[np.arange(n), choice].all()):
+            continue
+        use = float(problem.cost_of(choice)[resource])
+        out.append(UniformPoint(option, use, float(measure(choice))))
+    return sorted(out, key=lambda p: p.use)
+
+
+def guard_unseen(
+    problem: AllocationProblem, solution: Solution, measure: Measure
+) -> tuple[Solution, str]:
+    """:func:`guard_uniform` on unseen calibration tokens, with the uniform curve around it.
+
+    ``measure``: the quality on tokens the table and the search did not use (lower is better).
+    The returned solution's stats gain, besides ``guard``, ``measured_mixed`` and
+    ``measured_uniform``: ``uniform_below`` / ``uniform_above`` (the dearest uniform option
+    within the budget and the cheapest above it, with ``measured_below`` / ``measured_above``),
+    ``resource`` and ``equal_use``: the resource use at which the uniform curve measures what
+    the mixed plan measures (``nan`` outside the curve), and ``mixed_use``."""
+    score = cached(measure, problem)
+    resource = _resource(problem)
+    limit = float(problem.limits[resource])
+    curve = uniform_curve(problem, score)
+    fits = uniform_choices(problem)
+    fitting = {problem.options[int(c[0])] for c in fits}
+    below = [p for p in curve if p.option in fitting]
+    above = [p for p in curve if p.option not in fitting and p.use > limit]
+    extra: dict[str, Any] = {"resource": resource}
+    if below:
+        extra["uniform_below"], extra["measured_below"] = below[-1].option, below[-1].value
+    if above:
+        extra["uniform_above"], extra["measured_above"] = above[0].option, above[0].value
+    if solution.status == "infeasible" or not fits:
+        sol, why = guard_uniform(problem, solution, score)
+        return _with(sol, **extra), why
+    m_value = score(np.asarray(solution.choice))
+    extra["mixed_use"] = float(problem.cost_of(np.asarray(solution.choice))[resource])
+    extra["equal_use"] = equal_quality_use(curve, m_value)
+    best = min((p for p in curve if p.option in fitting), key=lambda p: (p.value, p.use))
+    if m_value > best.value:
+        choice = np.full(len(problem.decisions), problem.options.index(best.option))
+        uniform = Solution(
+            choice=choice,
+            status="feasible",
+            objective=problem.distortion_of(choice),
+            costs=problem.cost_of(choice),
+            solver="uniform",
+            wall_time=solution.wall_time,
+            stats={"option": best.option},
+        )
+        why = (
+            f"on unseen calibration tokens the {solution.solver} plan measures {m_value:.6g}, "
+            f"worse than {best.value:.6g} for uniform {best.option} within the same budget "
+            f"(lower is better); returning the uniform plan"
+        )
+        return _with(
+            uniform,
+            guard="replaced",
+            measured_mixed=m_value,
+            measured_uniform=best.value,
+            replaced=solution.solver,
+            **extra,
+        ), why
+    why = (
+        f"kept the {solution.solver} plan: on unseen calibration tokens it measures "
+        f"{m_value:.6g}, no worse than {best.value:.6g} for uniform {best.option}"
+    )
+    return _with(
+        solution, guard="kept", measured_mixed=m_value, measured_uniform=best.value, **extra
+    ), why

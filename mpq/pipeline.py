@@ -113,6 +113,7 @@ def solve(
     guard: bool = False,
     latency: Any = None,
     progress: bool = False,
+    guard_task: Task | None = None,
 ) -> tuple[BitPlan, Solution]:
     """Solve one budget with ``solver`` on ``table`` and return (plan, solution).
 
@@ -122,7 +123,12 @@ def solve(
     when the mixed plan measures worse than the best uniform plan that fits the budget, the
     uniform plan is returned; the plan's ``meta`` says which happened and why (``guard``,
     ``guard_reason``, ``measured_mixed``, ``measured_uniform``). ``latency``: the
-    ``[decisions, formats]`` seconds of a latency table, for a ``latency=`` budget."""
+    ``[decisions, formats]`` seconds of a latency table, for a ``latency=`` budget.
+    ``guard_task``: calibration tokens that neither the table nor the search used; with it the
+    guard measures there (NLL where the task has labels, else the search metric) with
+    :func:`mpq.guard.guard_unseen`, and ``meta`` also gets the nearest uniform plans on both
+    sides of the budget and ``equal_quality`` / ``saved`` (the budget at which uniform
+    quantization measures the same as the plan, in the budget's units, and the difference)."""
     if solver not in SOLVERS and solver not in SEARCHES:
         raise MpqError(f"solver {solver!r} is unknown; use one of {solver_names()}")
     if solver != "uniform" and table is None:
@@ -153,7 +159,19 @@ def solve(
     else:
         sol = SOLVERS.load(solver)(problem)
     reason = ""
-    if guard and solver != "uniform":
+    if guard and solver != "uniform" and guard_task is not None:
+        from mpq.guard import guard_unseen
+        from mpq.measure import evaluator_measure
+
+        unseen = evaluator_measure(
+            Evaluator(prep, guard_task, progress=False),
+            problem,
+            formats,
+            metric="nll" if guard_task.labels is not None else opts.metric,
+        )
+        sol, reason = guard_unseen(problem, sol, unseen)
+        sol = _equal_quality(sol, prep)
+    elif guard and solver != "uniform":
         from mpq.guard import guard_uniform
 
         sol, reason = guard_uniform(problem, sol, measure)
@@ -168,6 +186,19 @@ def solve(
     if prep.precondition.get("method", "none") != "none":
         meta["precondition"] = prep.precondition
     return dataclasses.replace(plan, meta=meta), sol
+
+
+def _equal_quality(sol: Solution, prep: Prepared) -> Solution:
+    """The guard's ``equal_use`` / ``mixed_use`` in the budget's units (bits per weight, bytes)."""
+    from mpq.cost import to_user
+
+    stats = dict(sol.stats)
+    resource = str(stats.get("resource", ""))
+    equal, used = stats.get("equal_use"), stats.get("mixed_use")
+    if resource and isinstance(equal, float) and isinstance(used, float) and equal == equal:
+        stats["equal_quality"] = to_user(prep.cost, resource, equal)
+        stats["saved"] = stats["equal_quality"] - to_user(prep.cost, resource, used)
+    return dataclasses.replace(sol, stats=stats)
 
 
 def _stats_meta(stats: Mapping[str, Any]) -> dict[str, Any]:

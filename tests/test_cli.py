@@ -424,11 +424,21 @@ def test_solve_with_exact_and_convex_solvers(
 ) -> None:
     out = tmp_path / "plan.json"
     argv = ["solve", "--model", tiny.model, "--solver", solver, "--budget", "bits=4.5"]
-    run_ok(capsys, [*argv, "--formats", "3,4,8", "--n", "1", "--seq-len", "16", "--out", str(out)])
+    said = run_ok(
+        capsys, [*argv, "--formats", "3,4,8", "--n", "1", "--seq-len", "16", "--out", str(out)]
+    )
     plan = BitPlan.load(out)
     plan.validate(tiny.targets)
     cost = build_cost_model(tiny.loaded.model, tiny.targets, tiny.loaded.model_id)
     assert cost.plan_cost(plan).effective_bits <= 4.5
+    # The guard scored on the calibration windows after the table's (log ppl): the uniform
+    # plans on both sides of the budget are named, with their measured NLL.
+    m = plan.meta
+    assert m["guard"] in ("kept", "replaced") and "unseen calibration tokens" in said
+    assert m["uniform_below"] == "4" and m["uniform_above"] == "8"
+    assert m["measured_below"] > 0 and m["measured_above"] > 0  # NLL of a random tiny model
+    if "equal_quality" in m:
+        assert m["saved"] == pytest.approx(m["equal_quality"] - cost.plan_cost(plan).effective_bits)
 
 
 def test_bounds_reports_feasible_range_and_uniform_points(
