@@ -159,7 +159,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise MpqError(f"--out {args.out!r} is a folder; give the path of the plan file to write")
     formats = _formats(args.formats)
     budget = parse_budget(args.budget)
-    for name in ("trials", "generations", "timesteps"):
+    for name in ("trials", "generations", "timesteps", "rounds"):
         if getattr(args, name) < 1:
             raise MpqError(f"--{name} {getattr(args, name)} must be at least 1")
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
@@ -188,6 +188,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         trials=args.trials,
         generations=args.generations,
         timesteps=args.timesteps,
+        rounds=args.rounds,
         storage=storage,
         study=args.study,
     )
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=40, help="bayes: trials in the study")
     p.add_argument("--generations", type=int, default=10, help="evolution: generations")
     p.add_argument("--timesteps", type=int, default=2000, help="sac: training steps")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="refine: rounds of coordinate descent on measured KL"
+    )
     p.add_argument(
         "--storage",
         default=None,

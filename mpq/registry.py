@@ -76,6 +76,7 @@ SEARCHES = Registry(
     {
         "bayes": "mpq.solvers.bayes:from_options",
         "evolution": "mpq.solvers.evolution:from_options",
+        "refine": "mpq.solvers.refine:from_options",
         "sac": "mpq.solvers.sac:from_options",
     },
 )
