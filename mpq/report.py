@@ -82,6 +82,52 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per mixed plan: the effective bits at which the uniform curve reaches its quality and the
+    bits it saves (that minus its own bits; negative: uniform is better at equal bits).
+
+    The uniform curve is interpolated linearly between adjacent uniform plans, in log of the
+    metric for perplexity and KL (in the metric for accuracy); outside the curve's range the
+    saving is not stated."""
+    from mpq.guard import UniformPoint, equal_quality_use
+
+    metric, lower = primary_metric(rows)
+
+    def key(x: float) -> float:
+        if metric in ("ppl", "kl"):
+            return math.log(x) if x > 0 else -math.inf
+        return x if lower else -x
+
+    points = [
+        UniformPoint(str(r["plan"]), float(r["effective_bits"]), key(float(r[metric])))
+        for r in rows
+        if r["policy"] == "uniform" and math.isfinite(float(r[metric]))
+    ]
+    lines = []
+    for r in rows:
+        if r["policy"] in ("uniform", "fp32") or not math.isfinite(float(r[metric])):
+            continue
+        equal = equal_quality_use(points, key(float(r[metric]))) if len(points) > 1 else math.nan
+        saved = equal - float(r["effective_bits"])
+        lines.append(
+            f"| {r['plan']} | {r['effective_bits']:.3f} | {_fmt(r[metric])} | "
+            f"{_fmt(equal, 3) if math.isfinite(equal) else 'outside the uniform range'} | "
+            f"{f'{saved:+.3f}' if math.isfinite(saved) else '-'} |"
+        )
+    if not lines:
+        return []
+    how = f"log {metric}" if metric in ("ppl", "kl") else metric
+    return [
+        f"Bits saved: the uniform bits that reach each plan's {metric} (uniform curve "
+        f"interpolated in {how}), minus the plan's bits.",
+        "",
+        f"| plan | bits | {metric} | uniform bits at equal {metric} | bits saved |",
+        "|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     metric, _ = primary_metric(rows)
     head = ["plan", "plans", "eff. bits", "model bits", "MB", "BOPs"]
@@ -455,6 +501,7 @@ def write_report(
     for data in dict.fromkeys(r["data"] for r in rows):
         sub = [r for r in rows if r["data"] == data]
         md += ["", f"## {data}", "", _table(sub), ""]
+        md += bits_saved(sub)
         v = verdicts(sub)
         if v:
             md += ["Mixed vs uniform:", "", *v]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,30 @@ def test_verdicts_compare_with_best_uniform_within_bits() -> None:
     assert "greedy@4.0" in v[1] and "LOSES to" in v[1]
     low = verdicts([_row("uniform:4", "uniform", 4.03, 30.0), _row("g", "greedy", 3.0, 50.0)])
     assert "no uniform plan fits" in low[0]
+
+
+def test_bits_saved_interpolates_the_uniform_curve_in_log_ppl() -> None:
+    from mpq.report import bits_saved
+
+    rows = [
+        _row("fp32", "fp32", 32, 20.0),
+        _row("uniform:3", "uniform", 3.0, 90.0),
+        _row("uniform:4", "uniform", 4.0, 30.0),
+        _row("uniform:5", "uniform", 5.0, 22.0),
+        _row("ilp@3.5", "ilp", 3.5, 30.0),  # as good as 4 bits: saves 0.5
+        _row("ilp@4.5", "ilp", 4.5, 26.0),  # between 4 and 5 bits, in log ppl
+        _row("ilp@4.2", "ilp", 4.2, 60.0),  # worse than uniform 4: negative
+        _row("ilp@6", "ilp", 6.0, 21.0),  # better than every uniform plan
+    ]
+    lines = bits_saved(rows)
+    by_plan = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| ilp")}
+    assert "| +0.500 |" in by_plan["ilp@3.5"]
+    at = 4.0 + (math.log(30) - math.log(26)) / (math.log(30) - math.log(22))
+    assert f"| {at:.3g} |" in by_plan["ilp@4.5"]
+    assert f"{at - 4.5:+.3f}" in by_plan["ilp@4.5"]
+    below = 3.0 + (math.log(90) - math.log(60)) / (math.log(90) - math.log(30))
+    assert f"{below - 4.2:+.3f}" in by_plan["ilp@4.2"] and below < 4.2
+    assert "outside the uniform range" in by_plan["ilp@6"]
 
 
 def test_accuracy_is_higher_is_better() -> None:

@@ -47,3 +47,30 @@ def test_measured_damage_is_zero_at_16_bits_and_grows_as_bits_shrink(prep: Prepa
         assert measure_target(model, t, [KEEP], task, ref)["16"] < 1e-6
     # the loss change is noisier (it may even drop on 63 tokens) but 2 bits cost something
     assert sum(loss.distortion(t.name, "2:asym") for t in prep.targets) > 0
+
+
+def test_cached_block_path_equals_plain_path_on_smollm2(prep: Prepared) -> None:
+    """The block cache recognizes SmolLM2 and gives the plain path's KL and Δloss (1e-6)."""
+    from mpq.sensitivity.blocks import capture
+
+    task = task_for(prep, "wiki", "calib", 2, 32, 2)
+    model = prep.loaded.model
+    assert not isinstance(capture(model, task), str)
+    formats = [QuantFormat.parse(s) for s in ("3:asym", "8:asym")]
+    for metric in ("kl", "loss"):
+        plain, fast = (
+            run_estimator(
+                Measured(metric=metric, path=path),
+                model,
+                prep.targets,
+                task,
+                model_id="smollm2-135m",
+                formats=formats,
+                progress=False,
+            )
+            for path in ("plain", "auto")
+        )
+        for t in prep.targets:
+            for f in formats:
+                want = plain.distortion(t.name, f.spec())
+                assert fast.distortion(t.name, f.spec()) == pytest.approx(want, rel=1e-6, abs=1e-12)

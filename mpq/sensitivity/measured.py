@@ -192,6 +192,20 @@ class Measured(EstimatorBase):
 
 PerFormat = tuple[dict[str, list[torch.Tensor]], dict[str, list[float]]]
 
+# Reference statistics of every batch are kept for the whole run when they fit in this much
+# memory (float64 probabilities: 8 bytes per position and class); otherwise per target.
+REF_STATS_BYTES = 512 * 2**20
+
+
+def _ref_stats(ctx: Context, ref: Reference, batch: int) -> RefStats:
+    total = sum(8 * x.numel() for x in ref.logits)
+    if total > REF_STATS_BYTES:
+        return ref_stats(ref.logits[batch])
+    memo: dict[int, RefStats] = ctx.memo.setdefault("ref_stats", {})
+    if batch not in memo:
+        memo[batch] = ref_stats(ref.logits[batch])
+    return memo[batch]
+
 
 def _plain_target(
     ctx: Context,
@@ -248,7 +262,7 @@ def _cached_target(
                 weight.copy_(original)
             if not hidden:
                 continue
-            rs = ref_stats(ref.logits[b])
+            rs = _ref_stats(ctx, ref, b)
             rows = int(hidden[0].shape[0] * hidden[0].shape[1])
             step = max(1, MAX_ROWS // max(rows, 1))
             for start in range(0, len(hidden), step):
