@@ -1,15 +1,25 @@
 """`QuantFormat`: how one weight tensor is stored.
 
-A format is data: bit-width of the codes, grouping, symmetry, scale dtype, method, and the bits of
-the activations that feed the layer. Its storage cost lives in :mod:`mpq.cost`, nowhere else.
+A format is data: bit-width of the codes, grouping, symmetry, the grid of code values, scale
+dtype, method (how the codes are chosen), and the bits of the activations that feed the layer.
+Its storage cost lives in :mod:`mpq.cost`, nowhere else.
 
 Spec strings (CLI and configs): ``"4"``, ``"4:g128"``, ``"4:g128:asym"``, ``"3:asym:bf16"``,
-``"8:a8"``, ``"16"`` (keep in high precision). Tokens after the bits, in any order:
-``g<N>`` group size (default: one group per output channel), ``sym``/``asym``,
-``fp16``/``bf16``/``fp32`` scale dtype, ``rtn``/``gptq`` method, ``a<N>`` activation bits,
+``"4:g32:mse"``, ``"4:g32:nl"``, ``"8:a8"``, ``"16"`` (keep in high precision). Tokens after
+the bits, in any order: ``g<N>`` group size (default: one group per output channel),
+``sym``/``asym``, ``fp16``/``bf16``/``fp32`` scale dtype, ``rtn``/``mse``/``gptq`` method,
+``nl``/``nf4`` non-uniform 4-bit grid (symmetric only), ``a<N>`` activation bits,
 ``dq``/``dq4``/``dq6``/``dq8`` double-quantized group scales (see :mod:`mpq.dq`: each group's
 scale, and min when asymmetric, is an N-bit code (``dq`` = 6) under one super-scale per 256
 weights of a row, stored at the scale dtype; needs a group size that divides 256).
+
+Methods (:mod:`mpq.quantize` dispatches): ``rtn`` round to nearest on the min/max grid;
+``mse`` a per-group search of the scale (and zero-point) that minimizes the reconstruction
+error, weighted per input channel by the layer's importance when calibration statistics are
+given; ``gptq`` GPTQ on the layer's input Hessian. Grids: ``int`` (uniform integers; the
+symmetric grid is the full signed range ``-2^(b-1) .. 2^(b-1)-1``), ``nl`` (llama.cpp IQ4_NL's
+16 values), ``nf4`` (QLoRA's NormalFloat-4). Every grid stores the same codes and scales, so
+the storage of ``4:g32:nl`` is that of ``4:g32``.
 """
 
 from __future__ import annotations
@@ -24,7 +34,10 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_BITS = (*QUANT_BITS, KEEP_BITS)
 SCALE_DTYPES = {"float16": 16, "bfloat16": 16, "float32": 32}
 _SCALE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "mse", "gptq")
+# Methods whose result depends on calibration statistics of the layer inputs.
+DATA_METHODS = ("mse", "gptq")
+GRIDS = ("int", "nl", "nf4")
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 DQ_BITS = (4, 6, 8)
 SUPER_BLOCK = 256
@@ -35,8 +48,10 @@ class QuantFormat:
     """Storage of one weight: ``bits`` codes (2..8) or 16 = kept as float16.
 
     ``group_size=None`` means one scale (and zero-point) per output channel; otherwise one per
-    ``group_size`` consecutive input weights of a row. ``act_bits`` is the bit-width of the layer's
-    input activations (16 = not quantized), used by BOPs budgets.
+    ``group_size`` consecutive input weights of a row. ``grid`` is the set of code values
+    (``int``: uniform; ``nl``/``nf4``: a 16-value 4-bit table, symmetric formats only).
+    ``act_bits`` is the bit-width of the layer's input activations (16 = not quantized), used by
+    BOPs budgets.
     """
 
     bits: int
@@ -46,6 +61,7 @@ class QuantFormat:
     method: str = "rtn"
     act_bits: int = 16
     dq_bits: int | None = None
+    grid: str = "int"
 
     def __post_init__(self) -> None:
         for name in ("bits", "act_bits", "group_size", "dq_bits"):
@@ -85,6 +101,17 @@ class QuantFormat:
                 )
             if self.keep:
                 raise MpqError("a kept (16-bit) weight has no scales to double-quantize")
+        if self.grid not in GRIDS:
+            raise MpqError(f"grid={self.grid!r} is unknown: use one of {list(GRIDS)}")
+        if self.grid != "int" and (self.bits != 4 or not self.symmetric):
+            raise MpqError(
+                f"grid {self.grid!r} is a 16-value table for symmetric 4-bit formats; "
+                f"use bits=4 without asym (e.g. '4:g32:{self.grid}') or the int grid"
+            )
+        if self.grid != "int" and self.dq_bits is not None:
+            raise MpqError(
+                f"grid {self.grid!r} with double-quantized scales is not supported; drop :dq"
+            )
 
     @property
     def keep(self) -> bool:
@@ -112,6 +139,8 @@ class QuantFormat:
             parts.append({v: k for k, v in _SCALE_ALIASES.items()}[self.scale_dtype])
         if self.dq_bits is not None:
             parts.append("dq" if self.dq_bits == 6 else f"dq{self.dq_bits}")
+        if self.grid != "int":
+            parts.append(self.grid)
         if self.method != "rtn":
             parts.append(self.method)
         if self.act_bits != KEEP_BITS:
@@ -139,6 +168,8 @@ class QuantFormat:
                 kwargs["scale_dtype"] = _SCALE_ALIASES[tok]
             elif tok in METHODS:
                 kwargs["method"] = tok
+            elif tok in GRIDS and tok != "int":
+                kwargs["grid"] = tok
             elif tok.startswith("a") and tok[1:].isdigit():
                 kwargs["act_bits"] = int(tok[1:])
             elif tok == "dq" or (tok.startswith("dq") and tok[2:].isdigit()):
@@ -146,7 +177,7 @@ class QuantFormat:
             else:
                 raise MpqError(
                     f"format {spec!r}: unknown token {tok!r}; expected g<N>, sym, asym, "
-                    f"fp16, bf16, fp32, rtn, gptq, a<N> or dq/dq<N>"
+                    f"fp16, bf16, fp32, rtn, mse, gptq, nl, nf4, a<N> or dq/dq<N>"
                 )
         if kwargs["bits"] == KEEP_BITS:
             kwargs = {"bits": KEEP_BITS, "act_bits": kwargs.get("act_bits", KEEP_BITS)}

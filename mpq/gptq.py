@@ -9,8 +9,10 @@ is small. The usual details:
   zero (``H_jj = 0``) get ``H_jj = 1`` and a zero weight.
 - **blocking**: columns are processed in blocks of ``block_size`` (rounded to whole groups); the
   error of a block is pushed to later columns with one matrix product (the "lazy batch" update).
-- **grids**: the same scale/zero-point rule as round-to-nearest (:func:`mpq.quantize.quantize`,
-  scales rounded to the scale dtype first). Per channel: from the whole original row. Grouped:
+- **grids** (``grid="rtn"``): the same scale/zero-point rule as round-to-nearest
+  (:mod:`mpq.quant.rtn`, scales rounded to the scale dtype first; any code grid, ``int``, ``nl``
+  or ``nf4``). ``grid="mse"``: the ``mse`` search (:mod:`mpq.quant.mse`) weighted per column by
+  the Hessian's diagonal (the importance). Per channel: from the whole original row. Grouped:
   from the group's columns *as updated by GPTQ*, when the first column of the group is reached.
 - **activation order** (``act_order=True``): columns are visited by decreasing ``H_jj``. The
   stored format has no column permutation, so the result is un-permuted: codes go back to their
@@ -26,20 +28,24 @@ weight (a test checks pack -> unpack -> dequantize).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.quantize import (
+from mpq.quant.core import (
     QuantizedTensor,
     check_format,
+    levels,
     matrix_shape,
     n_groups,
-    quantize,
     scale_torch_dtype,
 )
+from mpq.quant.mse import mse_grid
+from mpq.quant.rtn import grid_codes, rtn_grid
+
+GRID_RULES = ("rtn", "mse")
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,11 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    grid: str = "rtn"
 
     def __post_init__(self) -> None:
+        if self.grid not in GRID_RULES:
+            raise MpqError(f"GPTQ grid={self.grid!r} is unknown; use one of {list(GRID_RULES)}")
         if not self.damp >= 0:
             raise MpqError(f"GPTQ damp={self.damp} must be >= 0 (0.01 is usual)")
         if self.block_size < 1:
@@ -67,26 +76,35 @@ class GPTQResult:
     perm: torch.Tensor | None
 
 
-def _grid(w: torch.Tensor, rtn: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale (float32 values of the scale dtype) and zero offset for columns ``w``."""
-    qt = quantize(w.float(), replace(rtn, group_size=None))
-    scale = qt.scales[:, 0]
-    zero = (
-        qt.zeros[:, 0].float()
-        if qt.zeros is not None
-        else torch.full_like(scale, float(-rtn.qmin), dtype=torch.float32)
-    )
-    return scale, zero
+def _grid(
+    w: torch.Tensor, fmt: QuantFormat, weights: torch.Tensor | None, grid: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row scale (float32 values of the scale dtype) and zero-point (asymmetric) for the
+    columns ``w [rows, n]``: the rtn rule, or the ``mse`` search weighted by ``weights [n]``."""
+    w3 = w.float()[:, None, :]
+    if grid == "mse":
+        a = torch.ones(1, w.shape[1]) if weights is None else weights.float()[None]
+        a = a / a.mean().clamp_min(1e-30)
+        scale, zero = mse_grid(w3, a.to(w3.device), fmt)
+    else:
+        scale, zero = rtn_grid(w3, fmt)
+    return scale[:, 0], None if zero is None else zero[:, 0]
 
 
 def _quant_column(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    fmt: QuantFormat,
+    table: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned codes and dequantized values of one column with a given grid."""
     s = scale.to(w.dtype)
-    z = zero.to(w.dtype)
-    codes = torch.clamp(torch.round(w / s) + z, 0, (1 << fmt.bits) - 1)
-    return codes, (codes - z) * s
+    codes = grid_codes(w[:, None], s, None if zero is None else zero.to(w.dtype), fmt)[:, 0]
+    if table is not None:
+        return codes, table.to(w.dtype)[codes] * s
+    assert zero is not None
+    return codes, (codes.to(w.dtype) - zero.to(w.dtype)) * s
 
 
 def gptq_quantize(
@@ -97,12 +115,13 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    grid: str = "rtn",
 ) -> GPTQResult:
     """GPTQ of ``weight`` (any shape, viewed as ``[rows, cols]``) under ``hessian [cols, cols]``.
 
     Float64 on CPU, float32 on other devices. See the module docstring for the options.
     """
-    GPTQConfig(damp, block_size, act_order)
+    GPTQConfig(damp, block_size, act_order, grid)
     if fmt.keep:
         raise MpqError("gptq_quantize() got a keep (16-bit) format; nothing to quantize")
     shape = tuple(weight.shape)
@@ -114,7 +133,6 @@ def gptq_quantize(
             f"weight of shape {shape}"
         )
     dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
-    rtn = replace(fmt, method="rtn", act_bits=16)
     W = weight.detach().reshape(rows, cols).to(dtype).clone()
     H = hessian.detach().to(W.device, dtype).clone()
     if not bool(torch.isfinite(H).all()):
@@ -122,17 +140,26 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    diag = torch.diag(H).clone()  # the mse grid's per-column weights (original order)
+    table = levels(fmt, W.device) if fmt.symmetric else None
 
     gs = fmt.group_size
     groups = n_groups(cols, fmt)
     scales = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(rows, groups, dtype=torch.float32, device=W.device)
+
+    def set_grid(g: int, w: torch.Tensor, lo: int) -> None:
+        scale, zero = _grid(w, fmt, diag[lo : lo + w.shape[1]], grid)
+        scales[:, g] = scale
+        if zero is not None:
+            zeros[:, g] = zero
+
     static = gs is None or act_order
     if static:  # grids from the original weight, fixed before the pass
         for g in range(groups):
             lo = 0 if gs is None else g * gs
             hi = cols if gs is None else lo + gs
-            scales[:, g], zeros[:, g] = _grid(W[:, lo:hi], rtn)
+            set_grid(g, W[:, lo:hi], lo)
 
     perm: torch.Tensor | None = None
     if act_order:
@@ -163,11 +190,11 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             if not static and gs is not None and col % gs == 0:
-                g = col // gs
-                scales[:, g], zeros[:, g] = _grid(W1[:, i : i + gs], rtn)
+                set_grid(col // gs, W1[:, i : i + gs], col)
             g_col = int(group_of[col])
             w = W1[:, i]
-            c, q = _quant_column(w, scales[:, g_col], zeros[:, g_col], fmt)
+            zero = None if fmt.symmetric else zeros[:, g_col]
+            c, q = _quant_column(w, scales[:, g_col], zero, fmt, table)
             codes[:, col] = c
             d = Hinv1[i, i]
             loss += ((w - q) ** 2).sum() / d**2 / 2

@@ -221,7 +221,10 @@ def _redacted(storage: str | None) -> str | None:
 def plan_digest(plan: BitPlan) -> str:
     """Identifies what a plan computes (formats, model, mpq version), not its metadata."""
     body = json.dumps({n: f.to_dict() for n, f in plan.formats.items()}, sort_keys=True)
-    return hashlib.sha256(f"{__version__}|{plan.model_id}|{body}".encode()).hexdigest()[:20]
+    from mpq.quant.core import QUANT_VERSION
+
+    text = f"{__version__}|q{QUANT_VERSION}|{plan.model_id}|{body}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 @dataclass

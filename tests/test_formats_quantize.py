@@ -53,16 +53,46 @@ def test_rtn_codes_in_range_and_error_within_half_step(spec: str) -> None:
     assert qt.scales.dtype == {"float16": torch.float16, "float32": torch.float32}[fmt.scale_dtype]
     err = (dequantize(qt) - w).abs()
     group = fmt.group_size or 32
-    step = qt.scales.float().repeat_interleave(group, dim=1)
-    # Symmetric RTN clips the most negative grid point's twin: |w| <= qmax*s, so no clipping.
-    assert bool((err <= step / 2 + 1e-6).all())
+    step = qt.scales.float().abs().repeat_interleave(group, dim=1)
+    # Inside the grid the error is at most half a step. Symmetric: the signed absmax sits on the
+    # most negative level -2^(b-1), so weights of the other sign beyond (2^(b-1)-1)|s| are
+    # clipped, by at most one step.
+    top = ((1 << (fmt.bits - 1)) - 1 if fmt.symmetric else (1 << fmt.bits)) * step
+    inside = w.abs() <= top + step / 2
+    assert bool((err[inside] <= step[inside] / 2 + 1e-6).all())
+    assert bool((err[~inside] <= step[~inside] + 1e-6).all())
+    if not fmt.symmetric:
+        assert bool(inside.all())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_symmetric_rtn_follows_q4_0_rule(bits: int) -> None:
+    """llama.cpp's Q4_0 rule at every width: s = fp16(m / -2^(b-1)) for the signed value m of
+    largest magnitude, which gets code 0 (the level -2^(b-1)); no level is wasted."""
+    torch.manual_seed(1)
+    w = torch.randn(5, 64)
+    w[0, 3] = 9.0  # a positive maximum: the scale is negative
+    fmt = QuantFormat(bits=bits, group_size=32)
+    qt = quantize(w, fmt)
+    half = 1 << (bits - 1)
+    g = w.reshape(5, 2, 32)
+    m = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))[..., 0]
+    assert torch.equal(qt.scales, (m / -half).half())
+    codes = qt.codes.reshape(5, 2, 32)
+    at_max = torch.gather(codes, -1, g.abs().argmax(-1, keepdim=True))[..., 0]
+    assert bool((at_max == 0).all())
+    assert float(qt.scales[0, 0]) < 0
+    # Every code is in use over a large random tensor (no wasted level).
+    big = quantize(torch.randn(64, 4096), QuantFormat(bits=bits, group_size=32))
+    assert set(big.codes.unique().tolist()) == set(range(1 << bits))
 
 
 def test_rtn_is_exact_on_grid_values() -> None:
     fmt = QuantFormat(bits=3)
-    # A row whose values are multiples of 0.5 with max |w| = 1.5 = qmax * 0.5.
-    w = torch.tensor([[-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, -2.0 + 0.5]])
+    # Multiples of 0.5 whose value of largest magnitude is -2.0 = -4 * 0.5: levels -4..3.
+    w = torch.tensor([[-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]])
     assert torch.equal(fake_quantize(w, fmt), w)
+    assert torch.equal(fake_quantize(-w[:, :-1], fmt), -w[:, :-1])  # max +2.0: scale -0.5
 
 
 def test_asymmetric_zero_point_represents_zero_exactly() -> None:

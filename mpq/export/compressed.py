@@ -56,8 +56,8 @@ SHAPE_BYTES = 16  # weight_shape: int64 [2]
 
 
 def supported(fmt: QuantFormat) -> bool:
-    if fmt.act_bits != KEEP_BITS or fmt.dq_bits is not None:
-        return False  # activations, or double-quantized scales (no compressed-tensors scheme)
+    if fmt.act_bits != KEEP_BITS or fmt.dq_bits is not None or fmt.grid != "int":
+        return False  # activations, double-quantized scales or level tables: no scheme
     return fmt.keep or fmt.bits in CT_BITS
 
 

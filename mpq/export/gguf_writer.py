@@ -86,6 +86,8 @@ def gguf_type_name(fmt: QuantFormat) -> str | None:
         return None
     if fmt.keep:
         return "F16"
+    if fmt.grid != "int":
+        return None  # nl (IQ4_NL) is written by the GGUF exact types, not here
     if fmt.dq_bits is not None:
         return k_type_name(fmt)
     if fmt.group_size != BLOCK or fmt.scale_dtype != "float16":

@@ -140,6 +140,8 @@ class LaunchingBackend(Backend):
             return None
         if fmt.dq_bits is not None:
             return "its kernels do not read double-quantized (:dq) scales"
+        if fmt.grid != "int":
+            return f"its kernels read uniform integer grids, not the {fmt.grid!r} level table"
         groups = 1 if fmt.group_size is None else cols // fmt.group_size
         return offsets_problem(rows, cols, fmt.bits, groups)
 

@@ -25,7 +25,8 @@ fused ops win at 1 row, lose from about 8 rows on).
 4-bit ``:dq`` formats (:mod:`mpq.dq`) use the int4 op too, with their float32 group scales and
 the offset ``0`` (symmetric) or ``8 * scale - min`` (asymmetric).
 
-Every other format (2, 3, 5, 6, 7 bits, grouped 8-bit, N not a multiple of 16, ...) runs the
+Every other format (2, 3, 5, 6, 7 bits, grouped 8-bit, N not a multiple of 16, the ``nl`` and
+``nf4`` level tables, ...) runs the
 reference path (dequantize, then ``F.linear``), and the module reports ``backend="reference"``.
 Dequantization is exact in both ops; only the accumulation order differs from the reference.
 """
@@ -70,7 +71,7 @@ def _has_op(name: str) -> bool:
 
 def choose(fmt: QuantFormat, rows: int, cols: int) -> CpuKernel | None:
     """The fused op for a ``[rows, cols]`` weight in ``fmt``, or None (reference path)."""
-    if fmt.keep:
+    if fmt.keep or fmt.grid != "int":  # level tables (nl, nf4) run the reference path
         return None
     if fmt.bits == 8 and fmt.group_size is None and _has_op("_weight_int8pack_mm"):
         return CpuKernel("int8", cols)

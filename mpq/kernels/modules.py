@@ -191,6 +191,11 @@ class PackedWeight(nn.Module):
                 f"{self.fmt.spec()}: the Triton/CuPy kernels do not read double-quantized scales; "
                 f"use backend 'reference' or 'cpu'"
             )
+        if self.fmt.grid != "int":
+            raise MpqError(
+                f"{self.fmt.spec()}: the Triton/CuPy kernels do not read the {self.fmt.grid!r} "
+                f"level table; use backend 'reference'"
+            )
         return KernelOperands(
             self.qweight, self.scales, self.qzeros, bias, self.fmt.bits, self.cols, self.group
         )
@@ -228,8 +233,12 @@ class PackedWeight(nn.Module):
         ):
             raise MpqError(f"{name}.qzeros: padding bits are set; the zero-points were edited")
         s = self.scales.float()
-        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-            raise MpqError(f"{name}.scales: non-finite or non-positive scales; the file is corrupt")
+        bad = (s == 0) if self.fmt.symmetric else (s <= 0)  # symmetric scales carry a sign
+        if not bool(torch.isfinite(s).all()) or bool(bad.any()):
+            raise MpqError(
+                f"{name}.scales: non-finite, zero or (asymmetric) non-positive scales; the file "
+                f"is corrupt"
+            )
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, format={self.fmt.spec()}"
@@ -327,8 +336,9 @@ class QuantLinear(nn.Module):
             self._non_persistent_buffers_set.discard(key)
         if p.fmt.keep:
             choice = KernelChoice("reference", "float16 weight + F.linear")
-        elif p.fmt.dq_bits is not None and chosen.launches_kernels:
-            choice = REFERENCE_KERNEL  # 'auto' on a GPU: no Triton/CuPy kernel reads :dq scales
+        elif (p.fmt.dq_bits is not None or p.fmt.grid != "int") and chosen.launches_kernels:
+            # 'auto' on a GPU: no Triton/CuPy kernel reads :dq scales or nl/nf4 level tables
+            choice = REFERENCE_KERNEL
         else:
             choice = chosen.prepare(p)
         for key, value in choice.buffers.items():

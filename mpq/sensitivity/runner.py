@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from mpq.errors import MpqError
 from mpq.evaluate import Reference
 from mpq.formats import QuantFormat
+from mpq.quant.core import QUANT_VERSION
 from mpq.registry import ESTIMATORS as REGISTRY
 from mpq.sensitivity.base import Context, Estimator, TargetResult
 from mpq.sensitivity.cache import TargetCache
@@ -130,6 +131,7 @@ def cache_key(
 ) -> dict[str, Any]:
     key: dict[str, Any] = {
         "cache_version": CACHE_VERSION,
+        "quant_version": QUANT_VERSION,
         "estimator": estimator.name,
         "params": estimator.key_params(),
         "model": model_id,

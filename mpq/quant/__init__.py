@@ -1,0 +1,3 @@
+"""The quantizer math as pure functions: storage types and grids (:mod:`.core`), round to
+nearest (:mod:`.rtn`), the error-minimizing scale search (:mod:`.mse`). GPTQ is
+:mod:`mpq.gptq`; :mod:`mpq.quantize` is the one place that dispatches on a format's method."""
