@@ -8,12 +8,12 @@ and zero-points (:mod:`mpq.kernels.modules`) and runs its matmul on an explicit 
 outputs within float tolerance, at full speed, for search loops. The executor never decides
 bits; it applies what the plan says.
 
-Formats with ``method == "gptq"`` need calibration inputs (``calib=``): the executor runs them
-through the unquantized model once, with hooks that accumulate each GPTQ target's input second
-moment ``H = mean(x x^T)``, then quantizes with :func:`mpq.gptq.gptq_quantize`. (All Hessians
-come from one pass of the full-precision model, not layer by layer on the partly quantized
-model as in the GPTQ paper: simpler, one forward pass, slightly weaker.) GPTQ applies to Linear
-targets. Formats with ``act_bits < 16`` fake-quantize the layer input in both modes
+Formats whose method uses input statistics (``mse``: the importance ``mean(x^2)`` per input
+column; ``gptq``: ``H = mean(x x^T)``) take them from ``stats=`` (see :mod:`mpq.layerstats`,
+which also caches them on disk) or from calibration inputs (``calib=``) run once through the
+unquantized model. (All statistics come from one pass of the full-precision model, not layer by
+layer on the partly quantized model as in the GPTQ paper.) GPTQ applies to Linear targets.
+Formats with ``act_bits < 16`` fake-quantize the layer input in both modes
 (:mod:`mpq.activations`; fake mode uses a forward pre-hook).
 
 :func:`load_packed` rebuilds a packed model from a state dict or a file written by
@@ -35,13 +35,13 @@ from torch import nn
 
 from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.errors import MpqError
-from mpq.formats import KEEP_BITS
+from mpq.formats import DATA_METHODS, KEEP_BITS
 from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
-from mpq.models import run_batch
+from mpq.layerstats import InputStats, collect_input_stats
 from mpq.plan import BitPlan
-from mpq.quantize import dequantize, fake_quantize
+from mpq.quantize import dequantize, quantize
 from mpq.targets import Target
 
 Mode = Literal["packed", "fake"]
@@ -89,40 +89,23 @@ def collect_hessians(
     model: nn.Module, names: Sequence[str], calib: Iterable[Any]
 ) -> dict[str, torch.Tensor]:
     """``H = mean over input rows of x x^T`` (float64) of the Linear modules ``names``, from one
-    forward pass per calibration batch (a tensor, a tuple of positional inputs, or a dict of
-    keyword inputs; a :class:`mpq.tasks.Task` gives its ``batches``)."""
-    batches = getattr(calib, "batches", calib)
-    sums: dict[str, torch.Tensor] = {}
-    counts = {n: 0 for n in names}
-    hooks = []
+    forward pass per calibration batch (:func:`mpq.layerstats.collect_input_stats`)."""
+    stats = collect_input_stats(model, names, calib, full=names)
+    return {n: st.full for n, st in stats.items() if st.full is not None}
 
-    def hook(name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        x = inputs[0].detach()
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        h = x.T @ x
-        sums[name] = sums[name] + h if name in sums else h
-        counts[name] += x.shape[0]
 
-    for n in names:
-        m = model.get_submodule(n)
-        if not isinstance(m, nn.Linear):
-            raise MpqError(f"{n}: GPTQ needs a Linear layer, this is a {type(m).__name__}")
-        hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: hook(n, mod, inp)))
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run_batch(model, batch)
-                seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-    if seen == 0:
-        raise MpqError("calib has no batches; GPTQ needs calibration inputs")
-    missing = [n for n in names if counts[n] == 0]
-    if missing:
-        raise MpqError(f"the calibration pass never reached {missing[:3]}; check the inputs")
-    return {n: sums[n] / counts[n] for n in names}
+def data_targets(plan: BitPlan, targets: Sequence[Target]) -> tuple[list[str], list[str]]:
+    """(Linear targets whose format's method uses input statistics (mse, gptq), those of them
+    that need the full second moment (gptq))."""
+    names, full = [], []
+    for t in targets:
+        fmt = plan.formats[t.name]
+        if fmt.keep or fmt.method not in DATA_METHODS or t.kind != "linear":
+            continue
+        names.append(t.name)
+        if fmt.method == "gptq":
+            full.append(t.name)
+    return names, full
 
 
 def _act_pre_hook(bits: int, cfg: ActQuant, channel_dim: int) -> Any:
@@ -143,12 +126,17 @@ def apply_plan(
     calib: Iterable[Any] | None = None,
     gptq: GPTQConfig | None = None,
     act: ActQuant = DEFAULT_ACT_QUANT,
+    stats: Mapping[str, InputStats] | None = None,
 ) -> nn.Module:
     """The model with ``plan`` applied (a copy unless ``inplace``).
 
     ``backend`` picks the kernels of packed Linear layers (``mpq.executor.backends(model)``
-    reports what each layer got); ``calib`` feeds GPTQ formats; ``gptq`` sets its options;
-    ``act`` sets how ``act_bits`` quantize layer inputs.
+    reports what each layer got); ``act`` sets how ``act_bits`` quantize layer inputs.
+    Formats whose method uses input statistics: ``stats`` (per target, e.g. from
+    :func:`mpq.layerstats.cached_input_stats`) or else ``calib`` (batches run through the
+    unquantized model once) supply them. ``mse`` uses the importance (``diag``) when either is
+    given and the plain squared error otherwise (and on non-Linear targets); ``gptq`` needs the
+    full second moment and refuses to run without; ``gptq=`` sets its options.
     """
     if mode not in ("packed", "fake"):
         raise MpqError(f"mode={mode!r} is unknown; use 'packed' or 'fake'")
@@ -164,18 +152,22 @@ def apply_plan(
         if t.kind != "linear":
             raise MpqError(
                 f"{t.name}: GPTQ applies to Linear layers, this target is a {t.kind}; "
-                f"give it an rtn format"
+                f"give it an rtn or mse format"
             )
-    if gptq_targets and calib is None:
-        names = [t.name for t in gptq_targets]
+    names, full = data_targets(plan, targets)
+    have = dict(stats or {})
+    lacking_full = [n for n in full if n not in have or have[n].full is None]
+    if lacking_full and calib is None:
         raise MpqError(
-            f"plan uses GPTQ for {len(names)} target(s) ({names[:3]}) but no calibration data "
-            f"was given: pass apply_plan(..., calib=batches) or use rtn formats"
+            f"plan uses GPTQ for {len(full)} target(s) ({lacking_full[:3]}) but no calibration "
+            f"data was given: pass apply_plan(..., calib=batches) or stats=, or use rtn formats"
         )
-    hessians: dict[str, torch.Tensor] = {}
-    if gptq_targets:
-        assert calib is not None
-        hessians = collect_hessians(model, [t.name for t in gptq_targets], calib)
+    if calib is not None:
+        todo = [n for n in names if n not in have or (n in full and have[n].full is None)]
+        if todo:
+            have.update(
+                collect_input_stats(model, todo, calib, full=[n for n in todo if n in full])
+            )
     cfg = gptq or GPTQConfig()
     out = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
@@ -184,18 +176,24 @@ def apply_plan(
             module = out.get_submodule(t.name)
             w = _weight(module)
             qt = None
-            if t.name in hessians:
+            st = have.get(t.name)
+            if fmt.method == "gptq" and not fmt.keep:
+                assert st is not None and st.full is not None
                 qt = gptq_quantize(
                     w,
-                    hessians[t.name],
+                    st.full,
                     fmt,
                     damp=cfg.damp,
                     block_size=cfg.block_size,
                     act_order=cfg.act_order,
+                    grid=cfg.grid,
                 ).quantized
+            elif not fmt.keep:
+                importance = st.diag if st is not None and fmt.method == "mse" else None
+                qt = quantize(w, fmt, importance=importance)
             owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
             if mode == "fake":
-                w.copy_(dequantize(qt).to(w.dtype) if qt is not None else fake_quantize(w, fmt))
+                w.copy_(dequantize(qt).to(w.dtype) if qt is not None else w.half().to(w.dtype))
                 if fmt.act_bits != KEEP_BITS:
                     for _, mod in owners:
                         if isinstance(mod, (nn.Linear, nn.Conv2d)):

@@ -1,0 +1,193 @@
+"""Second moments of the targets' inputs from one calibration pass, cached on disk.
+
+For a Linear layer with inputs ``x [rows, cols]`` over all calibration tokens:
+
+- ``diag[j] = mean(x_j^2)``: the layer's **importance** per input column (llama.cpp's
+  imatrix), which weights the ``mse`` method's error;
+- ``full = mean(x x^T)``: the Hessian of ``||x W^T - x Q^T||^2`` up to a factor 2, which
+  GPTQ needs. Only collected for the names asked for (``full=``), since it is
+  ``cols^2`` float64 values per layer.
+
+Layers that read the same input tensor one after another (q/k/v, gate/up) share its sums.
+:func:`cached_input_stats` stores each layer's statistics as a safetensors file under
+``<cache_root>/<key>/``, key = model id, a fingerprint of its weights, the calibration task's key
+and :data:`STATS_VERSION`; a rerun reads them instead of running the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq.errors import MpqError
+from mpq.models import run_batch
+
+STATS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """``diag [cols]`` and (when collected) ``full [cols, cols]`` float64 second moments of one
+    layer's inputs, over ``rows`` input rows (tokens)."""
+
+    diag: torch.Tensor
+    full: torch.Tensor | None
+    rows: int
+
+
+def collect_input_stats(
+    model: nn.Module,
+    names: Sequence[str],
+    calib: Iterable[Any],
+    *,
+    full: Collection[str] = (),
+) -> dict[str, InputStats]:
+    """Statistics of the Linear modules ``names`` from one forward pass per calibration batch
+    (a tensor, a tuple of positional inputs, or a dict of keyword inputs; a
+    :class:`mpq.tasks.Task` gives its ``batches``). ``full``: names that also get ``x x^T``."""
+    batches = getattr(calib, "batches", calib)
+    unknown = set(full) - set(names)
+    if unknown:
+        raise MpqError(f"full statistics asked for {sorted(unknown)[:3]}, which are not in names")
+    diag: dict[str, torch.Tensor] = {}
+    outer: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+    # The last input seen and its sums: q/k/v (and gate/up) read one tensor one after another.
+    last: list[Any] = [None, None, None]  # input tensor (kept alive), diag sum, outer sum
+
+    def hook(name: str, inputs: tuple[Any, ...]) -> None:
+        x = inputs[0].detach()
+        if last[0] is not x or (name in full and last[2] is None):
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            outer_sum = x2.T @ x2 if name in full else None
+            last[:] = [x, x2.pow(2).sum(0), outer_sum]
+        d, h = last[1], last[2]
+        diag[name] = diag[name] + d if name in diag else d.clone()
+        if name in full:
+            assert h is not None
+            outer[name] = outer[name] + h if name in outer else h.clone()
+        counts[name] += x.numel() // x.shape[-1]
+
+    hooks = []
+    for n in names:
+        m = model.get_submodule(n)
+        if not isinstance(m, nn.Linear):
+            raise MpqError(
+                f"{n}: input statistics are collected for Linear layers, this is a "
+                f"{type(m).__name__}"
+            )
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: hook(n, inp)))
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_batch(model, batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        last[:] = [None, None, None]
+    if seen == 0:
+        raise MpqError("the calibration data has no batches; input statistics need inputs")
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise MpqError(f"the calibration pass never reached {missing[:3]}; check the inputs")
+    return {
+        n: InputStats(
+            diag=diag[n] / counts[n],
+            full=outer[n] / counts[n] if n in outer else None,
+            rows=counts[n],
+        )
+        for n in names
+    }
+
+
+def stats_key(model_id: str, fingerprint: str, task_key: str) -> str:
+    """The cache folder name of one model's statistics on one calibration task."""
+    body = json.dumps(
+        {"v": STATS_VERSION, "model": model_id, "weights": fingerprint, "task": task_key},
+        sort_keys=True,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()[:20]
+
+
+def _file(folder: Path, name: str, kind: str) -> Path:
+    return folder / f"{name}.{kind}.safetensors"
+
+
+def cached_input_stats(
+    model: nn.Module,
+    names: Sequence[str],
+    task: Any,
+    *,
+    model_id: str,
+    cache_root: Path,
+    full: Collection[str] = (),
+) -> dict[str, InputStats]:
+    """:func:`collect_input_stats` on ``task`` (a :class:`mpq.tasks.Task`), read from and
+    written to ``cache_root`` (one pass computes whatever is missing)."""
+    from safetensors.torch import load_file, save_file
+
+    from mpq.sensitivity.runner import model_fingerprint
+
+    folder = Path(cache_root) / stats_key(model_id, model_fingerprint(model), str(task.key))
+    out: dict[str, InputStats] = {}
+    todo_names, todo_full = [], []
+    for n in names:
+        d_path, f_path = _file(folder, n, "diag"), _file(folder, n, "full")
+        if d_path.is_file() and (n not in full or f_path.is_file()):
+            try:
+                d = load_file(str(d_path))
+                h = load_file(str(f_path))["full"] if n in full else None
+                out[n] = InputStats(d["diag"], h, int(d["rows"].item()))
+                continue
+            except Exception:  # a damaged file: recompute it
+                pass
+        todo_names.append(n)
+        if n in full:
+            todo_full.append(n)
+    if todo_names:
+        fresh = collect_input_stats(model, todo_names, task, full=todo_full)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, st in fresh.items():
+            rows = torch.tensor([st.rows], dtype=torch.int64)
+            _atomic_save(save_file, {"diag": st.diag, "rows": rows}, _file(folder, n, "diag"))
+            if st.full is not None:
+                _atomic_save(save_file, {"full": st.full}, _file(folder, n, "full"))
+        out.update(fresh)
+    return {n: out[n] for n in names}
+
+
+def _atomic_save(save: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def merge_stats(parts: Sequence[Mapping[str, InputStats]]) -> dict[str, InputStats]:
+    """Statistics over the union of several calibration sets (means weighted by rows)."""
+    if not parts:
+        raise MpqError("merge_stats needs at least one set of statistics")
+    out: dict[str, InputStats] = {}
+    for name in parts[0]:
+        items = [p[name] for p in parts]
+        rows = sum(s.rows for s in items)
+        diag = sum((s.diag * s.rows for s in items), torch.zeros_like(items[0].diag)) / rows
+        full = None
+        if all(s.full is not None for s in items):
+            first = items[0].full
+            assert first is not None
+            acc = torch.zeros_like(first)
+            for s in items:
+                assert s.full is not None
+                acc += s.full * s.rows
+            full = acc / rows
+        out[name] = InputStats(diag=diag, full=full, rows=rows)
+    return out
