@@ -41,7 +41,7 @@ VARIANTS = ("rtn", "mse", "mse+imp", "gptq", "gptq+mse")
 
 
 DEFAULT_ROWS = (
-    "4:g32=rtn,mse,mse+imp,gptq,gptq+mse;4:g32:nl=rtn,mse+imp;4:g64=rtn,mse+imp;"
+    "4:g32=rtn,mse,mse+imp,gptq;4:g32:nl=rtn,mse+imp;4:g64=rtn,mse+imp;"
     "4=rtn,mse+imp;3:g32=rtn,mse,mse+imp,gptq;5:g32=rtn,mse+imp;6:g32=rtn,mse+imp;"
     "3:g64=rtn,mse+imp;5:g64=rtn,mse+imp;6:g64=rtn,mse+imp;3=rtn,mse+imp;5=rtn,mse+imp;"
     "6=rtn,mse+imp;4:g32=gptq+mse"
