@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.kernels.checks import offsets_problem
+from mpq.kernels.packing import offsets_problem
 from mpq.registry import BACKENDS as REGISTRY
 
 if TYPE_CHECKING:

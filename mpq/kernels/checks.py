@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from mpq.errors import MpqError
+from mpq.kernels.backends import get
+from mpq.kernels.packing import offsets_problem
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INT32_MAX = 2**31 - 1
 
 
 def interpreted() -> bool:
@@ -36,22 +37,8 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def offsets_problem(rows: int, cols: int, bits: int, groups: int, batch: int = 0) -> str | None:
-    """Why int32 offsets cannot index a ``[rows, cols]`` weight at ``bits`` with ``groups``
-    scales per row (and, when ``batch > 0``, ``[batch, max(rows, cols)]`` activations), or None.
-    """
-    words = -(-cols * bits // 32)
-    if rows * words > INT32_MAX or rows * groups * bits > INT32_MAX:
-        return f"a {rows}x{cols} weight at {bits} bits needs offsets beyond int32"
-    if batch * max(rows, cols) > INT32_MAX:
-        return f"a batch of {batch} rows of {max(rows, cols)} values needs offsets beyond int32"
-    return None
-
-
 def device_problem(backend: str, device: torch.device) -> str | None:
     """Why ``backend``'s kernels cannot run tensors on ``device`` (with the fix), or None."""
-    from mpq.kernels.backends import get
-
     return get(backend).device_problem(device)
 
 
@@ -141,8 +128,6 @@ class KernelOperands:
                 detail = _input_detail(x2, self.cols, self.qweight.device)
             if detail is None:
                 # Triton indexes activations with int32; cupy's kernel with 64-bit offsets.
-                from mpq.kernels.backends import get
-
                 wide = get(backend).int32_activations
                 batch = x2.shape[0] if x2 is not None and wide else 0
                 detail = offsets_problem(self.rows, self.cols, self.bits, self.groups, batch)

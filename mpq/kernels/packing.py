@@ -118,3 +118,17 @@ def padding_is_zero(words: torch.Tensor, bits: int, cols: int) -> bool:
         return True
     last = words[:, -1].to(torch.int64) & 0xFFFFFFFF
     return bool(((last >> used) == 0).all())
+
+
+INT32_MAX = 2**31 - 1
+
+
+def offsets_problem(rows: int, cols: int, bits: int, groups: int, batch: int = 0) -> str | None:
+    """Why int32 offsets cannot index a ``[rows, cols]`` weight at ``bits`` with ``groups``
+    scales per row (and, when ``batch > 0``, ``[batch, max(rows, cols)]`` activations), or None.
+    """
+    if rows * words_per_row(cols, bits) > INT32_MAX or rows * groups * bits > INT32_MAX:
+        return f"a {rows}x{cols} weight at {bits} bits needs offsets beyond int32"
+    if batch * max(rows, cols) > INT32_MAX:
+        return f"a batch of {batch} rows of {max(rows, cols)} values needs offsets beyond int32"
+    return None
