@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 
 from mpq import __version__
-from mpq.cost import CostModel, build_cost_model
 from mpq.errors import MpqError
 from mpq.evaluate import EvalResult, Reference, evaluate, reference
 from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
-from mpq.models import LoadedModel, cache_root, load_model, sample_input
+from mpq.models import cache_root
 from mpq.plan import BitPlan, atomic_write_text, uniform_plan
+from mpq.precondition import preconditioned, prepared_for_plan
+from mpq.prepared import CalibSpec, Prepared, prepare, task_for
 from mpq.problem import build_problem, solution_to_plan
 from mpq.registry import SEARCHES, SOLVERS, solver_names
 from mpq.sensitivity.base import Estimator
@@ -29,35 +30,24 @@ from mpq.sensitivity.runner import run_estimator
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.options import SearchOptions
-from mpq.targets import DEFAULT_TIE_RULES, Target, discover
-from mpq.tasks import Task, make_task
+from mpq.tasks import Task
 
-
-@dataclass
-class Prepared:
-    loaded: LoadedModel
-    targets: list[Target]
-    cost: CostModel
-    # What mpq.precondition did to the fp model (recorded into every plan solved from it).
-    precondition: dict[str, Any] = field(default_factory=lambda: {"method": "none", "params": {}})
-
-
-def prepare(
-    model_id: str,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] | None = None,
-    ties: bool = True,
-) -> Prepared:
-    """Load the model, discover its targets (model defaults for ``exclude``), read its costs.
-
-    MACs (for BOPs) are counted on :func:`~mpq.models.sample_input`: one sequence of the
-    model's ``seq_len`` tokens, or one 224x224 image.
-    """
-    loaded = load_model(model_id)
-    excl = loaded.default_exclude if exclude is None else tuple(exclude)
-    targets = discover(loaded.model, include, excl, DEFAULT_TIE_RULES if ties else ())
-    cost = build_cost_model(loaded.model, targets, loaded.model_id, sample_input(loaded))
-    return Prepared(loaded, targets, cost)
+# Re-exported: every command reaches the pipeline's steps from here.
+__all__ = [
+    "CalibSpec",
+    "Evaluator",
+    "Prepared",
+    "SearchOptions",
+    "damage_table",
+    "plan_digest",
+    "preconditioned",
+    "prepare",
+    "prepared_for_plan",
+    "sensitivity_table",
+    "solve",
+    "task_for",
+    "uniform_plans",
+]
 
 
 def damage_table(
@@ -272,66 +262,3 @@ def uniform_plans(prep: Prepared, formats: Sequence[QuantFormat]) -> list[BitPla
     return [uniform_plan(prep.targets, f, prep.loaded.model_id) for f in formats]
 
 
-def task_for(
-    prep: Prepared,
-    data_id: str,
-    split: str,
-    n: int | None,
-    seq_len: int | None,
-    batch_size: int | None,
-    offset: int = 0,
-) -> Task:
-    return make_task(prep.loaded, data_id, split, n, seq_len, batch_size, offset)
-
-
-@dataclass(frozen=True)
-class CalibSpec:
-    """Which calibration data a step used (recorded in plans so an eval can reproduce it)."""
-
-    data: str = "wiki"
-    split: str = "calib"
-    n: int | None = 2
-    seq_len: int | None = 128
-    batch_size: int | None = None
-
-
-def preconditioned(prep: Prepared, spec: Any, calib: CalibSpec) -> Prepared:
-    """``prep`` with the equivalence transform ``spec`` (a :class:`mpq.precondition.
-    PreconditionSpec` or its text, e.g. ``"awq"``) applied, fitted on ``calib``; the record in
-    ``precondition`` (copied into every plan solved from it) names the calibration data."""
-    from mpq.precondition import PreconditionSpec, precondition
-
-    if isinstance(spec, str):
-        spec = PreconditionSpec.parse(spec)
-    if spec.method == "none":
-        return prep
-    task = task_for(prep, calib.data, calib.split, calib.n, calib.seq_len, calib.batch_size)
-    new, _ = precondition(prep, spec, task)
-    new.precondition = {**new.precondition, "calib_args": dataclasses.asdict(calib)}
-    return new
-
-
-def prepared_for_plan(prep: Prepared, plan: BitPlan) -> Prepared:
-    """The model ``plan`` was solved for: ``prep`` with the transform recorded in
-    ``plan.meta["precondition"]`` re-applied on the recorded calibration data, checked to give
-    the same scales (``scales_sha256``); ``prep`` itself when the plan records none."""
-    from mpq.precondition import spec_from_plan
-
-    rec = plan.meta.get("precondition") or {}
-    if rec.get("method", "none") == "none":
-        return prep
-    args = rec.get("calib_args")
-    if not isinstance(args, dict):
-        raise MpqError(
-            f"the plan was solved on a {rec.get('method')!r}-preconditioned model but does not "
-            f"record its calibration data (calib_args); solve it again with this mpq version"
-        )
-    new = preconditioned(prep, spec_from_plan(plan), CalibSpec(**args))
-    want, got = rec.get("scales_sha256"), new.precondition.get("scales_sha256")
-    if want != got:
-        raise MpqError(
-            f"re-running the plan's {rec.get('method')!r} transform gave other scales "
-            f"(sha256 {got} vs recorded {want}): the model, data or mpq version differ from "
-            f"the ones the plan was solved with; solve the plan again"
-        )
-    return new

@@ -61,7 +61,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,13 +69,11 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.models import run_batch
+from mpq.plan import BitPlan
+from mpq.prepared import CalibSpec, Prepared, task_for
 from mpq.quantize import fake_quantize
 from mpq.targets import KINDS, Target
 from mpq.tasks import Task
-
-if TYPE_CHECKING:
-    from mpq.pipeline import Prepared
-    from mpq.plan import BitPlan
 
 METHODS = ("none", "scale_folding", "awq")
 #: AWQ's search needs at least this many calibration tokens (rows of X): below it the
@@ -684,12 +682,10 @@ def precondition_model(
 def precondition(
     prep: Prepared, spec: PreconditionSpec, calib: Task | Iterable[Any] | None = None
 ) -> tuple[Prepared, Preconditioned]:
-    """A new :class:`mpq.pipeline.Prepared` holding the transformed model, with the same targets
+    """A new :class:`mpq.prepared.Prepared` holding the transformed model, with the same targets
     and cost model (folding changes no shape or dtype). Its ``loaded.model_id`` gets a
     ``+<method>-<digest>`` tag so caches keyed by model id never mix the two models; plans keep
     the cost model's (original) id and should carry ``record`` in ``meta["precondition"]``."""
-    from mpq.pipeline import Prepared
-
     res = precondition_model(prep.loaded.model, spec, calib, prep.targets)
     loaded = dataclasses.replace(prep.loaded, model=res.model)
     if spec.method != "none":
@@ -698,10 +694,7 @@ def precondition(
         )
         tag = hashlib.sha256(body.encode()).hexdigest()[:10]
         loaded.model_id = f"{prep.loaded.model_id}+{spec.method}-{tag}"
-    extra: dict[str, Any] = {}
-    if "precondition" in {f.name for f in dataclasses.fields(Prepared)}:
-        extra["precondition"] = dict(res.record)  # once Prepared carries the record
-    return Prepared(loaded, list(prep.targets), prep.cost, **extra), res
+    return Prepared(loaded, list(prep.targets), prep.cost, dict(res.record)), res
 
 
 def spec_from_plan(plan: BitPlan) -> PreconditionSpec:
@@ -710,3 +703,41 @@ def spec_from_plan(plan: BitPlan) -> PreconditionSpec:
     if rec is None:
         return PreconditionSpec()
     return PreconditionSpec.from_dict(rec)
+
+
+def preconditioned(prep: Prepared, spec: Any, calib: CalibSpec) -> Prepared:
+    """``prep`` with the equivalence transform ``spec`` (a :class:`mpq.precondition.
+    PreconditionSpec` or its text, e.g. ``"awq"``) applied, fitted on ``calib``; the record in
+    ``precondition`` (copied into every plan solved from it) names the calibration data."""
+    if isinstance(spec, str):
+        spec = PreconditionSpec.parse(spec)
+    if spec.method == "none":
+        return prep
+    task = task_for(prep, calib.data, calib.split, calib.n, calib.seq_len, calib.batch_size)
+    new, _ = precondition(prep, spec, task)
+    new.precondition = {**new.precondition, "calib_args": dataclasses.asdict(calib)}
+    return new
+
+
+def prepared_for_plan(prep: Prepared, plan: BitPlan) -> Prepared:
+    """The model ``plan`` was solved for: ``prep`` with the transform recorded in
+    ``plan.meta["precondition"]`` re-applied on the recorded calibration data, checked to give
+    the same scales (``scales_sha256``); ``prep`` itself when the plan records none."""
+    rec = plan.meta.get("precondition") or {}
+    if rec.get("method", "none") == "none":
+        return prep
+    args = rec.get("calib_args")
+    if not isinstance(args, dict):
+        raise MpqError(
+            f"the plan was solved on a {rec.get('method')!r}-preconditioned model but does not "
+            f"record its calibration data (calib_args); solve it again with this mpq version"
+        )
+    new = preconditioned(prep, spec_from_plan(plan), CalibSpec(**args))
+    want, got = rec.get("scales_sha256"), new.precondition.get("scales_sha256")
+    if want != got:
+        raise MpqError(
+            f"re-running the plan's {rec.get('method')!r} transform gave other scales "
+            f"(sha256 {got} vs recorded {want}): the model, data or mpq version differ from "
+            f"the ones the plan was solved with; solve the plan again"
+        )
+    return new

@@ -29,8 +29,8 @@ from mpq.registry import solver_names as all_solver_names
 if TYPE_CHECKING:
     from mpq.export.common import ContainerCost, Exporter
     from mpq.formats import QuantFormat
-    from mpq.pipeline import Prepared
     from mpq.plan import BitPlan
+    from mpq.prepared import Prepared
     from mpq.tasks import Task
 
 def exporters() -> dict[str, Exporter]:
