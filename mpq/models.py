@@ -7,7 +7,6 @@ package; the first load de-quantizes it once (~20 s) into an fp32 safetensors ch
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.data import package_dir
 from mpq.errors import MpqError
 from mpq.registry import MODELS
 
@@ -36,16 +36,6 @@ TOKENIZER_FILES = (
 def cache_root() -> Path:
     """Root of mpq's on-disk cache: ``$MPQ_CACHE`` or ``~/.cache/mpq``."""
     return Path(os.environ.get("MPQ_CACHE") or Path.home() / ".cache" / "mpq")
-
-
-def package_dir(package: str, install_hint: str) -> Path:
-    """Folder of an installed data package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise MpqError(
-            f"package {package!r} is not installed; run `{install_hint}` (or make setup)"
-        )
-    return Path(spec.origin).parent
 
 
 @dataclass

@@ -12,6 +12,7 @@ included; ``bops``: weight bits x activation bits x MACs on the cost model's sam
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +23,12 @@ from mpq.plan import BitPlan
 from mpq.quantize import fits
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
-from mpq.targets import decisions
+from mpq.targets import Target, decisions
 
 __all__ = [
     "build_problem",
     "parse_budget",
+    "plan_for_choice",
     "solution_to_plan",
     "to_limit",
     "to_user",
@@ -130,17 +132,57 @@ def solution_to_plan(
         raise MpqError(
             f"{solution.solver}: the budget is infeasible; the smallest feasible is {least}"
         )
-    groups = decisions(cost_model.targets)
-    by_target = {}
-    for d, name in enumerate(problem.decisions):
-        for t in groups[name]:
-            by_target[t.name] = formats[int(solution.choice[d])]
-    plan = BitPlan(
-        formats={t.name: by_target[t.name] for t in cost_model.targets},
-        model_id=cost_model.model_id,
-        solver=solution.solver,
+    return plan_for_choice(
+        problem,
+        solution.choice,
+        cost_model.targets,
+        formats,
+        cost_model.model_id,
+        solution.solver,
         objective=objective,
-        budget=dict(problem.meta.get("budget", {})),
         meta={"status": solution.status, "predicted_distortion": solution.objective},
     )
-    return plan
+
+
+def check_options(problem: AllocationProblem, formats: Sequence[QuantFormat]) -> None:
+    """Raise :class:`MpqError` unless ``formats`` are the problem's options, in order."""
+    specs = tuple(f.spec() for f in formats)
+    if specs != tuple(problem.options):
+        raise MpqError(
+            f"formats {list(specs)} are not the problem's options {list(problem.options)}; "
+            f"give the formats the problem was built with, in the same order"
+        )
+
+
+def plan_for_choice(
+    problem: AllocationProblem,
+    choice: np.ndarray,
+    targets: Sequence[Target],
+    formats: Sequence[QuantFormat],
+    model_id: str,
+    solver: str = "search",
+    *,
+    objective: str = "",
+    meta: Mapping[str, Any] | None = None,
+) -> BitPlan:
+    """The plan a choice (one option index per decision) stands for: every member of a
+    decision (tie group) gets the decision's format; the budget is the problem's."""
+    check_options(problem, formats)
+    choice = np.asarray(choice, dtype=np.int64)
+    if choice.shape != (len(problem.decisions),):
+        raise MpqError(f"choice has shape {choice.shape}, expected ({len(problem.decisions)},)")
+    groups = decisions(targets)
+    by_target: dict[str, QuantFormat] = {}
+    for d, name in enumerate(problem.decisions):
+        if name not in groups:
+            raise MpqError(f"decision {name!r} is not a target or tie group of these targets")
+        for t in groups[name]:
+            by_target[t.name] = formats[int(choice[d])]
+    return BitPlan(
+        formats={t.name: by_target[t.name] for t in targets},
+        model_id=model_id,
+        solver=solver,
+        objective=objective,
+        budget=dict(problem.meta.get("budget", {})),
+        meta=dict(meta or {}),
+    )

@@ -51,6 +51,15 @@ def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.fixture
+def mpq_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private ``$MPQ_CACHE`` under ``tmp_path`` and one torch thread (``mpq.cli.main`` reads
+    ``MPQ_THREADS``); modules that run commands use it with ``pytest.mark.usefixtures``."""
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPQ_THREADS", "1")
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaMA saved as a local HF folder (build it once; tests only read it)."""

@@ -53,10 +53,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     return Tiny(folder, loaded, discover(loaded.model, (), loaded.default_exclude))
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MPQ_THREADS", "1")  # main() sets torch's threads from it
+pytestmark = pytest.mark.usefixtures("mpq_env")
 
 
 def run_ok(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -31,10 +31,7 @@ def folder(tiny_folder: Path) -> Path:
     return tiny_folder
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MPQ_THREADS", "1")
+pytestmark = pytest.mark.usefixtures("mpq_env")
 
 
 def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:

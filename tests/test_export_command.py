@@ -28,9 +28,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
     return prepare(str(folder))
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("mpq_env")
 
 
 def _args(tiny: Prepared, out: Path, *extra: str) -> argparse.Namespace:

@@ -39,9 +39,11 @@ def folder(tiny_folder: Path) -> Path:
     return tiny_folder
 
 
+pytestmark = pytest.mark.usefixtures("mpq_env")
+
+
 @pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # The same answers on a GPU machine: no CUDA, no Triton interpreter unless a test sets it.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
