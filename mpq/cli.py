@@ -120,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if plan is not None:
         prep = prepared_for_plan(prep, plan)  # the plan's recorded transform, re-applied
+        plan = _with_stats(prep, plan, args.stats)
     task = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
     result, seconds = Evaluator(prep, task)(plan, label=args.plan)
     out = dict(result.metrics)
@@ -129,6 +130,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out["seconds"] = seconds
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _with_stats(prep: Prepared, plan: Any, spec: str | None) -> Any:
+    """``plan`` with ``--stats DATA:SPLIT:NxLEN`` recorded as the data of its mse/gptq formats."""
+    if spec is None:
+        return plan
+    from mpq.pipeline import task_for
+    from mpq.planstats import META_KEY, uses_stats, with_record
+
+    parts = spec.split(":")
+    shape = parts[2].split("x") if len(parts) == 3 else []
+    if len(parts) != 3 or len(shape) != 2 or not all(p.isdigit() for p in shape):
+        raise MpqError(f"--stats {spec!r}: expected DATA:SPLIT:NxLEN, e.g. wiki:calib:32x512")
+    if parts[1] not in ("calib", "train"):
+        raise MpqError(f"--stats {spec!r}: statistics come from calibration data, not {parts[1]!r}")
+    if not uses_stats(plan):
+        raise MpqError("--stats applies to plans with mse or gptq formats; this plan has none")
+    if META_KEY in plan.meta:
+        raise MpqError("the plan already records its statistics data; drop --stats")
+    task = task_for(prep, parts[0], parts[1], int(shape[0]), int(shape[1]), None)
+    return with_record(plan, task)
 
 
 def _latency(
@@ -317,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", required=True, help="plan JSON file, 'uniform:4', 'uniform:4:g128:asym', or 'fp'"
     )
     _common_data(p, "wiki", "heldout", 8, None)
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="DATA:SPLIT:NxLEN",
+        help="calibration data of the plan's mse/gptq formats (importance, Hessians), e.g. "
+        "wiki:calib:32x512; default: what the plan records (mse unweighted if nothing)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("solve", help="allocate bits under a budget and write a plan")

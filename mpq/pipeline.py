@@ -175,7 +175,9 @@ def solve(
         meta["search"] = {**dataclasses.asdict(opts), "storage": _redacted(opts.storage)}
     if prep.precondition.get("method", "none") != "none":
         meta["precondition"] = prep.precondition
-    return dataclasses.replace(plan, meta=meta), sol
+    from mpq.planstats import with_record
+
+    return with_record(dataclasses.replace(plan, meta=meta), calib), sol
 
 
 def _equal_quality(sol: Solution, prep: Prepared) -> Solution:
@@ -211,9 +213,10 @@ def _redacted(storage: str | None) -> str | None:
 def plan_digest(plan: BitPlan) -> str:
     """Identifies what a plan computes (formats, model, mpq version), not its metadata."""
     body = json.dumps({n: f.to_dict() for n, f in plan.formats.items()}, sort_keys=True)
+    from mpq.planstats import digest_part
     from mpq.quant.core import QUANT_VERSION
 
-    text = f"{__version__}|q{QUANT_VERSION}|{plan.model_id}|{body}"
+    text = f"{__version__}|q{QUANT_VERSION}|{plan.model_id}|{body}|{digest_part(plan)}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -250,7 +253,10 @@ class Evaluator:
         ref = self.reference()
         model = self.prep.loaded.model
         if plan is not None:
-            model = apply_plan(model, plan, self.prep.targets, mode="fake")
+            from mpq.planstats import plan_stats
+
+            stats = plan_stats(self.prep.loaded, self.prep.targets, plan)
+            model = apply_plan(model, plan, self.prep.targets, mode="fake", stats=stats)
         result = evaluate(self.task, model, ref, progress=self.progress, desc=label or "eval")
         seconds = time.perf_counter() - t0
         payload = {"metrics": result.metrics, "units": result.units, "seconds": seconds}

@@ -65,7 +65,9 @@ def build_problem(
     for d, name in enumerate(names):
         for o, fmt in enumerate(formats):
             members = groups[name]
-            if not all(fits(t.shape, fmt) for t in members):
+            gptq_off = fmt.method == "gptq" and not fmt.keep  # GPTQ runs on Linear layers only
+            if not all(fits(t.shape, fmt) and not (gptq_off and t.kind != "linear")
+                       for t in members):  # fmt: skip
                 dist[d, o] = np.inf
                 continue
             for t in members:

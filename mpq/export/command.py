@@ -167,7 +167,10 @@ def export(
             exporter.predict(plan, prep.cost),
             budget,
         )
-    packed = apply_plan(prep.loaded.model, plan, prep.targets, mode="packed")
+    from mpq.planstats import plan_stats
+
+    stats = plan_stats(prep.loaded, prep.targets, plan)  # mse / gptq formats: recorded data
+    packed = apply_plan(prep.loaded.model, plan, prep.targets, mode="packed", stats=stats)
     inp = ExportInput(
         model=prep.loaded.model,
         packed=packed,

@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 from mpq.errors import MpqError
 from mpq.evaluate import Reference, reference
 from mpq.formats import QuantFormat
+from mpq.layerstats import InputStats
+from mpq.quantize import fake_quantize, quant_error
 from mpq.quantize import fits as _fits
-from mpq.quantize import quant_error
 from mpq.sensitivity.loss import Calibration
 from mpq.targets import Target
 from mpq.tasks import Task
@@ -122,6 +123,19 @@ class Context:
     #: what an estimator computes once per run and reuses across its ``compute`` calls (measured
     #: damage keeps the fp model's cached block inputs here); dropped with the context
     memo: dict[str, Any] = field(default_factory=dict)
+    #: per-target input statistics of the calibration task (importance / Hessian) for formats
+    #: whose method uses them (mse, gptq); only the measured estimator scores such formats
+    stats: Mapping[str, InputStats] = field(default_factory=dict)
+
+    def quantized(self, target: Target, weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+        """``weight`` as ``fmt`` stores it for ``target`` (statistics applied by method)."""
+        st = self.stats.get(target.name)
+        if fmt.method == "gptq" and not fmt.keep:
+            if st is None or st.full is None:
+                raise MpqError(f"{target.name}: {fmt.spec()} needs the layer's input Hessian")
+            return fake_quantize(weight, fmt, hessian=st.full)
+        importance = st.diag if st is not None and fmt.method == "mse" else None
+        return fake_quantize(weight, fmt, importance=importance)
 
     def weight(self, target: Target) -> torch.Tensor:
         w = getattr(self.model.get_submodule(target.name), "weight", None)
@@ -146,6 +160,9 @@ class Context:
 
 
 def fits(target: Target, fmt: QuantFormat) -> bool:
+    """``fmt`` can store ``target`` (GPTQ runs on Linear layers only)."""
+    if fmt.method == "gptq" and not fmt.keep and target.kind != "linear":
+        return False
     return _fits(target.shape, fmt)
 
 

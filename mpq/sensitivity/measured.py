@@ -222,7 +222,7 @@ def _plain_target(
     try:
         with torch.no_grad():
             for fmt in fmts:
-                weight.copy_(fake_quantize(original, fmt))
+                weight.copy_(ctx.quantized(t, original, fmt))
                 spec = fmt.spec()
                 kls[spec], losses[spec] = [], []
                 for i, batch in enumerate(ctx.task.batches):
@@ -250,7 +250,7 @@ def _cached_target(
     specs = [f.spec() for f in fmts]
     kls: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
     losses: dict[str, list[float]] = {s: [] for s in specs}
-    quantized = [fake_quantize(original, f) for f in fmts]
+    quantized = [ctx.quantized(t, original, f) for f in fmts]
     with torch.no_grad():
         for b in range(len(blocks.batches)):
             hidden = []

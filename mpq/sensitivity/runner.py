@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from mpq.errors import MpqError
 from mpq.evaluate import Reference
-from mpq.formats import QuantFormat
+from mpq.formats import DATA_METHODS, QuantFormat
+from mpq.layerstats import InputStats, cached_input_stats, collect_input_stats
 from mpq.quant.core import QUANT_VERSION
 from mpq.registry import ESTIMATORS as REGISTRY
 from mpq.sensitivity.base import Context, Estimator, TargetResult
@@ -240,16 +241,28 @@ def run_estimator(
     targets = list(targets)
     _check_request(estimator, model, targets)
     check_calibration(task)
-    not_rtn = [f.spec() for f in formats if not f.keep and f.method != "rtn"]
-    if not_rtn:
+    data_fmts = [f for f in formats if not f.keep and f.method in DATA_METHODS]
+    if data_fmts and estimator.name != "measured":
         raise MpqError(
-            f"sensitivity estimators score round-to-nearest error; formats {not_rtn} use another "
-            f"method: score their rtn equivalents (e.g. drop ':gptq') and solve with those"
+            f"estimator {estimator.name!r} scores round-to-nearest error; formats "
+            f"{[f.spec() for f in data_fmts]} use calibration statistics: use the measured "
+            f"estimator, or score their rtn equivalents (drop ':mse'/':gptq') and solve with those"
         )
     fmts: list[QuantFormat] = []
     for f in formats:
         if not f.keep and f.spec() not in {g.spec() for g in fmts}:
             fmts.append(f)
+    stats: dict[str, InputStats] = {}
+    linear = [t.name for t in targets if t.kind == "linear"]
+    if data_fmts and linear:  # importance / Hessians of the calibration task, from the fp model
+        full = linear if any(f.method == "gptq" for f in data_fmts) else []
+        if cache_root is not None:
+            stats = cached_input_stats(
+                model, linear, task, model_id=model_id,
+                cache_root=Path(cache_root).parent / "stats", full=full,
+            )  # fmt: skip
+        else:
+            stats = collect_input_stats(model, linear, task.batches, full=full)
     ctx = Context(
         model=model,
         task=task,
@@ -257,6 +270,7 @@ def run_estimator(
         formats=tuple(fmts),
         progress=progress,
         _reference=reference,
+        stats=stats,
     )
     cache = None
     if cache_root is not None:
