@@ -123,10 +123,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plan = _with_stats(prep, plan, args.stats)
     task = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
     result, seconds = Evaluator(prep, task)(plan, label=args.plan)
-    out = dict(result.metrics)
+    out: dict[str, Any] = dict(result.metrics)
     if plan is not None:
         out.update(prep.cost.plan_cost(plan).summary())
-        out["precondition"] = prep.precondition.get("method", "none")
+        out["precondition"] = prep.precondition.method
     out["seconds"] = seconds
     print(json.dumps(out, indent=1))
     return 0

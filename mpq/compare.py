@@ -14,7 +14,6 @@ import dataclasses
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +38,10 @@ from mpq.pipeline import (
 )
 from mpq.plan import BitPlan, atomic_write_text
 from mpq.precondition import PreconditionSpec
-from mpq.report import write_report
+from mpq.report import PlanEntry, write_report
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.runner import make_estimator
 from mpq.sensitivity.table import SensitivityTable
-
-
-@dataclass(frozen=True)
-class PlanEntry:
-    name: str
-    policy: str
-    plan: BitPlan | None
-    budget: str
-    seed: int | None = None
-    estimator_s: float = 0.0
-    solver_s: float = 0.0
 
 
 def _budget_label(budget: dict[str, float]) -> str:
@@ -158,7 +146,8 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
         prep = preconditioned(base, spec, CalibSpec(c.data[0], c.split, c.n, c.seq_len,
                                                     c.batch_size))  # fmt: skip
         if spec.method != "none":  # the calibration cost, for the report
-            prep.precondition["seconds"] = round(time.perf_counter() - t0, 3)
+            seconds = round(time.perf_counter() - t0, 3)
+            prep.precondition = dataclasses.replace(prep.precondition, seconds=seconds)
         entries, t = _plans(cfg, prep, suffix, progress)
         if spec.method == "none":
             entries.insert(0, PlanEntry("fp32", "fp32", None, ""))

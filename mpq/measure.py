@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +43,17 @@ from mpq.targets import Target, decisions
 from mpq.tasks import Task
 
 if TYPE_CHECKING:
-    from mpq.pipeline import Evaluator
+    from mpq.evaluate import EvalResult
+    from mpq.prepared import Prepared
+
+
+class PlanEvaluator(Protocol):
+    """What :func:`evaluator_measure` needs (:class:`mpq.pipeline.Evaluator` is one): the
+    prepared model, and ``(metrics, seconds)`` of a plan on the calibration task."""
+
+    prep: Prepared
+
+    def __call__(self, plan: BitPlan | None, label: str = "") -> tuple[EvalResult, float]: ...
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -135,7 +145,7 @@ class CalibrationMeasure(CachedMeasure):
 
 
 def evaluator_measure(
-    evaluator: Evaluator,
+    evaluator: PlanEvaluator,
     problem: AllocationProblem,
     formats: Sequence[QuantFormat],
     *,

@@ -20,8 +20,7 @@ from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.models import cache_root
 from mpq.plan import BitPlan, atomic_write_text, uniform_plan
-from mpq.precondition import preconditioned, prepared_for_plan
-from mpq.prepared import CalibSpec, Prepared, prepare, task_for
+from mpq.prepared import Prepared, preconditioned, prepare, prepared_for_plan, task_for
 from mpq.problem import build_problem, solution_to_plan
 from mpq.registry import SEARCHES, SOLVERS, solver_names
 from mpq.sensitivity.base import Estimator
@@ -30,7 +29,7 @@ from mpq.sensitivity.runner import run_estimator
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.options import SearchOptions
-from mpq.tasks import Task
+from mpq.tasks import CalibSpec, Task
 
 # Re-exported: every command reaches the pipeline's steps from here.
 __all__ = [
@@ -173,8 +172,8 @@ def solve(
         meta["guard_reason"] = reason
     if solver in SEARCHES:
         meta["search"] = {**dataclasses.asdict(opts), "storage": _redacted(opts.storage)}
-    if prep.precondition.get("method", "none") != "none":
-        meta["precondition"] = prep.precondition
+    if prep.precondition.method != "none":
+        meta["precondition"] = prep.precondition.to_dict()
     from mpq.planstats import with_record
 
     return with_record(dataclasses.replace(plan, meta=meta), calib), sol

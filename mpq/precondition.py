@@ -70,10 +70,9 @@ from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.models import run_batch
 from mpq.plan import BitPlan
-from mpq.prepared import CalibSpec, Prepared, task_for
 from mpq.quantize import fake_quantize
 from mpq.targets import KINDS, Target
-from mpq.tasks import Task
+from mpq.tasks import CalibSpec, Task
 
 METHODS = ("none", "scale_folding", "awq")
 #: AWQ's search needs at least this many calibration tokens (rows of X): below it the
@@ -604,14 +603,97 @@ def _fold(model: nn.Module, g: FoldGroup, s_prev: torch.Tensor) -> None:
 # The transform
 
 
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreconditionRecord:
+    """What a transform did to the fp model, as every plan solved from it carries it in
+    ``meta["precondition"]`` (:meth:`to_dict`; :meth:`from_dict` reads it back and refuses other
+    versions). ``calib``: the data it was fitted on (tokens, data id, split, task key);
+    ``scales_sha256``: a digest of the scales it folded (a refit must reproduce it);
+    ``not_folded``: (layer, reason) pairs; ``calib_args``: the :class:`CalibSpec` to refit it
+    (:func:`prepared_for_plan`); ``seconds``: its calibration cost (comparisons report it);
+    ``report``: the fold report of the ``none`` transform."""
+
+    spec: PreconditionSpec = field(default_factory=lambda: PreconditionSpec())
+    calib: Mapping[str, Any] | None = None
+    scales_sha256: str | None = None
+    not_folded: tuple[tuple[str, str], ...] | None = None
+    report: Mapping[str, Any] | None = None
+    calib_args: CalibSpec | None = None
+    seconds: float | None = None
+
+    @property
+    def method(self) -> str:
+        return self.spec.method
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the record (the keys that are set, and ``version``)."""
+        out: dict[str, Any] = self.spec.to_dict()
+        if self.report is not None:
+            out["report"] = self.report
+        if self.calib is not None:
+            out["calib"] = dict(self.calib)
+        if self.scales_sha256 is not None:
+            out["scales_sha256"] = self.scales_sha256
+        if self.not_folded is not None:
+            out["not_folded"] = [list(x) for x in self.not_folded]
+        if self.calib_args is not None:
+            out["calib_args"] = dataclasses.asdict(self.calib_args)
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        out["version"] = RECORD_VERSION
+        return json.loads(json.dumps(out))
+
+    def tag(self) -> str:
+        """A digest of what the transform computed (spec, data, scales): names the model."""
+        body = {k: v for k, v in self.to_dict().items() if k not in _UNTAGGED}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> PreconditionRecord:
+        """Read a record written by :meth:`to_dict` (a record without ``version`` is a plan
+        from before versioning, with the same layout)."""
+        spec = PreconditionSpec.from_dict(obj)
+        version = obj.get("version", RECORD_VERSION)
+        if version != RECORD_VERSION:
+            raise MpqError(
+                f"the plan's precondition record has version {version!r}; this mpq reads "
+                f"version {RECORD_VERSION}: solve the plan again with this mpq"
+            )
+        args = obj.get("calib_args")
+        if args is not None and not isinstance(args, Mapping):
+            raise MpqError(f"the plan's precondition calib_args {args!r} is not an object")
+        try:
+            calib_args = CalibSpec(**args) if args is not None else None
+        except TypeError as exc:
+            raise MpqError(f"the plan's precondition calib_args are malformed ({exc})") from None
+        raw = obj.get("not_folded")
+        not_folded = None if raw is None else tuple((str(a), str(b)) for a, b in raw)
+        return cls(
+            spec=spec,
+            calib=obj.get("calib"),
+            scales_sha256=obj.get("scales_sha256"),
+            not_folded=not_folded,
+            report=obj.get("report"),
+            calib_args=calib_args,
+            seconds=obj.get("seconds"),
+        )
+
+
+# Keys that do not change what the transform computed (left out of the model's tag).
+_UNTAGGED = ("not_folded", "version", "calib_args", "seconds")
+
+
 @dataclass(frozen=True)
 class Preconditioned:
-    """The transformed copy, what was folded where, and the JSON record for a plan's meta."""
+    """The transformed copy, what was folded where, and the record for a plan's meta."""
 
     model: nn.Module
     spec: PreconditionSpec
     report: FoldReport
-    record: Mapping[str, Any] = field(default_factory=dict)
+    record: PreconditionRecord = field(default_factory=PreconditionRecord)
 
 
 def _calib_info(calib: Any, tokens: int) -> dict[str, Any]:
@@ -639,7 +721,8 @@ def precondition_model(
     out = copy.deepcopy(model)
     if spec.method == "none":
         report = FoldReport((), (), time.perf_counter() - t0)
-        return Preconditioned(out, spec, report, {**spec.to_dict(), "report": report.to_dict()})
+        record = PreconditionRecord(spec, report=json.loads(json.dumps(report.to_dict())))
+        return Preconditioned(out, spec, report, record)
     folds, not_folded = plan_folds(model, targets, spec.groups)
     if calib is None:
         raise MpqError(
@@ -670,74 +753,23 @@ def precondition_model(
         folded.append(entry)
         digest.update(s.float().numpy().tobytes())
     report = FoldReport(tuple(folded), tuple(not_folded), time.perf_counter() - t0)
-    record = {
-        **spec.to_dict(),
-        "calib": _calib_info(calib, tokens),
-        "scales_sha256": digest.hexdigest()[:16],
-        "not_folded": [list(x) for x in not_folded],
-    }
-    return Preconditioned(out, spec, report, json.loads(json.dumps(record)))
+    record = PreconditionRecord(
+        spec,
+        calib=json.loads(json.dumps(_calib_info(calib, tokens))),
+        scales_sha256=digest.hexdigest()[:16],
+        not_folded=tuple((str(a), str(b)) for a, b in not_folded),
+    )
+    return Preconditioned(out, spec, report, record)
 
 
-def precondition(
-    prep: Prepared, spec: PreconditionSpec, calib: Task | Iterable[Any] | None = None
-) -> tuple[Prepared, Preconditioned]:
-    """A new :class:`mpq.prepared.Prepared` holding the transformed model, with the same targets
-    and cost model (folding changes no shape or dtype). Its ``loaded.model_id`` gets a
-    ``+<method>-<digest>`` tag so caches keyed by model id never mix the two models; plans keep
-    the cost model's (original) id and should carry ``record`` in ``meta["precondition"]``."""
-    res = precondition_model(prep.loaded.model, spec, calib, prep.targets)
-    loaded = dataclasses.replace(prep.loaded, model=res.model)
-    if spec.method != "none":
-        body = json.dumps(
-            {k: v for k, v in res.record.items() if k != "not_folded"}, sort_keys=True
-        )
-        tag = hashlib.sha256(body.encode()).hexdigest()[:10]
-        loaded.model_id = f"{prep.loaded.model_id}+{spec.method}-{tag}"
-    return Prepared(loaded, list(prep.targets), prep.cost, dict(res.record)), res
+def record_of(plan: BitPlan) -> PreconditionRecord:
+    """The record in ``plan.meta["precondition"]`` (the ``none`` record when absent)."""
+    rec = plan.meta.get("precondition")
+    if rec is None:
+        return PreconditionRecord()
+    return PreconditionRecord.from_dict(rec)
 
 
 def spec_from_plan(plan: BitPlan) -> PreconditionSpec:
     """The spec recorded in ``plan.meta["precondition"]`` (``none`` when absent)."""
-    rec = plan.meta.get("precondition")
-    if rec is None:
-        return PreconditionSpec()
-    return PreconditionSpec.from_dict(rec)
-
-
-def preconditioned(prep: Prepared, spec: Any, calib: CalibSpec) -> Prepared:
-    """``prep`` with the equivalence transform ``spec`` (a :class:`mpq.precondition.
-    PreconditionSpec` or its text, e.g. ``"awq"``) applied, fitted on ``calib``; the record in
-    ``precondition`` (copied into every plan solved from it) names the calibration data."""
-    if isinstance(spec, str):
-        spec = PreconditionSpec.parse(spec)
-    if spec.method == "none":
-        return prep
-    task = task_for(prep, calib.data, calib.split, calib.n, calib.seq_len, calib.batch_size)
-    new, _ = precondition(prep, spec, task)
-    new.precondition = {**new.precondition, "calib_args": dataclasses.asdict(calib)}
-    return new
-
-
-def prepared_for_plan(prep: Prepared, plan: BitPlan) -> Prepared:
-    """The model ``plan`` was solved for: ``prep`` with the transform recorded in
-    ``plan.meta["precondition"]`` re-applied on the recorded calibration data, checked to give
-    the same scales (``scales_sha256``); ``prep`` itself when the plan records none."""
-    rec = plan.meta.get("precondition") or {}
-    if rec.get("method", "none") == "none":
-        return prep
-    args = rec.get("calib_args")
-    if not isinstance(args, dict):
-        raise MpqError(
-            f"the plan was solved on a {rec.get('method')!r}-preconditioned model but does not "
-            f"record its calibration data (calib_args); solve it again with this mpq version"
-        )
-    new = preconditioned(prep, spec_from_plan(plan), CalibSpec(**args))
-    want, got = rec.get("scales_sha256"), new.precondition.get("scales_sha256")
-    if want != got:
-        raise MpqError(
-            f"re-running the plan's {rec.get('method')!r} transform gave other scales "
-            f"(sha256 {got} vs recorded {want}): the model, data or mpq version differ from "
-            f"the ones the plan was solved with; solve the plan again"
-        )
-    return new
+    return record_of(plan).spec

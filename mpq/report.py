@@ -13,16 +13,30 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq import __version__
-from mpq.plan import atomic_write_text
+from mpq.plan import BitPlan, atomic_write_text
 from mpq.sensitivity.table import SensitivityTable
 
 if TYPE_CHECKING:
-    from mpq.compare import PlanEntry
     from mpq.config import CompareConfig
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One plan of a comparison (:mod:`mpq.compare`): its name, policy, plan (None = the fp
+    model), budget label, seed and the estimator/solver seconds it took."""
+
+    name: str
+    policy: str
+    plan: BitPlan | None
+    budget: str
+    seed: int | None = None
+    estimator_s: float = 0.0
+    solver_s: float = 0.0
 
 
 def primary_metric(rows: Sequence[dict[str, Any]]) -> tuple[str, bool]:

@@ -200,3 +200,15 @@ def make_task(
         seed = (0 if split == "heldout" else 1) + 2 * offset
         return cnn_task(64 if n is None else n, seed=seed, batch_size=batch_size or 16)
     raise MpqError(f"unknown model family {loaded.family!r}")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which data a step ran on (recorded in plans so an eval can reproduce it): the data set
+    id, split, number of windows / documents / images, tokens per window and batch size."""
+
+    data: str = "wiki"
+    split: str = "calib"
+    n: int | None = 2
+    seq_len: int | None = 128
+    batch_size: int | None = None

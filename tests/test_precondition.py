@@ -18,12 +18,15 @@ from mpq.pipeline import Prepared
 from mpq.plan import BitPlan, uniform_plan
 from mpq.precondition import (
     MIN_AWQ_TOKENS,
+    RECORD_VERSION,
+    PreconditionRecord,
     PreconditionSpec,
     plan_folds,
-    precondition,
     precondition_model,
+    record_of,
     spec_from_plan,
 )
+from mpq.prepared import precondition
 from mpq.targets import discover
 
 torch.set_num_threads(1)
@@ -140,16 +143,20 @@ def test_spec_round_trips_through_a_saved_plan() -> None:
     mixed = PreconditionSpec.for_plan(plan3, n_grid=5)
     assert mixed.format_for("model.layers.0.mlp.down_proj") == QuantFormat.parse("3:asym")
     res = precondition_model(model, AWQ, _calib())
-    plan = BitPlan(formats=dict(plan3.formats), model_id="tiny", meta={"precondition": res.record})
+    record = res.record.to_dict()
+    plan = BitPlan(formats=dict(plan3.formats), model_id="tiny", meta={"precondition": record})
     again = BitPlan.from_json(plan.to_json())
     assert spec_from_plan(again) == AWQ
-    assert again.meta["precondition"]["scales_sha256"] == res.record["scales_sha256"]
+    assert record_of(again) == res.record  # the typed record round-trips through JSON
+    assert again.meta["precondition"]["scales_sha256"] == res.record.scales_sha256
+    assert again.meta["precondition"]["version"] == RECORD_VERSION
     # Same spec, same data: the same scales (deterministic).
     assert (
-        precondition_model(model, AWQ, _calib()).record["scales_sha256"]
-        == (res.record["scales_sha256"])
+        precondition_model(model, AWQ, _calib()).record.scales_sha256 == res.record.scales_sha256
     )
     assert spec_from_plan(plan3) == PreconditionSpec()
+    with pytest.raises(MpqError, match="has version 2; this mpq reads version 1"):
+        PreconditionRecord.from_dict({**record, "version": 2})
 
 
 def test_prepared_keeps_targets_and_an_identical_cost_model() -> None:

@@ -3,7 +3,7 @@
 Per-channel asymmetric RTN at uniform 3 and 4 bits (``3:asym``, ``4:asym``), each after
 ``none``, ``scale_folding`` (alpha 0.5) and ``awq`` (searched at the same format as the plan):
 held-out wiki perplexity with its 95% interval, KL to the fp32 model, and the calibration cost
-(seconds of :func:`mpq.precondition.precondition`: statistics pass + search + fold).
+(seconds of :func:`mpq.prepared.precondition`: statistics pass + search + fold).
 Calibration: wiki calib split, ``--calib`` windows of ``--calib-len`` tokens; evaluation: wiki
 heldout, ``--n`` windows of 512 tokens. The fp32 row checks that every transform kept the model:
 its ppl must be the same with each preconditioner (printed as ``fp32 after <method>``).
@@ -25,7 +25,8 @@ from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.pipeline import Prepared, prepare, task_for
 from mpq.plan import uniform_plan
-from mpq.precondition import PreconditionSpec, precondition
+from mpq.precondition import PreconditionSpec
+from mpq.prepared import precondition
 
 
 def _ppl(r: EvalResult) -> str:
