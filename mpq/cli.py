@@ -18,7 +18,8 @@ from mpq.errors import MpqError
 from mpq.registry import ESTIMATORS, MODELS, SEARCHES, solver_names
 
 if TYPE_CHECKING:
-    from mpq.prepared import CalibSpec, Prepared
+    from mpq.prepared import Prepared
+    from mpq.tasks import CalibSpec
 
 # Every --solver name: the registry's table solvers and searches (torch-free).
 SOLVER_NAMES = solver_names()
@@ -72,7 +73,7 @@ def _precondition_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _calib(args: argparse.Namespace) -> CalibSpec:
-    from mpq.prepared import CalibSpec
+    from mpq.tasks import CalibSpec
 
     return CalibSpec(args.data, args.split, args.n, args.seq_len, getattr(args, "batch_size", None))
 
