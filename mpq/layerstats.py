@@ -29,7 +29,7 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.models import run_batch
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ def collect_input_stats(
     def hook(name: str, inputs: tuple[Any, ...]) -> None:
         x = inputs[0].detach()
         if last[0] is not x or (name in full and last[2] is None):
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            outer_sum = x2.T @ x2 if name in full else None
-            last[:] = [x, x2.pow(2).sum(0), outer_sum]
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            # One batch's x^T x in float32 (BLAS speed), accumulated over batches in float64.
+            outer_sum = (x2.T @ x2).double() if name in full else None
+            last[:] = [x, x2.double().pow(2).sum(0), outer_sum]
         d, h = last[1], last[2]
         diag[name] = diag[name] + d if name in diag else d.clone()
         if name in full:

@@ -52,7 +52,10 @@ def test_statistics_equal_the_brute_force_moments() -> None:
         torch.testing.assert_close(stats[n].diag, x.pow(2).mean(0), rtol=1e-10, atol=1e-12)
         if n in full:
             assert stats[n].full is not None
-            torch.testing.assert_close(stats[n].full, x.T @ x / x.shape[0], rtol=1e-10, atol=1e-12)
+            # Each batch's x^T x is a float32 product (accumulated in float64).
+            want = x.T @ x / x.shape[0]
+            tol = 1e-5 * float(want.abs().max())
+            torch.testing.assert_close(stats[n].full, want, rtol=1e-5, atol=tol)
         else:
             assert stats[n].full is None
     # k_proj shares q_proj's input (one accumulation serves both).
