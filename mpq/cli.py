@@ -182,9 +182,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise MpqError(f"--out {args.out!r} is a folder; give the path of the plan file to write")
     formats = _formats(args.formats)
     budget = parse_budget(args.budget)
-    for name in ("trials", "generations", "timesteps", "rounds"):
+    for name in ("trials", "generations", "rounds"):
         if getattr(args, name) < 1:
             raise MpqError(f"--{name} {getattr(args, name)} must be at least 1")
+    if args.timesteps < 0:
+        raise MpqError(f"--timesteps {args.timesteps} must be 0 (zero-shot) or more")
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     prep = preconditioned(prep, args.precondition, _calib(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
@@ -369,7 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of bayes / evolution / sac")
     p.add_argument("--trials", type=int, default=40, help="bayes: trials in the study")
     p.add_argument("--generations", type=int, default=10, help="evolution: generations")
-    p.add_argument("--timesteps", type=int, default=2000, help="sac: training steps")
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        default=0,
+        help="sac: fine-tuning steps on this problem (0: the shipped policy as is, zero-shot)",
+    )
     p.add_argument(
         "--rounds", type=int, default=2, help="refine: rounds of coordinate descent on measured KL"
     )

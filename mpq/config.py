@@ -155,8 +155,11 @@ def _solve_spec(
             continue
         value = s[key]
         ok = isinstance(value, kind) and not isinstance(value, bool)
-        if not ok or (kind is int and value < 1):
-            what = "a positive integer" if kind is int else "a string"
+        least = 0 if key == "timesteps" else 1  # sac: 0 = the shipped policy, zero-shot
+        if not ok or (kind is int and value < least):
+            what = ("a positive integer" if least else "an integer >= 0") if kind is int else (
+                "a string"
+            )
             raise MpqError(f"config {source}: [[solve]] {solver!r}: {key} must be {what}")
         options.append((key, value))
     guard = s.get("guard", False)

@@ -100,7 +100,8 @@ def _base() -> dict:
         ({"evaluation": {"n": 3}}, "needs `data`"),
         ({"solve": [{"solver": "bayes", "budgets": ["4"], "trails": 3}]}, "unknown keys"),
         ({"solve": [{"solver": "bayes", "budgets": ["4"], "trials": 0}]}, "positive integer"),
-        ({"solve": [{"solver": "sac", "budgets": ["4"], "timesteps": 1.5}]}, "positive integer"),
+        ({"solve": [{"solver": "sac", "budgets": ["4"], "timesteps": 1.5}]}, "integer >= 0"),
+        ({"solve": [{"solver": "sac", "budgets": ["4"], "timesteps": -1}]}, "integer >= 0"),
         ({"solve": [{"solver": "ilp", "budgets": ["4"], "guard": "yes"}]}, "true or false"),
     ],
 )

@@ -11,7 +11,6 @@ resources, median 1.82x / 2.79x).
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numpy as np
@@ -25,8 +24,13 @@ from mpq.solvers.base import AllocationProblem, Solution  # noqa: E402
 from mpq.solvers.ilp import solve_ilp  # noqa: E402
 from mpq.solvers.sac import (  # noqa: E402
     FEATURES,
+    PRETRAINED,
     AllocationEpisode,
+    NumpyActor,
+    level_plan,
+    load_policy,
     policy_plan,
+    save_policy,
     solve_sac,
     train_sac,
 )
@@ -41,26 +45,21 @@ STEPS = 300
 # case, rounded up). A learning rate of 3e-3 does better here (at most 1.85x) and far worse
 # on 100 decisions, hence the default.
 STATED_GAP = 3.1
+# The shipped policy zero-shot on the suite's problems, seeds 0..199, 15% of options
+# disallowed: at most 2.00x / 2.42x the optimum (one / three budgeted resources; 99th
+# percentile 1.66x / 2.12x, median 1.00x, optimal on 70% / 62%). 6 decisions are where the
+# LP's water level rounds worst; on 100+ decisions it is within 1% (BENCHMARKS.md).
+SHIPPED_RATIO = 2.5
 
 
-@functools.cache
-def transfer_model() -> object:
-    """One policy trained on one random problem at 9 budgets, reused for every problem."""
-    p = random_problem(12345, disallow=0.15)
-    lo = p.min_costs()["bits"]
-    hi = float(np.where(p.allowed, p.costs["bits"], -np.inf).max(axis=1).sum())
-    budgets = [{"bits": lo + f * (hi - lo)} for f in np.linspace(0.1, 0.9, 9)]
-    return train_sac(p, total_timesteps=STEPS, seed=0, budgets=budgets)
+def solve_shipped(problem: AllocationProblem) -> Solution:
+    return solve_sac(problem)  # the shipped policy, zero-shot
 
 
-def solve_transfer(problem: AllocationProblem) -> Solution:
-    return solve_sac(problem, model=transfer_model())
-
-
-class TestSacTransferConformance(SolverConformance):
-    # Budget, infeasible, determinism, disallowed options; no optimality claim (max_ratio None).
-    spec = SolverSpec("sac-transfer", solve_transfer)
-    seeds = range(4)
+class TestSacShippedConformance(SolverConformance):
+    # Budget, infeasible, determinism, disallowed options, and the stated ratio of the shipped
+    # policy used zero-shot (never trained on these problems).
+    spec = SolverSpec("sac-shipped", solve_shipped, max_ratio=SHIPPED_RATIO)
 
 
 def test_env_reset_and_step_shapes() -> None:
@@ -74,16 +73,16 @@ def test_env_reset_and_step_shapes() -> None:
         warnings.simplefilter("ignore")
         check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=0)
-    assert obs.shape == (len(FEATURES),) == env.observation_space.shape == (11,)
+    assert obs.shape == (len(FEATURES),) == env.observation_space.shape == (13,)
     assert obs.dtype == np.float32 and env.action_space.shape == (1,)
-    assert env.action_space.low[0] == 0.0 and env.action_space.high[0] == 1.0
-    assert obs[0] == 0.0 and obs[10] == 0.0 and 0.0 <= obs[9] <= 1.0
+    assert env.action_space.low[0] == -1.0 and env.action_space.high[0] == 1.0
+    assert obs[0] == 0.0 and obs[10] == 0.0 and 0.0 <= obs[9] <= 1.0 and obs[12] == 0.0
     steps = 0
     done = False
     while not done:
         obs, reward, done, truncated, info = env.step(np.array([0.5], dtype=np.float32))
         steps += 1
-        assert obs.shape == (11,) and isinstance(reward, float) and reward <= 0
+        assert obs.shape == (13,) and isinstance(reward, float)
         assert not truncated
     assert steps == len(p.decisions)
     assert p.feasible(info["choice"]) and np.all(obs == 0)
@@ -91,23 +90,82 @@ def test_env_reset_and_step_shapes() -> None:
         env.step(np.array([0.5], dtype=np.float32))
 
 
-def test_actions_map_to_rungs_and_the_clamp_keeps_the_budget() -> None:
+def test_actions_scale_the_water_level_and_the_clamp_keeps_the_budget() -> None:
     rng = np.random.default_rng(0)
     for seed in range(20):
         for resources in (1, 3):
             p = random_problem(seed, resources=resources, disallow=0.15)
             ep = AllocationEpisode(p)
-            cheap = ep.run(lambda obs: 0.0)
-            assert np.array_equal(cheap, ep.cheapest)  # a = 0: every cheapest option
-            greedy = ep.run(lambda obs: 1.0)  # always the dearest: the clamp must act
-            rand = ep.run(lambda obs: float(rng.uniform()))
+            level = ep.run(lambda obs: 0.0)
+            assert np.array_equal(level, level_plan(p))
+            spend = ep.run(lambda obs: 1.0)  # a quarter of the price at every step
+            rand = ep.run(lambda obs: float(rng.uniform(-1, 1)))
+            ep.reset()  # a lower price never buys a cheaper option of the decision at hand
+            ranks = [ep.rank[0, ep.target(a)] for a in (-1.0, -0.3, 0.0, 0.3, 1.0)]
+            assert ranks == sorted(ranks), (seed, ranks)
             if resources == 1:  # the clamp alone guarantees the budget with one resource
-                assert p.feasible(greedy) and p.feasible(rand), (seed, resources)
+                assert p.feasible(level) and p.feasible(spend) and p.feasible(rand), seed
     p = random_problem(0, frac=1.0)
-    ep = AllocationEpisode(p)
-    top = ep.run(lambda obs: 1.0)
-    assert ep.clamped == 0
-    assert all(top[d] == ep.ladder[d][-1] for d in range(len(p.decisions)))
+    top = AllocationEpisode(p).run(lambda obs: 1.0)  # the budget fits every dearest option
+    assert p.distortion_of(top) == pytest.approx(brute_force(p)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shaped_return_is_the_plan_against_the_lp_bound(seed: int) -> None:
+    """The shaping telescopes: an episode's rewards sum to reward_scale x (LP bound - plan) /
+    LP bound, where the LP bound is scipy's LP relaxation of the problem."""
+    from scipy.optimize import linprog
+
+    p = random_problem(seed, decisions=8, options=4, frac=0.4)
+    dec, opt = np.nonzero(p.allowed)
+    a_eq = np.zeros((8, len(dec)))
+    a_eq[dec, np.arange(len(dec))] = 1
+    lp = linprog(p.distortion[dec, opt], A_ub=p.costs["bits"][dec, opt][None], b_ub=[
+        p.limits["bits"]], A_eq=a_eq, b_eq=np.ones(8), bounds=(0, 1), method="highs").fun
+    ep = AllocationEpisode(p, reward_scale=7.0)
+    rng = np.random.default_rng(seed)
+    total, finished = 0.0, False
+    while not finished:
+        r, finished = ep.step(float(rng.uniform(-1, 1)))
+        total += r
+    plan = p.distortion_of(ep.choice)
+    assert plan >= lp * (1 - 1e-9)
+    assert total == pytest.approx(7.0 * (lp - plan) / lp, rel=1e-7, abs=1e-12)
+
+
+def test_numpy_actor_is_the_sb3_policy_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = random_problem(4, disallow=0.15)
+    model = train_sac(p, total_timesteps=120, seed=0, learning_starts=20)
+    path = tmp_path / "policy.safetensors"
+    save_policy(model, path, {"name": "test"})
+    actor = load_policy(path)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        obs = rng.uniform(-2, 2, len(FEATURES)).astype(np.float32)
+        want, _ = model.predict(obs, deterministic=True)
+        assert actor(obs) == pytest.approx(float(want[0]), abs=1e-5)
+    assert np.array_equal(policy_plan(actor, p)[0], policy_plan(model, p)[0])
+    assert actor.meta["name"] == "test" and actor.meta["version"] == "1"
+
+
+def test_policy_files_are_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.numpy import load_file, save_file
+
+    shipped = load_policy()
+    assert isinstance(shipped, NumpyActor) and PRETRAINED.stat().st_size < 200_000
+    weights = load_file(str(PRETRAINED))
+    bad = tmp_path / "old.safetensors"
+    save_file(weights, str(bad), metadata={**shipped.meta, "version": "0"})
+    with pytest.raises(MpqError, match="v0"):
+        load_policy(bad)
+    save_file(weights, str(bad), metadata={**shipped.meta, "features": "depth,kind"})
+    with pytest.raises(MpqError, match="features"):
+        load_policy(bad)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(MpqError, match="safetensors"):
+        load_policy(tmp_path / "junk.safetensors")
+    with pytest.raises(MpqError, match="no SAC policy"):
+        load_policy(tmp_path / "missing.safetensors")
 
 
 def test_solve_sac_is_deterministic_and_within_budget() -> None:

@@ -2,9 +2,11 @@
 and stable-baselines3: load it lazily).
 
 The logic lives in :class:`mpq.solvers.sac.AllocationEpisode` (numpy only); this wraps it in the
-gymnasium API: ``observation_space`` = Box(-inf, inf, (11,)), ``action_space`` = Box(0, 1, (1,)),
-one step per decision, ``terminated`` after the last one, never ``truncated``. Observations
-are clipped to [-OBS_BOUND, OBS_BOUND] (they are within [-1, 10] on any sane problem).
+gymnasium API: ``observation_space`` = Box(-OBS_BOUND, OBS_BOUND, (len(FEATURES),)),
+``action_space`` = Box(-1, 1, (1,)) (the water level's price scaled by
+``PRICE_BASE ** -action``), one step per decision, ``terminated`` after the last one, never
+``truncated``. Observations are clipped to [-OBS_BOUND, OBS_BOUND] (within [-4, 2] on any
+sane problem).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from mpq.solvers.sac import FEATURES, OBS_BOUND, AllocationEpisode
 
 class AllocationEnv(gym.Env):
     """One episode = one plan. ``budgets``: limits to draw one from per episode (default: the
-    problem's). ``best_choice`` / ``best_value``: the best plan completed at the problem's own
-    limits (by the episode's measure, else the table distortion); ``checkpoint_choice`` /
+    problem's). ``others``: more (episode, budgets) pairs; each episode first draws one of the
+    problems (the first, ``episode``, included), then one of its budgets. ``best_choice`` /
+    ``best_value``: the best plan completed at the problem's own limits (by the episode's
+    measure, else the table distortion); ``checkpoint_choice`` /
     ``checkpoint_value``: the best plan of the deterministic policy at a checkpoint
     (:class:`PolicyCheckpoints`)."""
 
@@ -32,12 +36,17 @@ class AllocationEnv(gym.Env):
         self,
         episode: AllocationEpisode,
         budgets: Sequence[Mapping[str, float]] | None = None,
+        others: Sequence[tuple[AllocationEpisode, Sequence[Mapping[str, float]]]] = (),
     ) -> None:
         super().__init__()
         self.episode = episode
         self.budgets = [dict(b) for b in budgets] if budgets else None
+        self.pool = [(episode, self.budgets)] + [
+            (ep, [dict(b) for b in bs] or None) for ep, bs in others
+        ]
+        self.current = episode
         self.observation_space = gym.spaces.Box(-OBS_BOUND, OBS_BOUND, (len(FEATURES),), np.float32)
-        self.action_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.best_choice: np.ndarray | None = None
         self.best_value = float("inf")
         self.checkpoint_choice: np.ndarray | None = None
@@ -52,29 +61,34 @@ class AllocationEnv(gym.Env):
         super().reset(seed=seed)
         limits = None
         if options and "limits" in options:
-            limits = options["limits"]
-        elif self.budgets:
-            limits = self.budgets[int(self.np_random.integers(len(self.budgets)))]
-        self.episode.reset(limits)
+            self.current, limits = self.episode, options["limits"]
+        else:
+            self.current, budgets = self.pool[int(self.np_random.integers(len(self.pool)))]
+            if budgets:
+                limits = budgets[int(self.np_random.integers(len(budgets)))]
+        self.current.reset(limits)
         own = self.episode.problem.limits
-        self._own = all(np.isclose(self.episode.limits[r], float(own[r]), rtol=1e-12) for r in own)
-        return self.episode.observation(), {}
+        self._own = self.current is self.episode and all(
+            np.isclose(self.episode.limits[r], float(own[r]), rtol=1e-12) for r in own
+        )
+        return self.current.observation(), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        reward, finished = self.episode.step(float(np.asarray(action).ravel()[0]))
+        ep = self.current
+        reward, finished = ep.step(float(np.asarray(action).ravel()[0]))
         info: dict[str, Any] = {}
         if finished:
             self.episodes += 1
-            choice = self.episode.choice.copy()
+            choice = ep.choice.copy()
             info["choice"] = choice
-            info["clamped"] = self.episode.clamped
+            info["clamped"] = ep.clamped
             problem = self.episode.problem
             if self._own and problem.feasible(choice):
                 measure = self.episode.measure
                 value = measure(choice) if measure is not None else problem.distortion_of(choice)
                 if value < self.best_value:
                     self.best_value, self.best_choice = value, choice
-        return self.episode.observation(), float(reward), finished, False, info
+        return ep.observation(), float(reward), finished, False, info
 
 
 class PolicyCheckpoints(BaseCallback):

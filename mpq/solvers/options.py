@@ -29,16 +29,16 @@ class SearchOptions:
     a killed search and runs only the trials it lacks; ``study`` defaults to a name derived
     from the problem).
     ``evolution`` runs ``generations`` x ``offspring`` measured mutants from the ILP plan.
-    ``sac`` trains RAMP's agent for ``timesteps`` steps. ``refine`` runs ``rounds`` rounds of
-    coordinate descent on measured quality from the ILP plan (:mod:`mpq.solvers.refine`).
-    ``metric``: what is minimized, a key of the calibration task's metrics (``kl``: mean KL to
-    the fp model)."""
+    ``sac`` uses the shipped policy zero-shot (``timesteps=0``) or fine-tunes it for
+    ``timesteps`` steps. ``refine`` runs ``rounds`` rounds of coordinate descent on measured
+    quality from the ILP plan (:mod:`mpq.solvers.refine`). ``metric``: what is minimized, a key
+    of the calibration task's metrics (``kl``: mean KL to the fp model)."""
 
     seed: int = 0
     trials: int = 40
     generations: int = 10
     offspring: int = 8
-    timesteps: int = 2000
+    timesteps: int = 0
     rounds: int = 2
     storage: str | None = None
     study: str | None = None

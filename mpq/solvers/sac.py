@@ -3,78 +3,66 @@ Adaptive Mixed-Precision Quantization for Efficient On-Device LLM Inference", 20
 Actor-Critic (Haarnoja et al. 2018; stable-baselines3) acting once per decision, in model order,
 in a gymnasium environment.
 
-**Observation**: 11 numbers describing the decision about to be placed (``FEATURES``, all
-dimensionless so that a policy transfers across budgets and problems):
+**Why the first version failed** (free rung per step, reward = minus the distortion, 20000
+steps: 17.6% above the ILP on 100 synthetic decisions, 57.6% on SmolLM2's table): the agent had
+to discover the budget's price from a terminal-ish signal over 100-200 steps (credit
+assignment), the clamp turned every over-ask into a cliff late in the episode, and with rewards
+of order 1 split over 120 steps SAC's entropy bonus dominated. This version keeps SAC and the
+one-decision-per-step episode but changes what the agent decides and what it is paid:
+
+**Action**: one number ``a`` in [-1, 1], relative to the *water level* of the LP relaxation of
+the decisions still to place (:mod:`mpq.solvers._water`: the price at which their hull options
+exactly spend the budget left). The decision takes the option the LP would give it at
+``price x PRICE_BASE ** -a`` (a = 0: follow the level; 1: a quarter of the price, so more
+bits; -1: four times), then the budget clamp. The actor's output layer starts at zero, so an
+untrained agent *is* the water level, and training learns deviations from it.
+
+**Reward** (potential-based shaping, Ng et al. 1999, with gamma = 1): each step pays minus its
+distortion plus the change of minus the LP value of the rest (normalized by the LP bound at the
+start), so an episode returns ``(LP bound - plan) / LP bound`` (at most 0; about -0.001 for a
+good plan on 100+ decisions), and each step is paid at once for what it cost against the LP.
+Rewards are multiplied by ``reward_scale`` (100 in training). After the last decision the
+budget left is spent by cheapest upgrades (the clamp's counterpart: a plan never wastes
+budget). With a ``measure``, the last step swaps the table's return for
+``(m(level plan) - m(plan)) / m(level plan)``: the measured gain over the water level's plan.
+
+**Observation**: 13 dimensionless numbers (``FEATURES``), so a policy transfers across
+budgets and problems:
 
 ====  ==============  ==================================================================
- 0    ``depth``       decision index / (decisions - 1): the normalized depth, which is
-                      also the step fraction (one step per decision, in model order)
+ 0    ``depth``       decision index / (decisions - 1)
  1    ``kind``        module type code: linear 0, conv2d 0.5, embedding 1 (0 if unknown)
  2    ``log_rows``    log2(output rows) / 16 (0 if unknown)
  3    ``log_cols``    log2(input columns x kernel) / 16 (0 if unknown)
  4    ``log_size``    log2(parameter count / mean over decisions) / 8, clipped to [-1, 1];
-                      without features, the decision's cost span (dearest - cheapest
-                      option on the first budgeted resource) stands in for its size
- 5    ``sens_low``    ln(distortion at the cheapest option / its mean over decisions) / 8,
-                      clipped to [-2, 2]
- 6    ``sens_high``   ln(distortion at the dearest option / the same mean) / 8, clipped
-                      to [-4, 2] (a zero distortion, e.g. kept at 16 bits, gives -4)
- 7    ``w_std``       weight standard deviation, log10 scaled: (log10(std) + 3) / 3 (0 if
-                      unknown)
- 8    ``w_kurt``      log1p(max(excess kurtosis of the weights, 0)) / 5 (0 if unknown)
- 9    ``budget``      remaining budget fraction: (budget left - least cost of the decisions
-                      still to place) / (their dearest - their least cost), clipped to
-                      [0, 1], the minimum over budgeted resources; 1 = everything left can
-                      take its dearest option, 0 = everything left must take its cheapest
- 10   ``prev``        the previous decision's chosen rung / (its rungs - 1) (HAQ's a_{t-1};
-                      0 at the first step)
+                      without features, the decision's cost span stands in for its size
+ 5    ``sens_low``    ln(distortion at the cheapest option / its mean) / 8, in [-2, 2]
+ 6    ``sens_high``   ln(distortion at the dearest option / the same mean) / 8, in [-4, 2]
+ 7    ``w_std``       (log10(weight std) + 3) / 3 (0 if unknown)
+ 8    ``w_kurt``      log1p(max(excess kurtosis, 0)) / 5 (0 if unknown)
+ 9    ``budget``      budget left for the decisions left, 0 (all cheapest) .. 1 (all
+                      dearest), the least over budgeted resources
+ 10   ``prev``        the previous decision's rung / (its rungs - 1)
+ 11   ``hint``        the rung the water level gives this decision / (rungs - 1)
+ 12   ``level``       log(water level now / at the start) / 4, in [-2, 2]: > 0 when
+                      earlier steps spent more than the LP would have
 ====  ==============  ==================================================================
 
 Per-decision features (kind, rows, cols, parameter count, weight std and kurtosis) come from
-``features=`` or ``problem.meta["features"]``: an array ``[decisions, 6]`` with those columns,
-NaN where unknown (:func:`mpq.measure.decision_features` builds it from a model's targets).
+``features=`` or ``problem.meta["features"]`` (``[decisions, 6]``, NaN where unknown;
+:func:`mpq.measure.decision_features` builds it from a model's targets). Several budgeted
+resources: one water level per resource, and the decision takes the cheapest of their answers;
+a plan that still ends over a budget is repaired by cheapest downgrades, and only if that fails
+the ILP says whether any plan fits (``stats["fallback"]``).
 
-**Action**: one number in [0, 1]; the decision's allowed options are ordered from the cheapest
-to the dearest (weighted cost, see :func:`mpq.solvers._measure.ladders`) and the action picks
-rung ``floor(a * rungs)`` (1 = the dearest).
-
-**Budget clamp**: the environment lowers the rung until every budgeted resource still leaves
-room for each later decision at its cheapest option (used + this option + the least cost of
-the rest <= limit). With one budgeted resource this guarantees that every plan the policy
-makes fits the budget. With several, the per-resource least costs may not be reachable
-together; a plan that still ends over a budget is repaired by cheapest downgrades, and only if
-that fails the ILP says whether any plan fits (``stats["fallback"]``, never seen in the tests).
-
-**Reward** (quality first, with budget cliffs): each step pays ``-distortion[d, o] / scale``
-(scale = the summed distortion of the all-cheapest plan), so an episode returns minus the
-plan's normalized table distortion. With a ``measure``, the last step also pays back that
-table estimate and charges ``measure(plan) / measure(all-cheapest plan)`` instead: the
-episode returns minus the normalized *measured* value, while the table still shapes the
-credit of each step (``shaped=False``: only the measured value at the end; it learns worse,
-see ``experiments/bench/bench_search.py``). A clamped step also pays ``-cliff x (rungs
-clamped) / (rungs - 1) / decisions``: asking for more than the budget allows costs reward, so
-the agent learns to spread the budget rather than spend it early. Rewards are multiplied by
-``reward_scale`` (10 by default for training: SAC's entropy bonus swamps returns of order 1;
-10 beat 1 and 30 on the conformance problems, and 1 on the 100-decision benchmark: 23% from
-the optimum after 5000 steps, against 36%).
-
-**Training and transfer**: :func:`train_sac` trains on one problem (optionally on several
-budgets, one drawn per episode); since every feature is budget- and size-free, the trained
-policy can allocate other budgets and other problems (:func:`solve_sac` with ``model=``).
-:func:`solve_sac` without a model trains one and answers with the best (on the measure) of
-the final deterministic policy's plan (``stats["source"] = "policy"``), the best plan of the
-deterministic policy at checkpoints every ``checkpoint_every`` episodes (``"checkpoint"``:
-SAC's last policy is not always its best) and the best plan met while exploring at this
-budget (``"training"``). stable-baselines3, gymnasium and torch are imported inside the
-functions; importing this module stays numpy-only.
-
-**Measured** (objective / optimum; CPU, one torch thread): on the conformance problems (6
-decisions x 4 options), 300 steps (about 2 s): at most 3.06x, median 1.18x over 30 seeds; on
-100 decisions x 6 options, 20000 steps (about 150 s): 1.18x, where the ILP is exact in 0.3 s
-(``experiments/bench/bench_search.py``). A policy trained 3000 steps on 9 budgets of one
-problem, then used without training: across 19 budgets of that problem at most 2.22x (median
-1.17x); across 200 unrelated problems at most 21.9x (median 1.50x). SAC is here as RAMP's
-baseline and for measured objectives, not as a replacement for the exact solvers.
+**The shipped policy** (``policies/sac_policy_v1.safetensors``, trained by
+``experiments/bench/train_sac_policy.py`` on synthetic tables and SmolLM2's Fisher table at 9
+budgets each, weights kept at the best validation step): :func:`solve_sac` uses it zero-shot
+(numpy only, :class:`NumpyActor`) or fine-tunes it for ``total_timesteps`` on the problem at
+hand (and its ``measure``). Policy files are safetensors (arrays only) with the format,
+version and feature list in the header, refused when they do not match. Figures:
+BENCHMARKS.md ("Search policies", issue 17). stable-baselines3, gymnasium and torch are
+imported inside the functions that train; importing this module stays numpy-only.
 """
 
 from __future__ import annotations
@@ -83,13 +71,15 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.solvers._common import RTOL, done, over_min, repair_downgrades
+from mpq.solvers._common import RTOL, done, fill_upgrades, over_min, repair_downgrades
 from mpq.solvers._measure import CachedMeasure, Measure, cached, ladders
+from mpq.solvers._water import Level, WaterLevel
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
 from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
@@ -106,9 +96,12 @@ FEATURES = (
     "w_kurt",
     "budget",
     "prev",
+    "hint",
+    "level",
 )
 FEATURE_COLUMNS = ("kind", "rows", "cols", "numel", "weight_std", "weight_kurtosis")
 OBS_BOUND = 16.0  # every observation is clipped to [-OBS_BOUND, OBS_BOUND]
+PRICE_BASE = 4.0  # action a scales the water level's price by PRICE_BASE ** -a
 KIND_CODES = {"linear": 0.0, "conv2d": 0.5, "embedding": 1.0}
 
 
@@ -162,7 +155,10 @@ class AllocationEpisode:
 
     ``reset(limits)`` starts an episode (the problem's limits by default); ``step(action)``
     places the current decision and returns ``(reward, done)``; ``observation()`` is the
-    11-feature vector of the decision about to be placed (zeros once done)."""
+    feature vector of the decision about to be placed (zeros once done). The action is in
+    [-1, 1]: the decision takes the option the LP relaxation of the decisions left would give
+    it at the water level times ``PRICE_BASE ** -action`` (0: follow the level; 1: a quarter
+    of the price, so more bits; -1: four times, fewer), then the budget clamp."""
 
     def __init__(
         self,
@@ -170,15 +166,21 @@ class AllocationEpisode:
         *,
         features: np.ndarray | None = None,
         measure: CachedMeasure | None = None,
-        cliff: float = 1.0,
+        cliff: float = 0.0,
         reward_scale: float = 1.0,
         shaped: bool = True,
+        fill: bool = True,
     ) -> None:
         if not problem.limits:
             raise MpqError("sac needs a budget on at least one resource")
         self.problem = problem
+        self.fill = bool(fill)
+        self.filled = 0
         self.n = len(problem.decisions)
         self.ladder = ladders(problem)
+        self.rank = np.full(problem.distortion.shape, -1, dtype=np.int64)
+        for d, lad in enumerate(self.ladder):
+            self.rank[d, lad] = np.arange(len(lad))
         self.static_input = features
         self.static = _static_features(problem, features)
         self.measure = measure
@@ -187,6 +189,8 @@ class AllocationEpisode:
         self.shaped = bool(shaped) or measure is None
         self.costs = {r: np.asarray(problem.costs[r], dtype=float) for r in problem.limits}
         allowed = problem.allowed
+        dist = np.where(allowed, problem.distortion, np.inf)
+        self.water = {r: WaterLevel(dist, c, allowed) for r, c in self.costs.items()}
         self.min_cost = {r: np.where(allowed, c, np.inf).min(axis=1) for r, c in self.costs.items()}
         self.max_cost = {
             r: np.where(allowed, c, -np.inf).max(axis=1) for r, c in self.costs.items()
@@ -200,19 +204,41 @@ class AllocationEpisode:
         }
         idx = np.arange(self.n)
         cheapest = np.array([lad[0] for lad in self.ladder], dtype=np.int64)
-        self.scale = max(float(problem.distortion[idx, cheapest].sum()), 1e-300)
         self.cheapest = cheapest
-        self._measure_scale: float | None = None
+        low = problem.distortion[idx, cheapest]
+        self.rest_cheapest = np.append(np.cumsum(low[::-1])[::-1], 0.0)
+        self.floor = max(float(problem.distortion[idx, cheapest].sum()) * 1e-12, 1e-300)
+        self._ref_measured: dict[tuple[float, ...], float] = {}
+        self._problems: dict[tuple[float, ...], AllocationProblem] = {}
         self.reset()
+
+    def _levels(self) -> dict[str, Level]:
+        return {
+            r: w.level(self.t, self.limits[r] - self.used[r]) for r, w in self.water.items()
+        }
+
+    def _potential(self) -> float:
+        """Minus the LP value of the decisions left (normalized): the shaping potential."""
+        if self.t >= self.n:
+            return 0.0
+        lp = max(lv.lp_value for lv in self.levels.values())
+        return -lp / self.ref if math.isfinite(lp) else -self.rest_cheapest[self.t] / self.ref
 
     def reset(self, limits: Mapping[str, float] | None = None) -> None:
         lim = self.problem.limits if limits is None else limits
         self.limits = {r: float(lim[r]) for r in self.problem.limits}
+        self.filled = 0
         self.t = 0
         self.used = dict.fromkeys(self.limits, 0.0)
         self.choice = np.zeros(self.n, dtype=np.int64)
         self.prev = 0.0
         self.clamped = 0
+        self.levels = self._levels() if self.n else {}
+        self.start_levels = dict(self.levels)
+        lp0 = max((lv.lp_value for lv in self.levels.values()), default=0.0)
+        top = float(self.rest_cheapest[0]) if self.n else 0.0
+        self.lp0 = lp0 if math.isfinite(lp0) else top
+        self.ref = max(self.lp0, self.floor)
 
     def observation(self) -> np.ndarray:
         if self.t >= self.n:
@@ -226,7 +252,39 @@ class AllocationEpisode:
             frac = min(frac, 1.0 if room <= 0 else float(np.clip(left / room, 0.0, 1.0)))
         obs[9] = frac
         obs[10] = self.prev
+        k = len(self.ladder[self.t])
+        obs[11] = self.rank[self.t, self.target(0.0)] / max(k - 1, 1)
+        obs[12] = self._level_change()
         return np.clip(obs, -OBS_BOUND, OBS_BOUND)
+
+    def _level_change(self) -> float:
+        """log(water level now / at the episode's start) / 4, clipped to [-2, 2] (the most
+        binding resource): > 0 when earlier steps spent more than the LP would have."""
+        out = -2.0
+        for r, lv in self.levels.items():
+            p0, p = self.start_levels[r].price, lv.price
+            if p == p0:
+                v = 0.0
+            elif p0 <= 0 or not math.isfinite(p) or p <= 0 or not math.isfinite(p0):
+                v = 2.0 if (p > p0) else -2.0
+            else:
+                v = float(np.clip(math.log(p / p0) / 4, -2.0, 2.0))
+            out = max(out, v)
+        return out
+
+    def target(self, action: float) -> int:
+        """The option the LP's water level, scaled by ``PRICE_BASE ** -action``, gives the
+        decision at hand (the cheapest of the per-resource answers)."""
+        d = self.t
+        a = float(np.clip(action, -1.0, 1.0)) if math.isfinite(action) else 0.0
+        scale = PRICE_BASE ** (-a)
+        best = -1
+        for r, lv in self.levels.items():
+            price = lv.price * scale if math.isfinite(lv.price) else lv.price
+            o = self.water[r].vertex(d, price)
+            if best < 0 or self.rank[d, o] < self.rank[d, best]:
+                best = o
+        return best
 
     def _fits(self, d: int, o: int) -> float:
         """How far option ``o`` of decision ``d`` goes over (0: it leaves room for the rest)."""
@@ -236,17 +294,12 @@ class AllocationEpisode:
             over += max(0.0, need - lim * (1 + RTOL)) / max(abs(lim), 1e-300)
         return over
 
-    def rung_for(self, action: float) -> int:
-        k = len(self.ladder[self.t])
-        a = float(np.clip(action, 0.0, 1.0)) if math.isfinite(action) else 0.0
-        return min(int(a * k), k - 1)
-
     def step(self, action: float) -> tuple[float, bool]:
         if self.t >= self.n:
             raise RuntimeError("step after the episode ended; call reset()")
         d = self.t
         lad = self.ladder[d]
-        want = self.rung_for(action)
+        want = int(self.rank[d, self.target(action)])
         got = want
         while got > 0 and self._fits(d, int(lad[got])) > 0:
             got -= 1
@@ -254,6 +307,7 @@ class AllocationEpisode:
             overs = [self._fits(d, int(o)) for o in lad]
             got = int(np.argmin(overs))
         o = int(lad[got])
+        before = self._potential()
         self.choice[d] = o
         for r in self.limits:
             self.used[r] += self.costs[r][d, o]
@@ -262,26 +316,66 @@ class AllocationEpisode:
         if got < want:
             self.clamped += 1
             reward -= self.cliff * (want - got) / max(k - 1, 1) / max(self.n, 1)
-        if self.shaped:
-            reward -= float(self.problem.distortion[d, o]) / self.scale
         self.prev = got / max(k - 1, 1)
         self.t += 1
         finished = self.t >= self.n
+        self.levels = self._levels() if not finished else {}
+        gained = 0.0
+        if finished and self.fill:
+            # Spend what the budget leaves (the clamp's counterpart: a plan never wastes it).
+            before_fill = self.problem.distortion_of(self.choice)
+            at = self._at_limits()
+            weight = {r: 1.0 / max(abs(v), 1e-300) for r, v in self.limits.items()}
+            self.choice, self.filled = fill_upgrades(at, self.choice, weight)
+            gained = before_fill - self.problem.distortion_of(self.choice)
+        if self.shaped:
+            # Potential-based shaping: minus this step's distortion plus the change of minus
+            # the LP value of the rest; an episode sums to (LP bound - plan) / LP bound.
+            step = -float(self.problem.distortion[d, o]) + gained
+            reward += step / self.ref + self._potential() - before
         if finished and self.measure is not None:
-            if self._measure_scale is None:
-                self._measure_scale = max(abs(self.measure(self.cheapest)), 1e-300)
-            # Swap the table's estimate, paid step by step, for the measured value.
-            table = self.problem.distortion_of(self.choice) / self.scale if self.shaped else 0.0
-            reward -= self.measure(self.choice) / self._measure_scale - table
+            # Swap the table's return for the measured one, relative to the plan the water
+            # level alone (action 0) makes at these limits.
+            ref = self._reference_measured()
+            table = (self.lp0 - self.problem.distortion_of(self.choice)) / self.ref
+            reward += (ref - self.measure(self.choice)) / max(abs(ref), 1e-300) - (
+                table if self.shaped else 0.0
+            )
         return reward * self.reward_scale, finished
+
+    def _at_limits(self) -> AllocationProblem:
+        """The problem with this episode's limits (cached per limits)."""
+        key = tuple(self.limits[r] for r in sorted(self.limits))
+        if key not in self._problems:
+            p = self.problem
+            self._problems[key] = AllocationProblem(
+                p.decisions, p.options, p.distortion, p.costs, dict(self.limits), p.meta
+            )
+        return self._problems[key]
+
+    def _reference_measured(self) -> float:
+        assert self.measure is not None
+        key = tuple(self.limits[r] for r in sorted(self.limits))
+        if key not in self._ref_measured:
+            saved = (self.t, dict(self.used), self.choice.copy(), self.prev, self.clamped)
+            levels, start = self.levels, self.start_levels
+            plan = self.run(lambda obs: 0.0, self.limits)
+            self._ref_measured[key] = self.measure(plan)
+            self.t, self.used, self.choice, self.prev, self.clamped = saved
+            self.levels, self.start_levels = levels, start
+        return self._ref_measured[key]
 
     def run(self, policy: Any, limits: Mapping[str, float] | None = None) -> np.ndarray:
         """The plan of ``policy(obs) -> action`` from a fresh episode."""
-        self.reset(limits)
-        finished = self.n == 0
-        while not finished:
-            _, finished = self.step(float(np.asarray(policy(self.observation())).ravel()[0]))
-        return self.choice.copy()
+        measure, self.measure = self.measure, None  # the plan only: no measured reward
+        try:
+            self.reset(limits)
+            finished = self.n == 0
+            while not finished:
+                _, finished = self.step(float(np.asarray(policy(self.observation())).ravel()[0]))
+            return self.choice.copy()
+        finally:
+            self.measure = measure
 
 
 def _check_budgets(problem: AllocationProblem, budgets: Sequence[Mapping[str, float]]) -> None:
@@ -297,6 +391,86 @@ def _check_budgets(problem: AllocationProblem, budgets: Sequence[Mapping[str, fl
                 raise MpqError(f"training budget {r}={v} is infeasible (the least is {mins[r]:g})")
 
 
+PRETRAINED = Path(__file__).parent / "policies" / "sac_policy_v1.safetensors"
+POLICY_FORMAT = "mpq-sac-policy"
+POLICY_VERSION = "1"
+
+
+class NumpyActor:
+    """The deterministic action of a SAC actor (stable-baselines3's ``MlpPolicy``: ReLU
+    layers, then ``tanh(mu)``) in numpy, from its weights: a policy can be used without torch.
+    ``weights``: the policy's state dict (``actor.latent_pi.{0,2,..}``, ``actor.mu``)."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+        self.meta = dict(meta)
+        self.weights = {k: np.asarray(v) for k, v in weights.items()}
+        layers = sorted(
+            {int(k.split(".")[2]) for k in self.weights if k.startswith("actor.latent_pi.")}
+        )
+        self.layers = [
+            (self.weights[f"actor.latent_pi.{i}.weight"].astype(np.float64),
+             self.weights[f"actor.latent_pi.{i}.bias"].astype(np.float64))
+            for i in layers
+        ]
+        self.mu = (self.weights["actor.mu.weight"].astype(np.float64),
+                   self.weights["actor.mu.bias"].astype(np.float64))
+
+    def __call__(self, obs: np.ndarray) -> float:
+        h = np.asarray(obs, dtype=np.float64).ravel()
+        for w, b in self.layers:
+            h = np.maximum(w @ h + b, 0.0)
+        return float(np.tanh(self.mu[0] @ h + self.mu[1])[0])
+
+
+def save_policy(model: Any, path: Path, meta: Mapping[str, str] | None = None) -> None:
+    """A trained SAC's policy weights (actor and critics) as safetensors, with the format,
+    version and feature list in the header (no pickle)."""
+    from safetensors.numpy import save_file
+
+    state = {k: v.detach().cpu().numpy() for k, v in model.policy.state_dict().items()}
+    header = {
+        "format": POLICY_FORMAT,
+        "version": POLICY_VERSION,
+        "features": ",".join(FEATURES),
+        "price_base": repr(PRICE_BASE),
+        "net_arch": ",".join(str(w.shape[0]) for k, w in sorted(state.items())
+                             if k.startswith("actor.latent_pi.") and k.endswith(".bias")),
+        **dict(meta or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=header)
+    tmp.replace(path)
+
+
+def load_policy(path: Path = PRETRAINED) -> NumpyActor:
+    """A policy written by :func:`save_policy` (safetensors: arrays only, nothing executed);
+    refused with the reason when it is not one, or not for this version's features."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    if not Path(path).is_file():
+        raise MpqError(
+            f"no SAC policy at {path}; train one with experiments/bench/train_sac_policy.py"
+        )
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+        weights = load_file(str(path))
+    except Exception as err:  # safetensors raises its own types for a corrupt header
+        raise MpqError(f"{path} is not a readable safetensors file ({err})") from err
+    if meta.get("format") != POLICY_FORMAT or meta.get("version") != POLICY_VERSION:
+        raise MpqError(
+            f"{path} is a {meta.get('format')!r} v{meta.get('version')} file; this mpq reads "
+            f"{POLICY_FORMAT} v{POLICY_VERSION} (retrain: experiments/bench/train_sac_policy.py)"
+        )
+    if meta.get("features") != ",".join(FEATURES):
+        raise MpqError(
+            f"{path} was trained on features {meta.get('features')}, not {','.join(FEATURES)}"
+        )
+    return NumpyActor(weights, meta)
+
+
 def train_sac(
     problem: AllocationProblem,
     *,
@@ -305,22 +479,29 @@ def train_sac(
     measure: Measure | None = None,
     budgets: Sequence[Mapping[str, float]] | None = None,
     features: np.ndarray | None = None,
-    cliff: float = 1.0,
-    reward_scale: float = 10.0,
+    others: Sequence[tuple[AllocationProblem, Sequence[Mapping[str, float]]]] = (),
+    init: NumpyActor | None = None,
+    n_envs: int = 1,
+    cliff: float = 0.0,
+    reward_scale: float = 100.0,
     shaped: bool = True,
     learning_starts: int | None = None,
     net_arch: Sequence[int] = (64, 64),
     checkpoint_every: int = 10,
+    callbacks: Sequence[Any] = (),
     **sac_kwargs: Any,
 ) -> Any:
     """A stable-baselines3 ``SAC`` trained on ``problem`` for ``total_timesteps`` steps (one
     per decision). ``budgets``: limits to draw from, one per episode (default: the problem's
-    own), to train a policy meant for several budgets. Returns the model; the environment it
-    trained on is ``model.get_env()`` (its ``envs[0].unwrapped`` keeps ``best`` = (value,
-    choice) of the best plan met at the problem's own budget, and ``checkpoint_*`` the best
-    plan of the deterministic policy, tried every ``checkpoint_every`` episodes and at the
-    end)."""
+    own), to train a policy meant for several budgets; ``others``: more (problem, budgets)
+    to draw episodes from (a policy meant for several models); ``n_envs``: environments
+    stepped together (``DummyVecEnv``); ``init``: start from these policy weights (e.g. the
+    shipped policy, to fine-tune). Returns the model; ``model.get_env().envs[0].unwrapped``
+    keeps the best plan met at the problem's own budget (``best_*``) and the best plan of the
+    deterministic policy, tried every ``checkpoint_every`` episodes and at the end
+    (``checkpoint_*``)."""
     from stable_baselines3 import SAC
+    from stable_baselines3.common.vec_env import DummyVecEnv
 
     from mpq.solvers._sac_env import AllocationEnv, PolicyCheckpoints
 
@@ -329,22 +510,27 @@ def train_sac(
         raise MpqError(f"total_timesteps={total_timesteps} must be a positive integer")
     if budgets is not None:
         _check_budgets(problem, budgets)
+    for q, bs in others:
+        validate_problem(q)
+        _check_budgets(q, bs)
     score = cached(measure, problem) if measure is not None else None
-    episode = AllocationEpisode(
-        problem,
-        features=features,
-        measure=score,
-        cliff=cliff,
-        reward_scale=reward_scale,
-        shaped=shaped,
-    )
-    env = AllocationEnv(episode, budgets=budgets)
+
+    def make_env() -> AllocationEnv:
+        def episode(q: AllocationProblem, m: CachedMeasure | None) -> AllocationEpisode:
+            return AllocationEpisode(q, features=features if q is problem else None, measure=m,
+                                     cliff=cliff, reward_scale=reward_scale, shaped=shaped)
+
+        pool = [(episode(q, None), bs) for q, bs in others]
+        return AllocationEnv(episode(problem, score), budgets=budgets, others=pool)
+
+    envs = [make_env() for _ in range(max(int(n_envs), 1))]
+    vec = DummyVecEnv([lambda e=e: e for e in envs])  # type: ignore[misc]
     starts = learning_starts if learning_starts is not None else min(100, total_timesteps // 4)
     kwargs: dict[str, Any] = {
         "learning_rate": 3e-4,
         "buffer_size": max(int(total_timesteps), 1000),
         "batch_size": 64,
-        "gamma": 0.99,
+        "gamma": 1.0,  # episodic, and the shaping potential is exact with gamma = 1
         "train_freq": 1,
         "gradient_steps": 1,
         "policy_kwargs": {"net_arch": list(net_arch)},
@@ -352,11 +538,41 @@ def train_sac(
         "verbose": 0,
     }
     kwargs.update(sac_kwargs)
-    model = SAC("MlpPolicy", env, seed=seed, learning_starts=starts, **kwargs)
-    checkpoints = PolicyCheckpoints(env, checkpoint_every)
-    model.learn(total_timesteps=int(total_timesteps), callback=checkpoints)
+    model = SAC("MlpPolicy", vec, seed=seed, learning_starts=starts, **kwargs)
+    if init is None:
+        import torch
+
+        # The actor starts at action 0 everywhere (the water level): training learns the
+        # deviations from the LP's price, not the price itself.
+        mu: Any = model.actor.mu
+        with torch.no_grad():
+            mu.weight.zero_()
+            mu.bias.zero_()
+    else:
+        import torch
+
+        state = model.policy.state_dict()
+        for k, v in init.weights.items():
+            if k in state and tuple(state[k].shape) == v.shape:
+                state[k] = torch.from_numpy(np.array(v, dtype=np.float32))
+        model.policy.load_state_dict(state)
+    checkpoints = PolicyCheckpoints(envs[0], checkpoint_every)
+    model.learn(total_timesteps=int(total_timesteps), callback=[checkpoints, *callbacks])
     checkpoints.checkpoint()
     return model
+
+
+def _actor(model: Any) -> Any:
+    """``obs -> action`` of a model: a :class:`NumpyActor` as is, else an SB3 model's
+    deterministic prediction."""
+    if isinstance(model, NumpyActor):
+        return model
+
+    def act(obs: np.ndarray) -> float:
+        action, _ = model.predict(obs, deterministic=True)
+        return float(np.asarray(action).ravel()[0])
+
+    return act
 
 
 def policy_plan(
@@ -365,34 +581,39 @@ def policy_plan(
     *,
     features: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """The deterministic plan of a trained ``model`` on ``problem`` (any budget, any size)
-    and the number of clamped steps."""
+    """The deterministic plan of a trained ``model`` (SB3 SAC or :class:`NumpyActor`) on
+    ``problem`` (any budget, any size) and the number of clamped steps."""
     episode = AllocationEpisode(problem, features=features)
-
-    def act(obs: np.ndarray) -> float:
-        action, _ = model.predict(obs, deterministic=True)
-        return float(np.asarray(action).ravel()[0])
-
-    choice = episode.run(act)
+    choice = episode.run(_actor(model))
     return choice, episode.clamped
+
+
+def level_plan(problem: AllocationProblem) -> np.ndarray:
+    """The plan of action 0 at every step: the water level alone, no learned policy (the
+    baseline the agent is measured against)."""
+    return AllocationEpisode(problem).run(lambda obs: 0.0)
 
 
 def solve_sac(
     problem: AllocationProblem,
     measure: Measure | None = None,
     *,
-    total_timesteps: int = 2000,
+    total_timesteps: int = 0,
     seed: int = 0,
     model: Any = None,
     features: np.ndarray | None = None,
+    pretrained: bool | Path = True,
     **train_kwargs: Any,
 ) -> Solution:
-    """RAMP's SAC agent on ``problem``: trains one (``total_timesteps`` steps, seeded) unless
-    ``model`` is given (a trained policy: transfer, no training), then allocates. Status
-    ``feasible``, or ``infeasible`` with ``min_feasible``. ``stats``: ``measured``, ``source``
-    (``policy``, ``checkpoint`` or ``training``, see the module docstring), ``clamped``
-    (policy steps the budget clamp lowered), ``policy_measured`` (the final policy's plan),
-    ``train_s``, ``timesteps``."""
+    """RAMP's SAC agent on ``problem``. ``model`` given: that policy, no training. Otherwise
+    the shipped policy (``pretrained=True``; a path: that file; ``False``: a fresh network)
+    is used as is when ``total_timesteps == 0`` (zero-shot), or fine-tuned for
+    ``total_timesteps`` steps (seeded) on this problem, its budget and ``measure``. Status
+    ``feasible``, or ``infeasible`` with ``min_feasible``. ``stats``: ``measured``,
+    ``source`` (``policy``, ``checkpoint``, ``training`` or, when fine-tuning, ``pretrained``:
+    the shipped policy's plan before fine-tuning),
+    ``clamped`` (policy steps the budget clamp lowered), ``policy_measured`` (the final
+    policy's plan), ``train_s``, ``timesteps``, ``policy`` (which weights)."""
     t0 = time.perf_counter()
     validate_problem(problem)
     if not problem.limits:
@@ -402,7 +623,16 @@ def solve_sac(
     score = cached(measure, problem)
     train_s = 0.0
     candidates: list[tuple[float, int, str, np.ndarray]] = []
-    if model is None:
+    init: NumpyActor | None = None
+    source_policy = "given"
+    if model is None and pretrained is not False:
+        init = load_policy(PRETRAINED if pretrained is True else Path(pretrained))
+        source_policy = str(init.meta.get("name", "pretrained"))
+    if model is None and total_timesteps > 0:
+        if init is not None:  # fine-tuning starts from this plan: it is a candidate too
+            start, _ = policy_plan(init, problem, features=features)
+            if problem.feasible(start):
+                candidates.append((score(start), 3, "pretrained", start))
         t1 = time.perf_counter()
         model = train_sac(
             problem,
@@ -410,8 +640,10 @@ def solve_sac(
             seed=seed,
             measure=score if measure is not None else None,
             features=features,
+            init=init,
             **train_kwargs,
         )
+        source_policy = f"{source_policy if init is not None else 'fresh'}+fine-tuned"
         train_s = time.perf_counter() - t1
         env = model.get_env().envs[0].unwrapped
         if env.checkpoint_choice is not None:
@@ -421,6 +653,11 @@ def solve_sac(
         if env.best_choice is not None:
             candidates.append((score(env.best_choice), 2, "training", env.best_choice))
         timesteps = int(total_timesteps)
+    elif model is None:
+        if init is None:
+            raise MpqError("sac with pretrained=False needs total_timesteps > 0 (or a model)")
+        model = init
+        timesteps = 0
     else:
         timesteps = 0
     choice, clamped = policy_plan(model, problem, features=features)
@@ -429,6 +666,7 @@ def solve_sac(
         "train_s": train_s,
         "timesteps": timesteps,
         "seed": seed,
+        "policy": source_policy,
     }
     if not problem.feasible(choice):
         choice, _, ok = repair_downgrades(problem, choice)
