@@ -34,6 +34,7 @@ from mpq.solvers.greedy import solve_greedy
 from mpq.solvers.ilp import solve_ilp
 from mpq.solvers.uniform import solve_uniform
 from mpq.testing import SolverConformance, SolverSpec, brute_force, random_problem
+from mpq.testing.conformance import with_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,6 +244,15 @@ def test_bayes_frontier_nsga2() -> None:
                 pt.costs["bits"] <= p.cost_of(u)["bits"] and pt.measured <= m(u)
                 for pt in f.points
             )
+    # Seeded from the table's own frontier: each seed is the table's optimum at its cost, was
+    # measured, and is matched or beaten by the measured frontier.
+    assert 2 <= len(f.table) <= 10
+    assert [t.cost for t in f.table] == sorted(t.cost for t in f.table)
+    for t in f.table:
+        cap = with_limits(p, {"bits": t.cost})
+        assert t.predicted == pytest.approx(solve_ilp(cap).objective, rel=1e-9)
+        assert t.measured == m(t.choice)
+        assert any(pt.costs["bits"] <= t.cost and pt.measured <= t.measured for pt in f.points)
     mid = float(np.median(costs))
     best = f.best_within(mid)
     assert best is not None and best.costs["bits"] <= mid

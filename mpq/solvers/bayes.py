@@ -389,13 +389,26 @@ class MeasuredPoint:
 
 
 @dataclass(frozen=True)
+class TablePoint:
+    """A plan of the table's own Pareto frontier: its cost, predicted (table) distortion and
+    measured value (it seeds the NSGA-II study, so it is measured)."""
+
+    cost: float
+    predicted: float
+    measured: float
+    choice: np.ndarray
+
+
+@dataclass(frozen=True)
 class MeasuredFrontier:
-    """Plans not dominated in (measured value, cost of ``resource``), by increasing cost."""
+    """Plans not dominated in (measured value, cost of ``resource``), by increasing cost;
+    ``table``: the table's predicted frontier points the study was seeded with (by cost)."""
 
     resource: str
     points: tuple[MeasuredPoint, ...]
     trials: int
     study_name: str
+    table: tuple[TablePoint, ...] = ()
 
     def best_within(self, limit: float) -> MeasuredPoint | None:
         """The least measured point whose cost is within ``limit`` (None when none is)."""
@@ -415,12 +428,17 @@ def bayes_frontier(
     study_name: str | None = None,
     over_budget: OverBudget = "repair",
     timeout: float | None = None,
+    table_seeds: int | None = None,
 ) -> MeasuredFrontier:
     """NSGA-II search of the frontier of measured quality vs the cost of ``resource`` (default:
     the first budgeted one) among plans within every budget (give the loosest budget to see the
-    whole frontier). The study starts from every uniform plan that fits and the table's ILP and
-    greedy plans. Points are the non-dominated completed trials of the whole study, by
-    increasing cost (one plan per distinct (value, cost))."""
+    whole frontier). The study starts from the table's own Pareto frontier of ``resource``
+    (``table_seeds`` of its points, evenly spread over its cost range within the budgets;
+    default ``population_size``; :func:`mpq.solvers.pareto.pareto_frontier`), every uniform
+    plan that fits and the table's ILP and greedy plans. Points are the non-dominated
+    completed trials of the whole study, by increasing cost (one plan per distinct (value,
+    cost)); ``table`` keeps the seeded frontier points with their predicted and measured
+    values, so the two frontiers can be drawn side by side."""
     import optuna
 
     validate_problem(problem)
@@ -442,6 +460,10 @@ def bayes_frontier(
     for u in uniform_choices(problem):
         if not any(np.array_equal(u, c) for c in starts):
             starts.append(u)
+    table_front = _table_frontier(problem, resource, table_seeds or population_size)
+    for c in table_front:
+        if not any(np.array_equal(c, s) for s in starts):
+            starts.append(c)
     score = cached(measure, problem)
     objective = _Objective(problem, score, over_budget, cost_resource=resource)
     sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size)
@@ -462,9 +484,26 @@ def bayes_frontier(
     for p in ordered:  # by cost: keep a point only when it measures better than all cheaper
         if not front or p.measured < front[-1].measured:
             front.append(p)
-    return MeasuredFrontier(
-        resource, tuple(front), len(study.get_trials(deepcopy=False)), study.study_name
+    table = tuple(
+        TablePoint(problem.cost_of(c)[resource], problem.distortion_of(c), score(c), c)
+        for c in table_front
     )
+    return MeasuredFrontier(
+        resource, tuple(front), len(study.get_trials(deepcopy=False)), study.study_name, table
+    )
+
+
+def _table_frontier(problem: AllocationProblem, resource: str, k: int) -> list[np.ndarray]:
+    """Up to ``k`` plans of the table's Pareto frontier of ``resource`` that fit every budget,
+    evenly spread by index from the cheapest to the least distorting (by increasing cost)."""
+    from mpq.solvers.pareto import pareto_frontier
+
+    front = pareto_frontier(problem, resource)  # the other budgets are checked below
+    fits = [i for i in range(len(front)) if problem.feasible(front.choices[i].astype(np.int64))]
+    if not fits or k < 1:
+        return []
+    picks = sorted({fits[int(round(j))] for j in np.linspace(0, len(fits) - 1, min(k, len(fits)))})
+    return [front.choices[i].astype(np.int64) for i in picks]
 
 
 def from_options(opts: SearchOptions, features: Features) -> Search:
