@@ -380,9 +380,9 @@ class Row:
 
 
 def _mpq_exports(root: Path, bin_dir: Path, mixed_bits: float | None, log_dir: Path) -> list[Row]:
-    from mpq.export.command import export, exporters
+    from mpq.export.command import export, exporters, solve_for_container
     from mpq.formats import QuantFormat
-    from mpq.pipeline import damage_table, prepare, solve, task_for
+    from mpq.pipeline import damage_table, prepare, task_for
     from mpq.plan import uniform_plan
 
     prep = prepare("smollm2-135m")
@@ -402,7 +402,8 @@ def _mpq_exports(root: Path, bin_dir: Path, mixed_bits: float | None, log_dir: P
         formats = [QuantFormat.parse(s) for s in ("4:g32", "4:g32:asym", "5:g32", "8:g32")]
         calib = task_for(prep, "wiki", "calib", 4, 512, None)
         table = damage_table(prep, formats, calib, progress=False)
-        mixed, _ = solve(prep, "ilp", formats, {"bits": mixed_bits}, table)
+        budget = {"bits": mixed_bits}  # bits per target weight in the GGUF container
+        mixed = solve_for_container(prep, exporters()["gguf"], "ilp", formats, budget, table)
         rep = export(prep, mixed, exporters()["gguf"], root / "mpq-gguf-mixed", force=True)
         path = root / "mpq-gguf-mixed" / "model.gguf"
         rows.append(
@@ -410,7 +411,7 @@ def _mpq_exports(root: Path, bin_dir: Path, mixed_bits: float | None, log_dir: P
                 f"mpq ilp 4:g32/4:g32:asym/5:g32/8:g32 @ {mixed_bits} bits -> gguf",
                 "mpq gguf",
                 file_info(path),
-                notes=["measured-KL table on 4 x 512 wiki calib tokens"],
+                notes=["ILP in the GGUF container on a measured-KL table (4 x 512 wiki calib)"],
             )
         )
     # The llamacpp export, run for real.
@@ -436,6 +437,34 @@ def _mpq_exports(root: Path, bin_dir: Path, mixed_bits: float | None, log_dir: P
     return rows
 
 
+native_models: dict[str, torch.nn.Module] = {}
+
+
+def _mpq_native(specs: list[str]) -> list[Row]:
+    """mpq-only formats (no GGUF type on SmolLM2's rows: ``:dq`` with the shorter last
+    super-block): the packed model's plan, scored by mpq's evaluator only; bytes from the cost
+    model (``bpw (blocks)`` = bits per target weight: every decoder-block Linear)."""
+    from mpq.executor import apply_plan
+    from mpq.formats import QuantFormat
+    from mpq.pipeline import prepare
+    from mpq.plan import uniform_plan
+
+    if not specs:
+        return []
+    prep = prepare("smollm2-135m")
+    rows = []
+    for spec in specs:
+        plan = uniform_plan(prep.targets, QuantFormat.parse(spec), prep.loaded.model_id)
+        cost = prep.cost.plan_cost(plan)
+        name = f"mpq uniform {spec} (RTN; mpq container)"
+        native_models[name] = apply_plan(prep.loaded.model, plan, prep.targets, mode="fake")
+        info = FileInfo(
+            "", cost.total_bytes, cost.total_bytes, cost.model_bits, cost.effective_bits, {}
+        )
+        rows.append(Row(name, "mpq", info, notes=["not a GGUF file: mpq's evaluator only"]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -455,6 +484,11 @@ def main() -> None:
         help="also export an ILP plan at this many bits per weight",
     )
     parser.add_argument("--no-mpq-eval", action="store_true", help="skip the real-client check")
+    parser.add_argument(
+        "--native",
+        default="4:g32,4:g32:asym,4:g32:dq,4:g32:asym:dq",
+        help="mpq-only uniform formats scored by mpq's evaluator",
+    )
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -504,6 +538,7 @@ def main() -> None:
             str(args.threads),
             "-o",
             str(imatrix),
+            "--no-ppl",
         ],
         logs / "imatrix.log",
     )
@@ -557,25 +592,34 @@ def main() -> None:
                 bin_dir, path, base, args.threads, logs / f"ppl-{path.stem}-{text}.log"
             )
             print(text, row.name, asdict(row.scores[text]), flush=True)
+    native = _mpq_native(args.native.split(",") if args.native else [])
     if not args.no_mpq_eval:
         checked = [r for r in rows if r.source == "mpq gguf" or r.name in ("Q4_0", rows[0].name)]
-        for text in ("wiki", "bbc"):
-            toks = base_tokens(root / f"base-{text}.kld")
-            add_bos, bos = gguf_add_bos(f32)
-            nll_base = mpq_nll(load_gguf_model(f32), toks, add_bos, bos)
-            for row in checked:
-                nll = mpq_nll(load_gguf_model(Path(row.info.path)), toks, add_bos, bos)
-                ratio, lo, hi = paired_ratio(nll, nll_base)
+        add_bos, bos = gguf_add_bos(f32)
+        toks = {t: base_tokens(root / f"base-{t}.kld") for t in ("wiki", "bbc")}
+        f32_model = load_gguf_model(f32)
+        nll_base = {t: mpq_nll(f32_model, toks[t], add_bos, bos) for t in toks}
+        del f32_model
+        for row in [*checked, *native]:
+            model = native_models.pop(row.name, None)
+            if model is None:
+                model = load_gguf_model(Path(row.info.path))
+            for text in ("wiki", "bbc"):
+                nll = mpq_nll(model, toks[text], add_bos, bos)
+                ratio, lo, hi = paired_ratio(nll, nll_base[text])
                 row.mpq_eval[text] = {
                     "ppl": float(np.exp(nll.mean())),
-                    "ppl_base": float(np.exp(nll_base.mean())),
+                    "ppl_base": float(np.exp(nll_base[text].mean())),
                     "ratio": ratio,
                     "ratio_lo": lo,
                     "ratio_hi": hi,
                     "add_bos": add_bos,
                 }
                 print(text, row.name, row.mpq_eval[text], flush=True)
+            del model
+    rows += native
     result = {
+        "paired_ratio_ci": "mpq_eval ratio_lo/hi: 95 % CI paired over chunks",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "llama_cpp_python": args.version,
         "chunks": args.chunks,
@@ -603,6 +647,11 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         s = r["scores"]
         m = r["mpq_eval"]
+        llama = [
+            f"{s[t]['ratio']:.4f} ± {Z95 * s[t]['ratio_se']:.4f}" if t in s else "-"
+            for t in ("wiki", "bbc")
+        ]
+        kld = [f"{s[t]['kld']:.4f}" if t in s else "-" for t in ("wiki", "bbc")]
         me = " / ".join(
             f"{m[t]['ratio']:.4f} [{m[t]['ratio_lo']:.4f}, {m[t]['ratio_hi']:.4f}]"
             for t in ("wiki", "bbc")
@@ -611,11 +660,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['source']} | {r['info']['file_bytes']:,} | "
             f"{r['info']['bpw_all']:.3f} | {r['info']['bpw_blocks']:.3f} | "
-            + " | ".join(
-                f"{s[t]['ratio']:.4f} ± {Z95 * s[t]['ratio_se']:.4f}" for t in ("wiki", "bbc")
-            )
+            + " | ".join(llama)
             + " | "
-            + " | ".join(f"{s[t]['kld']:.4f}" for t in ("wiki", "bbc"))
+            + " | ".join(kld)
             + f" | {me or '-'} |"
         )
     return "\n".join(lines)

@@ -11,12 +11,14 @@ llama.cpp quantizes with its own k-quant schemes, so this export reproduces the 
   decides a type), and ``plan.json``.
 
 Bits map to ``q2_K, q3_K, q4_K, q5_K, q6_K, q8_0 (7 and 8 bits), f16 (16)``. k-quants need rows of
-whole 256-value super-blocks; for other row lengths the override names the type llama.cpp
-itself falls back to (``q2_K``/``q3_K`` -> ``iq4_nl``, ``q4_K`` -> ``q5_0``, ``q5_K`` ->
-``q5_1``, ``q6_K`` -> ``q8_0``). Non-target 2-D tensors (excluded embeddings) keep their dtype
-(``f32``), as the plan counts them. The predicted bytes are those of the file llama-quantize
-writes (type sizes from ``gguf.GGML_QUANT_SIZES``); they are larger than the plan's mpq bytes
-because k-quants carry more per-block metadata than mpq's per-channel scales.
+whole 256-value super-blocks; for other row lengths the override names a 32-block type itself
+(``q2_K``/``q3_K`` -> ``iq4_nl``, ``q4_K`` -> ``q5_0``, ``q5_K`` -> ``q5_1``, ``q6_K`` -> ``q8_0``:
+llama.cpp's own fallbacks, except that llama.cpp 0.3.36 falls back from ``q2_K``/``q3_K`` to
+``q4_0``, of the same size as ``iq4_nl``), so llama-quantize never has to fall back. Non-target 2-D
+tensors (excluded embeddings) keep their dtype (``f32``), as the plan counts them. The predicted
+bytes are those of the file llama-quantize writes (type sizes from ``gguf.GGML_QUANT_SIZES``); they
+are larger than the plan's mpq bytes because k-quants carry more per-block metadata than mpq's per-
+channel scales.
 """
 
 from __future__ import annotations
