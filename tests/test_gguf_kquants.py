@@ -69,6 +69,24 @@ def test_k_blocks_dequantize_bit_exactly_in_gguf(spec: str) -> None:
     assert np.array_equal(got, dequantize_dq(qt.codes, qt.dq, fmt).numpy())
 
 
+def test_iq4_xs_blocks_dequantize_bit_exactly_in_gguf() -> None:
+    import gguf
+
+    from mpq.export.kquants import iq4_xs_blocks
+
+    levels = torch.tensor(gguf.quants.IQ4_NL.kvalues, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    rows, cols = 3, 512
+    codes = torch.randint(0, 16, (rows, cols), generator=g).to(torch.uint8)
+    sc = torch.randint(0, 64, (rows, cols // 32), generator=g).to(torch.uint8)
+    d = (torch.rand(rows, cols // 256, generator=g) * 0.002 - 0.001).to(torch.float16)
+    blocks = iq4_xs_blocks(codes, DoubleQuant(d, sc))
+    got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.IQ4_XS).reshape(rows, cols)
+    s = d.float().repeat_interleave(8, dim=1) * (sc.float() - 32)  # exact in float32
+    want = (s.repeat_interleave(32, dim=1) * levels[codes.long()]).numpy()
+    assert np.array_equal(got, want)
+
+
 def test_every_k_type_is_covered() -> None:
     assert sorted(K_TYPES.values()) == sorted(SPECS.values())
 

@@ -474,6 +474,7 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--root", default=None, help="folder for the GGUF files and logs")
     parser.add_argument("--chunks", type=int, default=32, help="512-token chunks per text")
+    parser.add_argument("--types", default=",".join(LLAMA_TYPES), help="llama.cpp types")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--imatrix-chunks", type=int, default=64)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("MPQ_THREADS", "2")))
@@ -544,7 +545,7 @@ def main() -> None:
     )
     t_imatrix = time.perf_counter() - t0
     rows = [Row("F32 (convert_hf_to_gguf.py)", "llama.cpp", file_info(f32))]
-    for qt in LLAMA_TYPES:
+    for qt in args.types.split(","):
         for use_im in (False, True):
             name = f"{qt}{' + imatrix' if use_im else ''}"
             path = root / f"llama-{qt}{'-imatrix' if use_im else ''}.gguf"
@@ -574,6 +575,28 @@ def main() -> None:
         )
     rows += _mpq_exports(root, bin_dir, args.mixed_bits, logs)
     base_ppl: dict[str, tuple[float, float]] = {}
+    native: list[Row] = []
+
+    def dump() -> dict[str, Any]:
+        """Write what is measured so far (a killed run keeps its finished rows)."""
+        result = {
+            "paired_ratio_ci": "mpq_eval ratio_lo/hi: 95 % CI paired over chunks",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+            "llama_cpp_python": args.version,
+            "chunks": args.chunks,
+            "ctx": args.ctx,
+            "imatrix_chunks": args.imatrix_chunks,
+            "imatrix_seconds": t_imatrix,
+            "base_ppl": base_ppl,
+            "rows": [asdict(r) for r in [*rows, *native]],
+            "seconds": time.perf_counter() - t_start,
+            "command": " ".join(sys.argv),
+        }
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
     for text in ("wiki", "bbc"):
         base = root / f"base-{text}.kld"
         base_ppl[text] = perplexity_base(
@@ -592,7 +615,8 @@ def main() -> None:
                 bin_dir, path, base, args.threads, logs / f"ppl-{path.stem}-{text}.log"
             )
             print(text, row.name, asdict(row.scores[text]), flush=True)
-    native = _mpq_native(args.native.split(",") if args.native else [])
+            dump()
+    native += _mpq_native(args.native.split(",") if args.native else [])
     if not args.no_mpq_eval:
         checked = [r for r in rows if r.source == "mpq gguf" or r.name in ("Q4_0", rows[0].name)]
         add_bos, bos = gguf_add_bos(f32)
@@ -616,24 +640,9 @@ def main() -> None:
                     "add_bos": add_bos,
                 }
                 print(text, row.name, row.mpq_eval[text], flush=True)
+                dump()
             del model
-    rows += native
-    result = {
-        "paired_ratio_ci": "mpq_eval ratio_lo/hi: 95 % CI paired over chunks",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "llama_cpp_python": args.version,
-        "chunks": args.chunks,
-        "ctx": args.ctx,
-        "imatrix_chunks": args.imatrix_chunks,
-        "imatrix_seconds": t_imatrix,
-        "base_ppl": base_ppl,
-        "rows": [asdict(r) for r in rows],
-        "seconds": time.perf_counter() - t_start,
-        "command": " ".join(sys.argv),
-    }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    result = dump()
     print(markdown(result))
 
 

@@ -11,7 +11,11 @@ Q3_K       ``3:g16:dq``            hmask[32], qs[64], scales[12] (6-bit, +32), d
 Q4_K       ``4:g32:asym:dq``       d, dmin, scales[12] (6-bit sc, m), qs[128]     = 144
 Q5_K       ``5:g32:asym:dq``       d, dmin, scales[12], qh[32], qs[128]           = 176
 Q6_K       ``6:g16:dq8``           ql[128], qh[64], scales[16] (int8), d          = 210
+IQ4_XS     (the ``nl`` grid)       d, scales_h (uint16), scales_l[4], qs[128]     = 136
 =========  ======================  ====================================================
+
+IQ4_XS reads ``w = d * (c - 32) * kvalues[u]`` (llama.cpp IQ4_NL's 16 levels); its packer
+(:func:`iq4_xs_blocks`) waits for a ``:dq`` format on that grid.
 
 ``d``/``dmin`` are the fp16 super-scale and super-min; the symmetric types' scale codes are
 mpq's unsigned codes (``signed + 2^(k-1)``): Q3_K stores them as they are, Q6_K as int8
@@ -87,6 +91,23 @@ def _crumbs(q: np.ndarray) -> np.ndarray:
     for j in range(4):
         out |= (q[:, :, j, :].astype(np.uint8) & 3) << (2 * j)
     return out.reshape(n, -1)
+
+
+def iq4_xs_blocks(codes: torch.Tensor, dq: DoubleQuant) -> np.ndarray:
+    """IQ4_XS blocks ``[rows, cols / 256 * 136]``: ``codes`` index llama.cpp's 16 IQ4_NL levels,
+    ``dq`` holds unsigned 6-bit scale codes (``signed + 32``) and fp16 super-scales."""
+    rows, cols = codes.shape
+    assert cols % SUPER_BLOCK == 0, "IQ4_XS needs rows of whole 256-weight super-blocks"
+    q = _u8(codes).reshape(-1, SUPER_BLOCK)
+    n = q.shape[0]
+    sc = _u8(dq.scale_codes).reshape(n, 8)
+    high = np.zeros(n, dtype=np.uint16)
+    for i in range(8):
+        high |= ((sc[:, i] >> 4) & 3).astype(np.uint16) << (2 * i)
+    low = (sc[:, 0::2] & 0x0F) | ((sc[:, 1::2] & 0x0F) << 4)
+    qs = _low_high(q, 16)
+    parts = [_f16(dq.super_scales), high.reshape(n, 1).view(np.uint8), low, qs]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1).reshape(rows, -1))
 
 
 def k_blocks(type_name: str, codes: torch.Tensor, dq: DoubleQuant) -> np.ndarray:
