@@ -41,11 +41,10 @@ from torch import nn
 
 from mpq.dq import n_supers
 from mpq.errors import MpqError
-from mpq.formats import KEEP, KEEP_BITS, SCALE_DTYPES, QuantFormat
+from mpq.formats import KEEP, KEEP_BITS, SCALE_DTYPES, QuantFormat, matrix_shape, n_groups
 from mpq.kernels.packing import WORD_BITS, words_per_row
 from mpq.models import run_batch
 from mpq.plan import BitPlan
-from mpq.quantize import matrix_shape, n_groups
 from mpq.targets import Target
 
 RESOURCES = ("bits", "bytes", "bops", "latency")

@@ -201,3 +201,42 @@ class QuantFormat:
 
 
 KEEP = QuantFormat(bits=KEEP_BITS)
+
+
+# ------------------------------------------------------------------ shapes (integer arithmetic)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``[rows, cols]`` view under which a weight of ``shape`` is quantized."""
+    rows = shape[0]
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    return rows, cols
+
+
+def n_groups(cols: int, fmt: QuantFormat) -> int:
+    """Groups per row; the group size must divide the row length (see :func:`check_format`)."""
+    return 1 if fmt.group_size is None else cols // fmt.group_size
+
+
+def check_format(shape: tuple[int, ...], fmt: QuantFormat, name: str = "weight") -> None:
+    """Raise :class:`MpqError` when ``fmt`` cannot store a weight of ``shape``."""
+    if fmt.keep:
+        return
+    _, cols = matrix_shape(shape)
+    if fmt.group_size is not None and cols % fmt.group_size != 0:
+        divisors = [g for g in (32, 64, 128, 256) if cols % g == 0]
+        raise MpqError(
+            f"{name}: group size {fmt.group_size} does not divide its row length {cols}; "
+            f"use per-channel (no g<N>) or one of the group sizes {divisors or 'none'}"
+        )
+
+
+def fits(shape: tuple[int, ...], fmt: QuantFormat) -> bool:
+    """Whether ``fmt`` can store a weight of ``shape`` (:func:`check_format` passes)."""
+    try:
+        check_format(shape, fmt)
+    except MpqError:
+        return False
+    return True

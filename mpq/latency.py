@@ -48,9 +48,8 @@ from tqdm.auto import tqdm
 from mpq.cost import CostModel
 from mpq.envelope import loads, unwrap
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
+from mpq.formats import QuantFormat, check_format, fits, matrix_shape
 from mpq.plan import atomic_write_text
-from mpq.quantize import check_format, fits, matrix_shape
 from mpq.targets import Target, decisions
 
 TYPE = "LatencyTable"

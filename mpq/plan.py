@@ -25,8 +25,7 @@ from typing import Any
 
 from mpq.envelope import loads, unwrap
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
-from mpq.quantize import check_format
+from mpq.formats import QuantFormat, check_format
 from mpq.targets import Target, unknown_name_message
 
 PLAN_TYPE = "BitPlan"

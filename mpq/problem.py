@@ -18,9 +18,8 @@ import numpy as np
 
 from mpq.cost import RESOURCES, CostModel, check_budget, parse_budget, to_limit, to_user
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
+from mpq.formats import QuantFormat, fits
 from mpq.plan import BitPlan
-from mpq.quantize import fits
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.targets import Target, decisions

@@ -40,6 +40,7 @@ def test_cli_and_config_choices_are_the_registry() -> None:
 def test_the_registry_imports_nothing_heavy() -> None:
     code = (
         "import sys, mpq.registry as r; r.solver_names(); list(r.ESTIMATORS); list(r.MODELS); "
+        "import mpq.formats as f; f.fits((8, 64), f.QuantFormat.parse('4:g32')); "
         "heavy = [m for m in ('torch', 'numpy', 'scipy') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

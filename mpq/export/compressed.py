@@ -42,10 +42,9 @@ from mpq.export.common import (
     target_numel,
     target_owner,
 )
-from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.formats import KEEP_BITS, QuantFormat, matrix_shape, n_groups
 from mpq.kernels.packing import pack
 from mpq.plan import BitPlan, atomic_write_text
-from mpq.quantize import matrix_shape, n_groups
 from mpq.targets import Target
 
 WEIGHTS = "model.safetensors"

@@ -58,9 +58,8 @@ from mpq.export.common import (
     target_numel,
 )
 from mpq.export.kquants import K_MAPS, k_blocks, k_type_name
-from mpq.formats import KEEP_BITS, SUPER_BLOCK, QuantFormat
+from mpq.formats import KEEP_BITS, SUPER_BLOCK, QuantFormat, matrix_shape
 from mpq.plan import BitPlan, uniform_plan
-from mpq.quantize import matrix_shape
 from mpq.targets import Target
 
 GGUF_FILE = "model.gguf"

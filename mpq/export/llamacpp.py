@@ -42,9 +42,8 @@ from mpq.export.gguf_writer import (
     type_bytes,
     write_gguf,
 )
-from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.formats import KEEP_BITS, QuantFormat, matrix_shape
 from mpq.plan import BitPlan, atomic_write_text
-from mpq.quantize import matrix_shape
 from mpq.targets import Target
 
 SOURCE = "source-f16.gguf"
