@@ -175,7 +175,23 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
                 _row(base.cost, [m for m, _, _ in members], data_id, task.primary, pooled, eval_s)
             )
     planned = [x for _, entries in runs for x in entries if x.plan]
-    return write_report(cfg, out_root / cfg.name, rows, seed_rows, planned, tables)
+    folder = write_report(cfg, out_root / cfg.name, rows, seed_rows, planned, tables)
+    if cfg.frontier is not None:
+        from mpq.frontier import frontier_section
+
+        # The first preconditioning's model, the first estimator's table of the first seed,
+        # on that seed's calibration sample: what the first [[solve]] plans were made from.
+        spec = PreconditionSpec.parse(cfg.preconditions[0])
+        suffix = "" if spec.method == "none" else f"+{cfg.preconditions[0]}"
+        seed = cfg.seeds[0]
+        calib = task_for(runs[0][0], c.data[0], c.split, c.n, c.seq_len, c.batch_size,
+                         seed if c.resample else 0)  # fmt: skip
+        table = tables[(cfg.estimators[0].label + suffix, seed)]
+        section = frontier_section(folder, runs[0][0], cfg.formats, table, calib, cfg.frontier,
+                                   seed=seed, progress=progress)  # fmt: skip
+        report = folder / "report.md"
+        atomic_write_text(report, report.read_text() + section)
+    return folder
 
 
 def _digest(plan: BitPlan | None) -> str:

@@ -63,6 +63,16 @@ class EstimatorSpec:
 
 
 @dataclass(frozen=True)
+class FrontierSpec:
+    """``[frontier]``: an NSGA-II search of the measured-quality vs bits frontier on the
+    calibration data (``trials`` measured plans, ``population`` per generation), seeded from
+    the table's own Pareto frontier, drawn next to the table's predicted frontier."""
+
+    trials: int
+    population: int = 10
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     name: str
     model: str
@@ -77,6 +87,7 @@ class CompareConfig:
     estimators: tuple[EstimatorSpec, ...] = ()
     seeds: tuple[int, ...] = (0,)
     preconditions: tuple[str, ...] = ("none",)
+    frontier: FrontierSpec | None = None
     source: str = field(default="", compare=False)
 
 
@@ -99,7 +110,23 @@ _TOP = {
     "estimators",
     "seeds",
     "preconditions",
+    "frontier",
 }
+
+
+def _frontier(obj: Any, source: str) -> FrontierSpec | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, dict) or set(obj) - {"trials", "population"} or "trials" not in obj:
+        raise MpqError(
+            f"config {source}: [frontier] takes `trials` (and optionally `population`), e.g. "
+            f"trials = 60"
+        )
+    trials, population = obj["trials"], obj.get("population", 10)
+    for key, v, least in (("trials", trials, 1), ("population", population, 2)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise MpqError(f"config {source}: [frontier] {key} must be an integer >= {least}")
+    return FrontierSpec(trials, population)
 
 
 def _data(d: Any, where: str, default_split: str) -> DataSpec:
@@ -196,6 +223,11 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         raise MpqError(
             f"config {source}: seeds must be distinct non-negative integers, got {seeds}"
         )
+    frontier = _frontier(obj.get("frontier"), source)
+    if frontier is not None and not solves:
+        raise MpqError(
+            f"config {source}: [frontier] searches on the table of the [[solve]] entries; add one"
+        )
     return CompareConfig(
         name=str(obj["name"]),
         model=str(obj["model"]),
@@ -210,6 +242,7 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         estimators=estimators,
         seeds=tuple(seeds),
         preconditions=_preconditions(obj.get("preconditions", ["none"]), source),
+        frontier=frontier,
         source=source,
     )
 
