@@ -5,10 +5,11 @@ and for asymmetric formats each group's min, as an unsigned ``dq_bits``-bit code
 super-scale (and one super-min) per **super-block of 256 weights** of a row, at the format's
 scale dtype:
 
-- symmetric: ``w = s * (u - 2^(b-1))`` with ``s = D * (c - 2^(k-1))`` (signed scale codes);
-  the group's signed extreme maps to the most negative level ``-2^(b-1)`` (llama.cpp's rule:
-  the full signed range, no wasted level) and the super-block's signed extreme scale to the code
-  ``-2^(k-1)``;
+- symmetric: ``w = s * levels[u]`` with ``s = D * (c - 2^(k-1))`` (signed scale codes), the
+  levels of the format's grid (``int``: ``u - 2^(b-1)``; ``nl``: llama.cpp IQ4_NL's 16 values,
+  so ``4:g32:nl:dq`` is IQ4_XS; ``nf4``); the group's signed extreme maps to the most negative
+  level (llama.cpp's rule: the full signed range, no wasted level) and the super-block's signed
+  extreme scale to the code ``-2^(k-1)``;
 - asymmetric: ``w = s * u - m`` with ``s = D * c`` and ``m = Dm * c_m`` (``c, c_m`` unsigned
   k-bit codes, ``m = max(0, -min(w))``), llama.cpp's Q2_K/Q4_K/Q5_K form.
 
@@ -122,14 +123,16 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
     supers = n_supers(cols)
     k = fmt.dq_bits
     if fmt.symmetric:
-        s = _signed_extreme(x, 2) / fmt.qmin  # the signed extreme lands on -2^(b-1)
+        from mpq.quant.core import levels, nearest_codes
+
+        table = levels(fmt)
+        s = _signed_extreme(x, 2) / table[0]  # the signed extreme lands on the lowest level
         kmin, kmax = -(1 << (k - 1)), (1 << (k - 1)) - 1
         d = _round_scale(_super_reduce(s, sup, supers, signed=True) / kmin, fmt)
         c = torch.clamp(torch.round(_safe_div(s, d[:, sup])), kmin, kmax)
         dq = DoubleQuant(d.to(_dtype(fmt)), (c - kmin).to(torch.uint8))
         scale, _ = effective(dq, fmt)
-        q = torch.clamp(torch.round(_safe_div(x, scale[..., None])), fmt.qmin, fmt.qmax)
-        codes = (q - fmt.qmin).to(torch.uint8)
+        codes = nearest_codes(_safe_div(x, scale[..., None]), table).to(torch.uint8)
     else:
         cmax = (1 << k) - 1
         lo = x.amin(dim=2).clamp_max(0.0)
@@ -151,13 +154,15 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
 
 
 def dequantize_dq(codes: torch.Tensor, dq: DoubleQuant, fmt: QuantFormat) -> torch.Tensor:
-    """Float32 ``[rows, cols]``: ``s * (u - 2^(b-1))`` or ``s * u - m`` (llama.cpp's order)."""
+    """Float32 ``[rows, cols]``: ``s * levels[u]`` or ``s * u - m`` (llama.cpp's order)."""
     rows, cols = codes.shape
     scale, mins = effective(dq, fmt)
     groups = scale.shape[1]
     u = codes.float().reshape(rows, groups, cols // groups)
     if mins is None:
-        w = scale[..., None] * (u - float(-fmt.qmin))
+        from mpq.quant.core import levels
+
+        w = scale[..., None] * levels(fmt)[codes.long()].reshape(rows, groups, cols // groups)
     else:
         w = scale[..., None] * u - mins[..., None]
     return w.reshape(rows, cols)

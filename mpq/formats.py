@@ -108,10 +108,6 @@ class QuantFormat:
                 f"grid {self.grid!r} is a 16-value table for symmetric 4-bit formats; "
                 f"use bits=4 without asym (e.g. '4:g32:{self.grid}') or the int grid"
             )
-        if self.grid != "int" and self.dq_bits is not None:
-            raise MpqError(
-                f"grid {self.grid!r} with double-quantized scales is not supported; drop :dq"
-            )
 
     @property
     def keep(self) -> bool:

@@ -20,7 +20,7 @@ K_SPECS = {
     "5:g32:asym:dq": "Q5_K",
     "6:g16:dq8": "Q6_K",
 }
-SPECS = [*K_SPECS, "4:g32:dq", "4:g64:asym:dq8"]
+SPECS = [*K_SPECS, "4:g32:dq", "4:g64:asym:dq8", "4:g32:nl:dq"]
 
 
 def _w(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -129,6 +129,20 @@ def test_quantize_matches_a_scalar_oracle(spec: str) -> None:
     assert diff.mean() < 0.01, spec
 
 
+def test_nl_dq_codes_are_the_nearest_iq4_nl_levels() -> None:
+    import gguf
+
+    fmt = QuantFormat.parse("4:g32:nl:dq")
+    w = _w(4, 256)
+    qt = quantize(w, fmt)
+    levels = torch.tensor(gguf.quants.IQ4_NL.kvalues, dtype=torch.float32)
+    x = w.reshape(4, 8, 32) / qt.scales[..., None]
+    err = (x[..., None] - levels).abs()  # every level's distance, in units of the scale
+    chosen = err.gather(-1, qt.codes.reshape(4, 8, 32, 1).long()).squeeze(-1)
+    nonzero = qt.scales != 0
+    assert torch.allclose(chosen[nonzero], err.amin(-1)[nonzero], atol=1e-5)
+
+
 def test_symmetric_dq_uses_the_full_signed_range() -> None:
     fmt = QuantFormat.parse("4:g32:dq")
     w = torch.zeros(1, 256)
@@ -156,17 +170,17 @@ def test_packed_buffers_hold_exactly_the_costed_bits(spec: str, cols: int) -> No
     assert torch.equal(empty.dequantize_rows(rows), ref[rows])
 
 
-@pytest.mark.parametrize("spec", ["4:g32:dq", "4:g32:asym:dq", "6:g16:dq8"])
+@pytest.mark.parametrize("spec", ["4:g32:dq", "4:g32:asym:dq", "6:g16:dq8", "4:g32:nl:dq"])
 def test_cpu_backend_matches_the_reference(spec: str) -> None:
     fmt = QuantFormat.parse(spec)
     w = _w(32, 576)
     x = torch.randn(2, 576, generator=torch.Generator().manual_seed(3))
     ref = QuantLinear(PackedWeight(w, fmt), None, backend="reference")
     cpu = QuantLinear(PackedWeight(w, fmt), None, backend="cpu")
-    if fmt.bits == 4:
+    if fmt.bits == 4 and fmt.grid == "int":
         assert cpu.backend == "cpu" and "int4" in cpu.kernel  # the fused op reads :dq scales
     else:
-        assert cpu.backend == "reference"  # no fused op for 6 bits: said so
+        assert cpu.backend == "reference"  # no fused op for 6 bits or a level table: said so
     exact = x @ dequantize(quantize(w, fmt)).T
     assert torch.equal(ref(x), torch.nn.functional.linear(x, dequantize(quantize(w, fmt))))
     # The int4 op accumulates in its own order: float32 rounding of a 576-term dot product.

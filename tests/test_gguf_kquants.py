@@ -24,6 +24,7 @@ from mpq.quantize import quantize
 from mpq.targets import decisions, discover
 
 SPECS = {
+    "4:g32:nl:dq": "IQ4_XS",
     "2:g16:asym:dq4": "Q2_K",
     "3:g16:dq": "Q3_K",
     "4:g32:asym:dq": "Q4_K",
@@ -88,7 +89,7 @@ def test_iq4_xs_blocks_dequantize_bit_exactly_in_gguf() -> None:
 
 
 def test_every_k_type_is_covered() -> None:
-    assert sorted(K_TYPES.values()) == sorted(SPECS.values())
+    assert sorted([*K_TYPES.values(), "IQ4_XS"]) == sorted(SPECS.values())
 
 
 def _prep_256() -> Prepared:
@@ -117,7 +118,7 @@ def test_gguf_export_writes_k_quants_bit_exact(tmp_path: Path) -> None:
     import gguf
 
     prep = _prep_256()
-    specs = [*SPECS, "4:g32", "16"]
+    specs = [*SPECS, "4:g32", "4:g32:nl", "16"]
     plan = _cycle(prep, specs)
     report = export_plan(prep, plan, exporters()["gguf"], tmp_path / "g")
     packed = apply_plan(prep.loaded.model, plan, prep.targets)
@@ -135,7 +136,7 @@ def test_gguf_export_writes_k_quants_bit_exact(tmp_path: Path) -> None:
         if perm is not None:  # llama.cpp's rotary row order for q and k
             ref = ref[perm.numpy()]
         assert np.array_equal(got, ref), t.name
-    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "F16"} <= seen
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL", "Q4_0", "F16"} <= seen
     # The container's bytes are predicted exactly (GGML type sizes).
     assert report.stored.total_bytes == sum(int(t.n_bytes) for t in reader.tensors)
     assert report.predicted_bytes == report.stored.total_bytes

@@ -10,15 +10,16 @@ mpq format    GGUF type  block (32 weights)
 ``4:g32``     Q4_0       fp16 d, 16 nibbles;             w = d * (u - 8)
 ``5:g32:asym``Q5_1       fp16 d, fp16 m, high bits, nibbles; w = d * u + m
 ``4:g32:asym``Q4_1       fp16 d, fp16 m, 16 nibbles;     w = d * u + m
+``4:g32:nl``  IQ4_NL     fp16 d, 16 nibbles;             w = d * kvalues[u]
 ``16``        F16        the kept fp16 weight
 ============  =========  =============================================================
 
-``:dq`` formats (double-quantized scales, :mod:`mpq.dq`) map to the k-quants (256-weight
-super-blocks, :mod:`mpq.export.kquants`): ``4:g32:asym:dq`` Q4_K, ``5:g32:asym:dq`` Q5_K,
-``6:g16:dq8`` Q6_K, ``3:g16:dq`` Q3_K, ``2:g16:asym:dq4`` Q2_K, all written bit-exact at exactly
-mpq's bytes. A k-quant needs rows of whole super-blocks: a ``:dq`` layer whose rows do not divide
-256 (SmolLM2's 576-wide q/k/v/o/gate/up) is refused with its name (mpq's own container stores
-the shorter last super-block; GGUF has no type for it).
+``:dq`` formats (double-quantized scales, :mod:`mpq.dq`) map to the k-quants (256-weight super-
+blocks, :mod:`mpq.export.kquants`): ``4:g32:asym:dq`` Q4_K, ``5:g32:asym:dq`` Q5_K, ``6:g16:dq8``
+Q6_K, ``3:g16:dq`` Q3_K, ``2:g16:asym:dq4`` Q2_K, ``4:g32:nl:dq`` IQ4_XS, all written bit-exact at
+exactly mpq's bytes. A k-quant needs rows of whole super-blocks: a ``:dq`` layer whose rows do not
+divide 256 (SmolLM2's 576-wide q/k/v/o/gate/up) is refused with its name (mpq's own container
+stores the shorter last super-block; GGUF has no type for it).
 
 ``u`` is mpq's unsigned code. The symmetric types store mpq's codes and scales unchanged, so
 gguf's dequantization reproduces mpq's dequantized weights bit for bit, at exactly mpq's bytes.
@@ -74,7 +75,7 @@ QUANT_TYPES: dict[tuple[int, bool], str] = {
 }
 MAPS = (
     "8:g32 -> Q8_0, 5:g32 -> Q5_0, 4:g32 -> Q4_0, 5:g32:asym -> Q5_1, 4:g32:asym -> Q4_1, "
-    "16 -> F16, " + K_MAPS
+    "4:g32:nl -> IQ4_NL, 16 -> F16, " + K_MAPS
 )
 DEFAULT_FORMATS = "4:g32,4:g32:asym,5:g32,5:g32:asym,8:g32"
 
@@ -85,10 +86,12 @@ def gguf_type_name(fmt: QuantFormat) -> str | None:
         return None
     if fmt.keep:
         return "F16"
-    if fmt.grid != "int":
-        return None  # nl (IQ4_NL) is written by the GGUF exact types, not here
     if fmt.dq_bits is not None:
         return k_type_name(fmt)
+    if fmt.grid == "nl" and fmt.group_size == BLOCK and fmt.scale_dtype == "float16":
+        return "IQ4_NL"  # d * kvalues[u]: mpq's nl levels are llama.cpp's
+    if fmt.grid != "int":
+        return None
     if fmt.group_size != BLOCK or fmt.scale_dtype != "float16":
         return None
     return QUANT_TYPES.get((fmt.bits, fmt.symmetric))
@@ -227,7 +230,7 @@ def quantized_blocks(
     parts: list[np.ndarray]
     if type_name == "Q8_0":
         parts = [d, (u.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
-    elif type_name == "Q4_0":
+    elif type_name in ("Q4_0", "IQ4_NL"):  # IQ4_NL: the nibble indexes the nl levels
         parts = [d, _nibbles(u)]
     elif type_name == "Q5_0":
         parts = [d, _high_bits(u), _nibbles(u)]
@@ -343,6 +346,8 @@ def write_gguf(inp: ExportInput, path: Path, plan: BitPlan | None = None) -> lis
         "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
         "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_M,
         "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+        "IQ4_NL": gguf.LlamaFileType.MOSTLY_IQ4_NL,
+        "IQ4_XS": gguf.LlamaFileType.MOSTLY_IQ4_XS,
     }[main]
     writer = gguf.GGUFWriter(str(path), "llama")
     notes: list[str] = []
@@ -376,7 +381,7 @@ def write_gguf(inp: ExportInput, path: Path, plan: BitPlan | None = None) -> lis
                 writer.add_tensor(gname, arr16.numpy())
                 continue
             assert packed is not None
-            if type_name.endswith("_K"):
+            if type_name.endswith("_K") or type_name == "IQ4_XS":
                 codes, dq = codes_double_quant(packed, t.name)
                 if perm is not None:  # whole rows move: every per-row tensor follows
                     codes, dq = codes[perm], take_rows(dq, perm)

@@ -11,11 +11,11 @@ Q3_K       ``3:g16:dq``            hmask[32], qs[64], scales[12] (6-bit, +32), d
 Q4_K       ``4:g32:asym:dq``       d, dmin, scales[12] (6-bit sc, m), qs[128]     = 144
 Q5_K       ``5:g32:asym:dq``       d, dmin, scales[12], qh[32], qs[128]           = 176
 Q6_K       ``6:g16:dq8``           ql[128], qh[64], scales[16] (int8), d          = 210
-IQ4_XS     (the ``nl`` grid)       d, scales_h (uint16), scales_l[4], qs[128]     = 136
+IQ4_XS     ``4:g32:nl:dq``         d, scales_h (uint16), scales_l[4], qs[128]     = 136
 =========  ======================  ====================================================
 
-IQ4_XS reads ``w = d * (c - 32) * kvalues[u]`` (llama.cpp IQ4_NL's 16 levels); its packer
-(:func:`iq4_xs_blocks`) waits for a ``:dq`` format on that grid.
+IQ4_XS reads ``w = d * (c - 32) * kvalues[u]`` (llama.cpp IQ4_NL's 16 levels, mpq's ``nl``
+grid).
 
 ``d``/``dmin`` are the fp16 super-scale and super-min; the symmetric types' scale codes are
 mpq's unsigned codes (``signed + 2^(k-1)``): Q3_K stores them as they are, Q6_K as int8
@@ -40,13 +40,17 @@ K_TYPES: dict[tuple[int, int, bool, int], str] = {
 }
 K_MAPS = (
     "2:g16:asym:dq4 -> Q2_K, 3:g16:dq -> Q3_K, 4:g32:asym:dq -> Q4_K, 5:g32:asym:dq -> Q5_K, "
-    "6:g16:dq8 -> Q6_K (rows of whole 256-weight super-blocks)"
+    "6:g16:dq8 -> Q6_K, 4:g32:nl:dq -> IQ4_XS (rows of whole 256-weight super-blocks)"
 )
 
 
 def k_type_name(fmt: QuantFormat) -> str | None:
     """The k-quant type that stores the ``:dq`` format ``fmt`` exactly (None when none does)."""
     if fmt.dq_bits is None or fmt.group_size is None or fmt.scale_dtype != "float16":
+        return None
+    if fmt.grid == "nl":
+        return "IQ4_XS" if (fmt.group_size, fmt.dq_bits) == (32, 6) else None
+    if fmt.grid != "int":
         return None
     return K_TYPES.get((fmt.bits, fmt.group_size, fmt.symmetric, fmt.dq_bits))
 
@@ -113,6 +117,8 @@ def iq4_xs_blocks(codes: torch.Tensor, dq: DoubleQuant) -> np.ndarray:
 def k_blocks(type_name: str, codes: torch.Tensor, dq: DoubleQuant) -> np.ndarray:
     """GGML blocks ``[rows, cols / 256 * type_size]`` (uint8) of a ``:dq`` weight whose rows are
     whole super-blocks (``codes [rows, cols]`` unsigned, ``dq`` its stored scale codes)."""
+    if type_name == "IQ4_XS":
+        return iq4_xs_blocks(codes, dq)
     rows, cols = codes.shape
     assert cols % SUPER_BLOCK == 0, "k-quants need rows of whole 256-weight super-blocks"
     q = _u8(codes).reshape(-1, SUPER_BLOCK)
