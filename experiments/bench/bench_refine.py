@@ -57,7 +57,7 @@ def main() -> None:
         flush=True,
     )
     print(
-        "\n| budget | plan | bits | predicted KL (additive) | measured calib KL "
+        "\n| budget | plan | bits | predicted (additive) | measured calib KL "
         "| unseen NLL | evaluations | refine s |"
     )
     print("|---|---|---|---|---|---|---|---|", flush=True)
