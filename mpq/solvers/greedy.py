@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from mpq.solvers._common import done
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
 
 
@@ -76,12 +77,4 @@ def solve_greedy(problem: AllocationProblem) -> Solution:
                 break
         if not moved:
             break
-    return Solution(
-        choice=choice,
-        status="feasible",
-        objective=problem.distortion_of(choice),
-        costs=problem.cost_of(choice),
-        solver="greedy",
-        wall_time=time.perf_counter() - t0,
-        stats={"steps": steps},
-    )
+    return done(problem, choice, "feasible", "greedy", t0, {"steps": steps})

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from mpq.solvers._common import done
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
 
 
@@ -25,12 +26,4 @@ def solve_uniform(problem: AllocationProblem) -> Solution:
     if best is None:
         return infeasible(problem, "uniform", time.perf_counter() - t0)
     choice = np.full(n, best[2])
-    return Solution(
-        choice=choice,
-        status="feasible",
-        objective=problem.distortion_of(choice),
-        costs=problem.cost_of(choice),
-        solver="uniform",
-        wall_time=time.perf_counter() - t0,
-        stats={"option": problem.options[best[2]]},
-    )
+    return done(problem, choice, "feasible", "uniform", t0, {"option": problem.options[best[2]]})
