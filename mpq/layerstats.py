@@ -136,7 +136,7 @@ def cached_input_stats(
     written to ``cache_root`` (one pass computes whatever is missing)."""
     from safetensors.torch import load_file, save_file
 
-    from mpq.sensitivity.runner import model_fingerprint
+    from mpq.models import model_fingerprint
 
     folder = Path(cache_root) / stats_key(model_id, model_fingerprint(model), str(task.key))
     out: dict[str, InputStats] = {}

@@ -7,6 +7,7 @@ package; the first load de-quantizes it once (~20 s) into an fp32 safetensors ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -162,6 +163,20 @@ def load_model(model_id: str) -> LoadedModel:
         f"unknown model {model_id!r}: use one of {sorted(MODELS)} or the path of a local "
         f"Hugging Face model folder"
     )
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap digest of the model's parameter names, shapes and a strided sample of values."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].double()
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()[:16]
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:

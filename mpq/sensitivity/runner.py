@@ -36,6 +36,7 @@ from mpq.errors import MpqError
 from mpq.evaluate import Reference
 from mpq.formats import DATA_METHODS, QuantFormat
 from mpq.layerstats import InputStats, cached_input_stats, collect_input_stats
+from mpq.models import model_fingerprint
 from mpq.quant.core import QUANT_VERSION
 from mpq.registry import ESTIMATORS as REGISTRY
 from mpq.sensitivity.base import Context, Estimator, TargetResult
@@ -106,20 +107,6 @@ def _convert(value: Any, typ: Any, what: str) -> Any:
     except ValueError:
         raise MpqError(f"{what}={value!r} is not a valid {typ.__name__}") from None
     return value
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap digest of the model's parameter names, shapes and a strided sample of values."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].double()
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(sample.numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
-    return h.hexdigest()[:16]
 
 
 def cache_key(
