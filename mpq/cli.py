@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import MpqError
+from mpq.files import check_writable
 from mpq.registry import ESTIMATORS, MODELS, SEARCHES, solver_names
 
 if TYPE_CHECKING:
@@ -172,14 +173,29 @@ def _latency(
     )
 
 
+def _check_plan_out(out: Path) -> None:
+    """``solve --out``: a writable path that is new or already holds a plan (never another
+    file silently overwritten)."""
+    from mpq.plan import BitPlan
+
+    check_writable(out, "--out")
+    if out.is_file():
+        try:
+            BitPlan.load(out)
+        except MpqError:
+            raise MpqError(
+                f"--out {str(out)!r} exists and is not a plan file; mpq only replaces its own "
+                f"plans: choose another --out or remove the file"
+            ) from None
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
     from mpq.cost import parse_budget
     from mpq.pipeline import damage_table, preconditioned, prepare, solve, task_for
     from mpq.sensitivity.table import SensitivityTable
     from mpq.solvers.options import SearchOptions
 
-    if Path(args.out).is_dir():
-        raise MpqError(f"--out {args.out!r} is a folder; give the path of the plan file to write")
+    _check_plan_out(Path(args.out))
     formats = _formats(args.formats)
     budget = parse_budget(args.budget)
     for name in ("trials", "generations", "rounds"):
@@ -263,8 +279,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from mpq.pipeline import preconditioned, prepare, sensitivity_table, task_for
     from mpq.sensitivity.runner import make_estimator, parse_params
 
-    if Path(args.out).is_dir():
-        raise MpqError(f"--out {args.out!r} is a folder; give the path of the table file to write")
+    check_writable(Path(args.out), "--out")
     estimator = make_estimator(args.estimator, parse_params(args.param))
     formats = _formats(args.formats)
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
@@ -442,11 +457,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("MPQ_THREADS", os.cpu_count() or 1)))
+        torch.set_num_threads(_threads())
         return int(args.func(args))
     except MpqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted (Ctrl-C); finished results are kept (cache entries, written "
+            "files) and nothing half-written was left: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as exc:  # a file system refusal (permissions, full disk, missing folder)
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(
+            f"error: cannot access{where}: {exc.strerror or exc}; check the path, its "
+            f"permissions and free space",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _threads() -> int:
+    text = os.environ.get("MPQ_THREADS", "")
+    if not text:
+        return os.cpu_count() or 1
+    try:
+        n = int(text)
+    except ValueError:
+        raise MpqError(f"MPQ_THREADS={text!r} is not a number; set it to e.g. 1 or 2") from None
+    if n < 1:
+        raise MpqError(f"MPQ_THREADS={n} must be at least 1")
+    return n
 
 
 if __name__ == "__main__":

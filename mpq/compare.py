@@ -134,8 +134,8 @@ def claim_folder(folder: Path, cfg: CompareConfig) -> None:
 
 def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Path:
     """Run the grid of ``cfg`` and write ``out_root/<name>/``; returns the report folder."""
+    base = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)  # a bad model writes nothing
     claim_folder(out_root / cfg.name, cfg)
-    base = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)
     c = cfg.calibration
     runs: list[tuple[Prepared, list[PlanEntry]]] = []
     tables: dict[tuple[str, int], SensitivityTable] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,15 +130,90 @@ def _frontier(obj: Any, source: str) -> FrontierSpec | None:
     return FrontierSpec(trials, population)
 
 
+def _unknown(keys: Any, allowed: set[str], where: str) -> None:
+    """MpqError naming each unknown key with its closest allowed spelling."""
+    unknown = sorted(str(k) for k in set(keys) - allowed)
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, sorted(allowed), n=1)
+        hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+    raise MpqError(f"{where}: unknown keys {', '.join(hints)}; allowed: {sorted(allowed)}")
+
+
+def _type_name(value: Any) -> str:
+    return {str: "a string", bool: "true/false", int: "an integer", float: "a number",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def _list(obj: dict[str, Any], key: str, where: str, item: type, example: str) -> list[Any]:
+    """``obj[key]`` as a non-empty list of ``item`` (a lone string is an error, not a list of
+    its characters)."""
+    value = obj[key]
+    if not isinstance(value, list):
+        raise MpqError(
+            f"{where}: `{key}` must be a list, got {_type_name(value)} {value!r}; write "
+            f"{key} = {example}"
+        )
+    if not value:
+        raise MpqError(f"{where}: `{key}` is empty; write {key} = {example}")
+    for x in value:
+        if not isinstance(x, item) or isinstance(x, bool) and item is not bool:
+            raise MpqError(
+                f"{where}: `{key}` items must be {_type_name(item())}, got {x!r}; write "
+                f"{key} = {example}"
+            )
+    return value
+
+
+def _scalar(obj: dict[str, Any], key: str, where: str, kind: type, example: str) -> Any:
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MpqError(
+            f"{where}: `{key}` must be {_type_name(kind())}, got {_type_name(value)} {value!r}; "
+            f"write {key} = {example}"
+        )
+    return value
+
+
+def _optional_int(d: dict[str, Any], key: str, where: str, low: int) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise MpqError(
+            f"[{where}] {key} must be an integer >= {low}, got {_type_name(value)} {value!r}"
+        )
+    return value
+
+
+def _report_name(name: Any, where: str) -> str:
+    """A report name is a plain file name: never a path out of --out."""
+    if not isinstance(name, str):
+        raise MpqError(f'{where}: `name` must be a string, e.g. name = "smollm2"')
+    bad = (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(c in name for c in "/\\:\0")
+        or Path(name).is_absolute()
+    )
+    if bad:
+        raise MpqError(
+            f"{where}: name {name!r} is not a plain file name (the report goes to "
+            f"<--out>/<name>/); use letters, digits, '-' and '_', e.g. name = \"smollm2\""
+        )
+    return name
+
+
 def _data(d: Any, where: str, default_split: str) -> DataSpec:
     if not isinstance(d, dict):
         raise MpqError(f"[{where}] must be a table with at least `data = ...`")
     keys = {"data", "split", "n", "seq_len", "batch_size"} | (
         {"resample"} if where == "calibration" else set()
     )
-    unknown = set(d) - keys
-    if unknown:
-        raise MpqError(f"[{where}] has unknown keys {sorted(unknown)}; allowed: {sorted(keys)}")
+    _unknown(d, keys, f"[{where}]")
     resample = d.get("resample", True)
     if not isinstance(resample, bool):
         raise MpqError(f"[{where}] resample must be true or false, got {resample!r}")
@@ -146,11 +222,17 @@ def _data(d: Any, where: str, default_split: str) -> DataSpec:
         data = [data]
     if not data:
         raise MpqError(f'[{where}] needs `data` (e.g. "wiki" or ["wiki", "bbc"])')
+    if not isinstance(data, list) or not all(isinstance(x, str) and x for x in data):
+        raise MpqError(f'[{where}] data must be a name or a list of names, e.g. ["wiki", "bbc"]')
     n = d.get("n")
-    if n is not None and (not isinstance(n, int) or n < 1):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise MpqError(f"[{where}] n must be a positive integer, got {n!r}")
-    split = str(d.get("split", default_split))
-    return DataSpec(tuple(data), split, n, d.get("seq_len"), d.get("batch_size"), resample)
+    split = d.get("split", default_split)
+    if not isinstance(split, str) or not split:
+        raise MpqError(f'[{where}] split must be a string, e.g. split = "{default_split}"')
+    seq_len = _optional_int(d, "seq_len", where, 2)
+    batch_size = _optional_int(d, "batch_size", where, 1)
+    return DataSpec(tuple(data), split, n, seq_len, batch_size, resample)
 
 
 def _preconditions(items: Any, source: str) -> tuple[str, ...]:
@@ -170,12 +252,7 @@ def _solve_spec(
     s: dict[str, Any], solver: str, budgets: tuple[dict[str, float], ...], source: str
 ) -> SolveSpec:
     allowed = {"solver", "budgets", "guard", *SOLVE_OPTIONS}
-    unknown = set(s) - allowed
-    if unknown:
-        raise MpqError(
-            f"config {source}: [[solve]] {solver!r} has unknown keys {sorted(unknown)}; "
-            f"allowed: {sorted(allowed)}"
-        )
+    _unknown(s, allowed, f"config {source}: [[solve]] {solver!r}")
     options = []
     for key, kind in SOLVE_OPTIONS.items():
         if key not in s:
@@ -196,30 +273,58 @@ def _solve_spec(
 
 
 def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
-    unknown = set(obj) - _TOP
-    if unknown:
-        raise MpqError(f"config {source}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
+    """Validate the whole config (keys, types, non-empty grids) before anything is run or
+    written; every problem is an MpqError naming the key and the fix."""
+    where = f"config {source}".rstrip()
+    _unknown(obj, _TOP, where)
     for key in ("name", "model", "formats", "calibration", "evaluation"):
         if key not in obj:
             raise MpqError(f"config {source}: missing `{key}`")
-    formats = tuple(QuantFormat.parse(str(f)) for f in obj["formats"])
-    uniform = tuple(QuantFormat.parse(str(f)) for f in obj.get("uniform", []))
+    name = _report_name(obj["name"], where)
+    model = _scalar(obj, "model", where, str, '"smollm2-135m"')
+    formats = tuple(
+        QuantFormat.parse(f) for f in _list(obj, "formats", where, str, '["3", "4", "8"]')
+    )
+    uniform = (
+        tuple(QuantFormat.parse(f) for f in _list(obj, "uniform", where, str, '["4", "8"]'))
+        if "uniform" in obj
+        else ()
+    )
+    raw_solves = obj.get("solve", [])
+    if not isinstance(raw_solves, list) or not all(isinstance(s, dict) for s in raw_solves):
+        raise MpqError(
+            f'{where}: `solve` must be [[solve]] tables (solver = "greedy", budgets = '
+            f'["bits=4.0"]), got {raw_solves!r}'
+        )
     solves = []
-    for s in obj.get("solve", []):
+    for s in raw_solves:
         solver = s.get("solver")
         if solver not in SOLVERS:
-            raise MpqError(f"config {source}: solver {solver!r} is unknown; use one of {SOLVERS}")
-        budgets = tuple(parse_budget(str(b)) for b in s.get("budgets", []))
-        if not budgets:
+            close = difflib.get_close_matches(str(solver), SOLVERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MpqError(
+                f"config {source}: solver {solver!r} is unknown{hint}; use one of {SOLVERS}"
+            )
+        if not s.get("budgets"):
             raise MpqError(f"config {source}: solver {solver!r} needs `budgets`")
+        budgets = tuple(
+            parse_budget(b)
+            for b in _list(s, "budgets", f"{where}: [[solve]] {solver!r}", str, '["bits=4.0"]')
+        )
         solves.append(_solve_spec(s, solver, budgets, source))
-    exclude = obj.get("exclude")
-    estimators = tuple(EstimatorSpec.parse(e) for e in obj.get("estimators", ["measured"]))
+    include = tuple(_list(obj, "include", where, str, '["mlp"]')) if "include" in obj else ()
+    exclude = tuple(_list(obj, "exclude", where, str, '["lm_head"]')) if "exclude" in obj else None
+    ties = _scalar(obj, "ties", where, bool, "true") if "ties" in obj else True
+    raw_est = (
+        _list(obj, "estimators", where, str, '["measured", "fisher"]')
+        if "estimators" in obj
+        else ["measured"]
+    )
+    estimators = tuple(EstimatorSpec.parse(e) for e in raw_est)
     if len({e.label for e in estimators}) != len(estimators):
         raise MpqError(f"config {source}: estimators repeat: {[e.label for e in estimators]}")
-    seeds = obj.get("seeds", [0])
-    valid = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
-    if not seeds or not valid or len(set(seeds)) != len(seeds):
+    seeds = _list(obj, "seeds", where, int, "[0, 1, 2]") if "seeds" in obj else [0]
+    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
         raise MpqError(
             f"config {source}: seeds must be distinct non-negative integers, got {seeds}"
         )
@@ -229,16 +334,16 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
             f"config {source}: [frontier] searches on the table of the [[solve]] entries; add one"
         )
     return CompareConfig(
-        name=str(obj["name"]),
-        model=str(obj["model"]),
+        name=name,
+        model=model,
         formats=formats,
         uniform=uniform,
         calibration=_data(obj["calibration"], "calibration", "calib"),
         evaluation=_data(obj["evaluation"], "evaluation", "heldout"),
         solves=tuple(solves),
-        include=tuple(obj.get("include", ())),
-        exclude=tuple(exclude) if exclude is not None else None,
-        ties=bool(obj.get("ties", True)),
+        include=include,
+        exclude=exclude,
+        ties=ties,
         estimators=estimators,
         seeds=tuple(seeds),
         preconditions=_preconditions(obj.get("preconditions", ["none"]), source),

@@ -36,10 +36,19 @@ class Reference:
 
 
 def reference(task: Task, model: nn.Module, progress: bool = False) -> Reference:
+    """The fp model's logits on ``task``; MpqError when any is NaN or infinite (broken
+    weights: every comparison against them would be meaningless)."""
     out = []
     with torch.no_grad():
         for batch in tqdm(task.batches, desc="fp reference", disable=not progress, leave=False):
-            out.append(task.head(model, batch).float())
+            logits = task.head(model, batch).float()
+            if not bool(torch.isfinite(logits).all()):
+                raise MpqError(
+                    f"the fp model gives non-finite logits (NaN or inf) on {task.key}: its "
+                    f"weights are damaged or overflow; check the model folder (a bundled model "
+                    f"is rebuilt when its checksum fails: delete $MPQ_CACHE/models to force it)"
+                )
+            out.append(logits)
     return Reference(tuple(out))
 
 

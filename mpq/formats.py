@@ -155,26 +155,35 @@ class QuantFormat:
                 f"format {spec!r} must start with the bit-width, e.g. '4', '4:g128:asym' or '16'"
             )
         kwargs: dict[str, Any] = {"bits": int(tokens[0])}
+        seen: dict[str, str] = {}
+        value: Any
         for tok in tokens[1:]:
             if tok.startswith("g") and tok[1:].isdigit():
-                kwargs["group_size"] = int(tok[1:])
+                key, value = "group_size", int(tok[1:])
             elif tok in ("sym", "asym"):
-                kwargs["symmetric"] = tok == "sym"
+                key, value = "symmetric", tok == "sym"
             elif tok in _SCALE_ALIASES:
-                kwargs["scale_dtype"] = _SCALE_ALIASES[tok]
+                key, value = "scale_dtype", _SCALE_ALIASES[tok]
             elif tok in METHODS:
-                kwargs["method"] = tok
+                key, value = "method", tok
             elif tok in GRIDS and tok != "int":
-                kwargs["grid"] = tok
+                key, value = "grid", tok
             elif tok.startswith("a") and tok[1:].isdigit():
-                kwargs["act_bits"] = int(tok[1:])
+                key, value = "act_bits", int(tok[1:])
             elif tok == "dq" or (tok.startswith("dq") and tok[2:].isdigit()):
-                kwargs["dq_bits"] = int(tok[2:] or 6)
+                key, value = "dq_bits", int(tok[2:] or 6)
             else:
                 raise MpqError(
                     f"format {spec!r}: unknown token {tok!r}; expected g<N>, sym, asym, "
                     f"fp16, bf16, fp32, rtn, mse, gptq, nl, nf4, a<N> or dq/dq<N>"
                 )
+            if key in seen:
+                raise MpqError(
+                    f"format {spec!r} sets {key} twice ({seen[key]!r} and {tok!r}); give each "
+                    f"setting once, e.g. '4:g128:asym'"
+                )
+            seen[key] = tok
+            kwargs[key] = value
         if kwargs["bits"] == KEEP_BITS:
             kwargs = {"bits": KEEP_BITS, "act_bits": kwargs.get("act_bits", KEEP_BITS)}
         return cls(**kwargs)

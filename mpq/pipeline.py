@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,12 +15,21 @@ from typing import Any
 import numpy as np
 
 from mpq import __version__
+from mpq.cache import (
+    CODE_VERSION,
+    data_fingerprint,
+    key_digest,
+    non_finite,
+    read_entry,
+    weights_fingerprint,
+    write_entry,
+)
 from mpq.errors import MpqError
 from mpq.evaluate import EvalResult, Reference, evaluate, reference
 from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.models import cache_root
-from mpq.plan import BitPlan, atomic_write_text, uniform_plan
+from mpq.plan import BitPlan, uniform_plan
 from mpq.prepared import Prepared, preconditioned, prepare, prepared_for_plan, task_for
 from mpq.problem import build_problem, solution_to_plan
 from mpq.registry import SEARCHES, SOLVERS, solver_names
@@ -30,6 +40,8 @@ from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.options import SearchOptions
 from mpq.tasks import CalibSpec, Task
+
+log = logging.getLogger("mpq.cache")
 
 # Re-exported: every command reaches the pipeline's steps from here.
 __all__ = [
@@ -137,6 +149,13 @@ def solve(
         measure = evaluator_measure(
             evaluator, problem, formats, metric=opts.metric, progress=progress
         )
+        if solver == "bayes" and opts.study is None and opts.storage is not None:
+            from mpq.solvers.bayes import fingerprint
+
+            # A study's stored values are measurements of these weights on this data.
+            salt = key_digest(evaluator.fingerprint())[:8]
+            study = f"mpq-bayes-{fingerprint(problem)}-{salt}-seed{opts.seed}"
+            opts = dataclasses.replace(opts, study=study)
     if solver in SEARCHES:
 
         def features(problem: AllocationProblem) -> np.ndarray:
@@ -219,21 +238,62 @@ def plan_digest(plan: BitPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _eval_nan_ok(path: str) -> bool:
+    """NaN is a valid standard error (one unit has none); any other NaN is a broken result."""
+    return path.endswith("_se")
+
+
+def _eval_entry_problem(value: Any) -> str | None:
+    if not isinstance(value, dict) or set(value) != {"metrics", "units", "seconds"}:
+        return "expected exactly metrics, units, seconds"
+    metrics, units, seconds = value["metrics"], value["units"], value["seconds"]
+    if not isinstance(metrics, dict) or not metrics:
+        return "metrics is not a non-empty object"
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()):
+        return "a metric is not a number"
+    if "kl" not in metrics or metrics["kl"] < -1e-9:
+        return "no KL or a negative one"
+    if not isinstance(units, dict) or not all(isinstance(v, list) for v in units.values()):
+        return "units is not an object of lists"
+    if not isinstance(seconds, int | float) or seconds < 0:
+        return "seconds is not a non-negative number"
+    return None
+
+
 @dataclass
 class Evaluator:
-    """Evaluates plans on one task, caching each result on disk; the fp reference is lazy."""
+    """Evaluates plans on one task, caching each result on disk; the fp reference is lazy.
+
+    Cache: ``$MPQ_CACHE/evals/<model>/<task key>-<digest>.json``, the digest over the plan's
+    digest, the sha256 of the model's state dict, a sha256 of the task's batches and labels,
+    the mpq and cache code versions (:mod:`mpq.cache`). Entries are checked on read (bad ones
+    are logged and recomputed) and non-finite results are never stored."""
 
     prep: Prepared
     task: Task
     progress: bool = True
     _ref: Reference | None = field(default=None, init=False)
+    _base: dict[str, Any] | None = field(default=None, init=False)
 
-    def _cache_file(self, digest: str) -> Path:
+    def fingerprint(self) -> dict[str, Any]:
+        """What every cached result of this evaluator depends on besides the plan."""
+        if self._base is None:
+            self._base = {
+                "code": CODE_VERSION,
+                "mpq": __version__,
+                "model": self.prep.loaded.model_id,
+                "weights": weights_fingerprint(self.prep.loaded.model),
+                "task": self.task.key,
+                "data": data_fingerprint(self.task.batches, self.task.labels),
+            }
+        return self._base
+
+    def _cache_file(self, key: str) -> Path:
         return (
             cache_root()
             / "evals"
-            / self.prep.loaded.model_id.replace("/", "_")
-            / (f"{self.task.key}-{digest}.json")
+            / self.prep.loaded.model_id.replace("/", "_").replace("\\", "_")
+            / (f"{self.task.key}-{key}.json")
         )
 
     def reference(self) -> Reference:
@@ -244,10 +304,11 @@ class Evaluator:
     def __call__(self, plan: BitPlan | None, label: str = "") -> tuple[EvalResult, float]:
         """(metrics, seconds) of ``plan`` (None = the fp model); cached results cost 0 s."""
         digest = plan_digest(plan) if plan is not None else "fp32"
-        path = self._cache_file(digest)
-        if path.is_file():
-            cached: dict[str, Any] = json.loads(path.read_text())
-            return EvalResult(cached["metrics"], cached.get("units", {})), float(cached["seconds"])
+        key = key_digest({**self.fingerprint(), "plan": digest})
+        path = self._cache_file(key)
+        cached = read_entry(path, key, _eval_entry_problem, _eval_nan_ok)
+        if cached is not None:
+            return EvalResult(cached["metrics"], cached["units"]), float(cached["seconds"])
         t0 = time.perf_counter()
         ref = self.reference()
         model = self.prep.loaded.model
@@ -259,7 +320,14 @@ class Evaluator:
         result = evaluate(self.task, model, ref, progress=self.progress, desc=label or "eval")
         seconds = time.perf_counter() - t0
         payload = {"metrics": result.metrics, "units": result.units, "seconds": seconds}
-        atomic_write_text(path, json.dumps(payload))
+        bad = non_finite(payload, _eval_nan_ok)
+        if bad is None:
+            write_entry(path, key, payload, _eval_nan_ok)
+        else:
+            log.warning(
+                "the evaluation of %s on %s is not finite (%s); not caching it",
+                label or "the plan", self.task.key, bad,
+            )  # fmt: skip
         return result, seconds
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from mpq.envelope import loads, unwrap
 from mpq.errors import MpqError
+from mpq.files import atomic_write_text
 from mpq.formats import QuantFormat, check_format
 from mpq.targets import Target, unknown_name_message
 
@@ -189,6 +189,13 @@ def parse_plan_arg(arg: str, targets: Sequence[Target], model_id: str) -> BitPla
     elif arg in ("fp", "fp32"):
         raise MpqError("'fp' is the unquantized model, not a plan; use uniform:16 to keep weights")
     else:
+        if Path(arg).is_dir():
+            hint = (
+                f" (an export folder: its plan is {str(Path(arg) / 'plan.json')!r})"
+                if (Path(arg) / "plan.json").is_file()
+                else ""
+            )
+            raise MpqError(f"plan {arg!r} is a folder{hint}; give a plan JSON file")
         if not Path(arg).exists():
             raise MpqError(
                 f"plan {arg!r} is neither a file nor a uniform spec like 'uniform:4' "
@@ -202,17 +209,3 @@ def parse_plan_arg(arg: str, targets: Sequence[Target], model_id: str) -> BitPla
             )
     plan.validate(targets)
     return plan
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -183,8 +183,18 @@ def make_task(
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise MpqError(f"n={n!r}: give a positive number of windows / documents / images")
     seq = loaded.seq_len if seq_len is None else seq_len
-    if seq < 2:
-        raise MpqError(f"seq_len={seq}: a window needs at least 2 tokens")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 2:
+        raise MpqError(f"seq_len={seq!r}: a window needs at least 2 tokens")
+    limit = loaded.max_positions
+    if limit is not None and seq > limit:
+        raise MpqError(
+            f"seq_len={seq} is longer than {loaded.model_id}'s maximum of {limit} positions; "
+            f"use --seq-len {limit} or less"
+        )
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise MpqError(f"batch_size={batch_size!r}: give a positive number of units per batch")
     if loaded.family == "causal_lm":
         if loaded.tokenizer is None:
             raise MpqError(f"{loaded.model_id} has no tokenizer; text evaluation needs one")

@@ -102,8 +102,10 @@ def test_changed_file_is_refused_by_checksum(tmp_path: Path) -> None:
     with pytest.raises(MpqError, match="does not exist"):
         mpq.load(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MpqError, match="not an mpq export"):
+    with pytest.raises(MpqError, match="has no mpq_manifest.json"):
         mpq.load(tmp_path / "empty")
+    with pytest.raises(MpqError, match="not an mpq export"):
+        mpq.load(tmp_path / "empty", verify=False)
 
 
 def test_out_folder_is_never_half_written(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -234,16 +235,32 @@ def test_view_parameters_reuse_the_cache_and_other_weights_do_not(tmp_path: Path
     assert len(other) == len(targets)
 
 
+def _tampered_score(text: str) -> str:
+    entry = json.loads(text)
+    entry["value"]["values"]["score"] = 123.0  # valid JSON, plausible schema, wrong content
+    return json.dumps(entry)
+
+
+def _other_key(text: str) -> str:
+    entry = json.loads(text)
+    entry["key"] = "0" * 20
+    return json.dumps(entry)
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
-        "{not json",
-        '{"values": {"score": 1.0}}',
-        '{"values": {"score": "x"}, "stderr": {}, "distortions": {}}',
+        lambda _: "{not json",
+        lambda _: "",
+        lambda _: '{"values": {"score": 1.0}}',
+        lambda _: '{"values": {"score": "x"}, "stderr": {}, "distortions": {}}',
+        _tampered_score,
+        _other_key,
     ],
+    ids=["torn", "empty", "old-schema", "wrong-type", "edited-value", "other-key"],
 )
-def test_corrupted_cache_entry_is_logged_and_recomputed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, garbage: str
+def test_bad_cache_entry_is_logged_and_recomputed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, garbage: Any
 ) -> None:
     model = tiny_llama()
     targets = discover(model)
@@ -264,16 +281,36 @@ def test_corrupted_cache_entry_is_logged_and_recomputed(
     good = run([])
     victim = targets[2].name
     (path,) = tmp_path.glob(f"*/{victim}.json")
-    path.write_text(garbage)
+    path.write_text(garbage(path.read_text()))
     seen: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="mpq.sensitivity"):
+    with caplog.at_level(logging.WARNING, logger="mpq.cache"):
         again = run(seen)
     assert seen == [victim]
-    assert any(victim in r.getMessage() and "corrupted" in r.getMessage() for r in caplog.records)
+    assert any(victim in r.getMessage() and "ignoring" in r.getMessage() for r in caplog.records)
     assert again.to_dict() == good.to_dict()
-    assert (
-        TargetResult.from_json(json.loads(path.read_text())).values["score"] == good.scores[victim]
-    )
+    entry = json.loads(path.read_text())
+    assert TargetResult.from_json(entry["value"]).values["score"] == good.scores[victim]
+
+
+def test_one_changed_weight_under_the_same_id_is_not_served_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    model = tiny_llama()
+    targets = discover(model)
+    task = lm_task()
+
+    def run(seen):  # type: ignore[no-untyped-def]
+        return run_estimator(
+            Pruning(), model, targets, task, model_id="tiny", cache_root=tmp_path,
+            progress=False, on_target=seen.append,
+        )  # fmt: skip
+
+    run([])
+    with torch.no_grad():  # one value, same shapes and the same model id
+        model.get_submodule(targets[0].name).weight[3, 5] += 0.25
+    seen: list[str] = []
+    run(seen)
+    assert len(seen) == len(targets)
 
 
 # ---------------------------------------------------------------- bad input

@@ -218,16 +218,13 @@ def export(
 def run_export(args: argparse.Namespace) -> ExportReport:
     """The ``export`` command's work (see the module docstring); returns its report."""
     from mpq.cost import parse_budget
+    from mpq.export.common import check_output_folder
     from mpq.pipeline import damage_table, prepare, task_for
     from mpq.plan import parse_plan_arg
 
     exporter: Exporter = EXPORTERS.load(args.export_format)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise MpqError(
-            f"output folder {str(out)!r} already exists; pass --force to replace it or choose "
-            f"another --out"
-        )
+    check_output_folder(out, args.force)
     if args.plan is None and not args.budget:
         raise MpqError("give --budget (e.g. bytes=60MB or avg-bits=4.0) or an existing --plan")
     budget = parse_budget(args.budget) if args.budget else {}

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from torch import nn
 from mpq.cost import CostModel, CostReport, Storage, WeightBytes
 from mpq.envelope import unwrap, wrap
 from mpq.errors import MpqError
+from mpq.files import clean_stale_temps, exclusive, normalize_modes, temp_dir
 from mpq.formats import QuantFormat
 from mpq.plan import BitPlan, atomic_write_text
 from mpq.targets import Target
@@ -250,28 +250,59 @@ def codes_scales_zeros(
     return pw.codes(), pw.scales, pw.zeros()
 
 
-@contextmanager
-def output_folder(out: Path, force: bool) -> Iterator[Path]:
-    """A fresh temporary folder next to ``out``, renamed to ``out`` when the block succeeds
-    (an existing ``out`` is replaced only then, and only with ``force``); removed on failure."""
+def check_output_folder(out: Path, force: bool) -> None:
+    """MpqError for an ``--out`` that must not be written: an existing one without ``force``,
+    a file, the current folder or one of its ancestors, or a filesystem root."""
+    resolved = out.resolve()
+    if resolved == resolved.parent or not out.name or out.name in (".", ".."):
+        raise MpqError(
+            f"--out {str(out)!r} is not a folder mpq can replace; give a new folder's path, "
+            f"e.g. --out exports/model"
+        )
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise MpqError(
+            f"--out {str(out)!r} is the current folder or contains it; replacing it would delete "
+            f"your working files: give a new folder's path, e.g. --out exports/model"
+        )
+    if out.exists() and not out.is_dir():
+        raise MpqError(f"--out {str(out)!r} is a file; give a folder path")
     if out.exists() and not force:
         raise MpqError(
             f"output folder {str(out)!r} already exists; pass --force to replace it or choose "
             f"another --out"
         )
-    if out.exists() and not out.is_dir():
-        raise MpqError(f"--out {str(out)!r} is a file; give a folder path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+
+
+@contextmanager
+def output_folder(out: Path, force: bool) -> Iterator[Path]:
+    """A fresh temporary folder next to ``out`` (``.NAME.tmp-<pid>-XXXX``, the umask's mode),
+    renamed to ``out`` when the block succeeds (an existing ``out`` is replaced only then, and
+    only with ``force``); removed on failure. Held under a lock (a second writer of the same
+    ``out`` gets an MpqError); temporaries left by killed runs are removed first."""
+    check_output_folder(out, force)
     try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MpqError(
+            f"cannot create {str(out.parent)!r}: {exc.strerror}; choose another --out"
+        ) from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise MpqError(f"{str(out.parent)!r} is not writable; choose another --out")
+    with exclusive(out):
+        check_output_folder(out, force)  # another process may have finished it meanwhile
+        clean_stale_temps(out)
+        tmp = temp_dir(out)
+        try:
+            yield tmp
+            normalize_modes(tmp)  # safetensors writes 0600; exports are meant to be shared
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

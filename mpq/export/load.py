@@ -3,7 +3,8 @@
 The architecture comes from the folder's ``config.json`` (or, for models without one, from the
 bundled model id recorded in the plan), the formats from the plan (``plan.json`` or
 ``config.json``'s ``quantization_config``), the tensors from ``model.safetensors``. Every file
-is checked against the sha256 in ``mpq_manifest.json`` first; packed tensors are checked
+is checked against the sha256 in ``mpq_manifest.json`` first (a folder without one is refused
+unless ``verify=False``; files it does not list are reported); packed tensors are checked
 against the plan by :func:`mpq.executor.load_packed`. The result computes exactly what the
 packed model computed before export (same tensors, same reference kernels).
 """
@@ -11,8 +12,9 @@ packed model computed before export (same tensors, same reference kernels).
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,11 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.export.common import MANIFEST, Manifest, verify_checksums
 from mpq.export.mpq_format import PLAN, QUANT_METHOD, WEIGHTS
-from mpq.models import TOKENIZER_FILES
+from mpq.models import TOKENIZER_FILES, linearize_conv1d
 from mpq.plan import BitPlan
 from mpq.targets import DEFAULT_TIE_RULES, Target, discover
+
+log = logging.getLogger("mpq.export")
 
 
 @dataclass
@@ -40,11 +44,15 @@ class LoadedExport:
     format: str
     tokenizer: Any = None
     manifest: Manifest | None = None
+    unlisted: list[str] = field(default_factory=list)  # files the manifest does not list
 
 
-def load(folder: str | os.PathLike[str], *, backend: str = "reference") -> nn.Module:
-    """The quantized model stored in an export folder (``mpq export --format mpq|hf``)."""
-    return load_export(folder, backend=backend).model
+def load(
+    folder: str | os.PathLike[str], *, backend: str = "reference", verify: bool = True
+) -> nn.Module:
+    """The quantized model stored in an export folder (``mpq export --format mpq|hf``).
+    ``verify=False`` loads a folder without its manifest (unchecked: at your own risk)."""
+    return load_export(folder, backend=backend, verify=verify).model
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -57,15 +65,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_export(folder: str | os.PathLike[str], *, backend: str = "reference") -> LoadedExport:
+def load_export(
+    folder: str | os.PathLike[str], *, backend: str = "reference", verify: bool = True
+) -> LoadedExport:
     """Rebuild an export folder; see the module docstring. Raises :class:`MpqError` for a
-    folder that is not an mpq/hf export, changed files, or tensors that do not fit the plan."""
+    folder that is not an mpq/hf export, a missing manifest (unless ``verify=False``), changed
+    files, or tensors that do not fit the plan. Files the manifest does not list are reported
+    (logger ``mpq.export``) and listed in ``LoadedExport.unlisted``."""
     from mpq.executor import load_packed
 
     root = Path(folder)
     if not root.is_dir():
         raise MpqError(f"export folder {str(root)!r} does not exist; give the --out of mpq export")
     manifest = Manifest.read(root) if (root / MANIFEST).is_file() else None
+    unlisted: list[str] = []
+    if manifest is None and verify:
+        raise MpqError(
+            f"{str(root)!r} has no {MANIFEST}, so its files cannot be checked against what mpq "
+            f"wrote; export the model again, or pass verify=False to load it unchecked"
+        )
     if manifest is not None:
         if manifest.format not in ("mpq", "hf"):
             raise MpqError(
@@ -73,7 +91,19 @@ def load_export(folder: str | os.PathLike[str], *, backend: str = "reference") -
                 f"hf formats (load GGUF with llama.cpp, compressed-tensors with vLLM or "
                 f"transformers)"
             )
-        verify_checksums(root, manifest)
+        if verify:
+            verify_checksums(root, manifest)
+        unlisted = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and p.name != MANIFEST
+            and p.relative_to(root).as_posix() not in manifest.files
+        )
+        if unlisted:
+            log.warning(
+                "%s holds files its %s does not list (not written by mpq export): %s",
+                root, MANIFEST, ", ".join(unlisted[:10]),
+            )  # fmt: skip
     config = _read_json(root / "config.json") if (root / "config.json").is_file() else None
     quant = (config or {}).get("quantization_config")
     if isinstance(quant, dict):
@@ -113,6 +143,7 @@ def load_export(folder: str | os.PathLike[str], *, backend: str = "reference") -
         format=fmt,
         tokenizer=_tokenizer(root),
         manifest=manifest,
+        unlisted=unlisted,
     )
 
 
@@ -150,6 +181,7 @@ def _architecture(root: Path, config: dict[str, Any] | None, plan: BitPlan) -> n
     else:
         causal = any(str(a).endswith("ForCausalLM") for a in archs)
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(cfg, **kwargs)
+    linearize_conv1d(model)  # as mpq.models loaded it: GPT-2's Conv1D as nn.Linear
     return model.eval()
 
 

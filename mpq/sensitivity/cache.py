@@ -1,28 +1,31 @@
 """Per-target on-disk cache, so an interrupted estimator resumes where it stopped.
 
-Entries live in ``<root>/<sha of key>/<target>.json``, one small JSON file each, written
-atomically: a kill leaves either a complete entry or none. ``key.json`` records what the key was.
+Entries live in ``<root>/<digest of key>/<target>.json``, one small checked JSON file each
+(:func:`mpq.cache.write_entry`: the key's digest, the value and a sha256 of both), written
+atomically: a kill leaves either a complete entry or none. ``key.json`` records what the key
+was. An entry that is unreadable, of another key, edited, non-finite or refused by the reader's
+check is logged and recomputed (:func:`mpq.cache.read_entry`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mpq.plan import atomic_write_text
+from mpq.cache import key_digest, read_entry, write_entry
+from mpq.files import atomic_write_text
 
-
-def key_digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+__all__ = ["TargetCache", "key_digest"]
 
 
 class TargetCache:
-    """One folder of per-target results for one (model, data, estimator, params) key."""
+    """One folder of per-target results for one (model, weights, data, estimator, params) key."""
 
     def __init__(self, root: Path, key: dict[str, Any]) -> None:
-        self.dir = Path(root) / key_digest(key)
+        self.key = key_digest(key)
+        self.dir = Path(root) / self.key
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
         if not key_file.exists():
@@ -31,14 +34,10 @@ class TargetCache:
     def _path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
-    def get(self, name: str) -> Any | None:
-        p = self._path(name)
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            return None  # a torn file from another writer: recompute
+    def get(self, name: str, check: Callable[[Any], str | None] | None = None) -> Any | None:
+        """The entry of ``name``; None when missing or bad (a bad one is logged)."""
+        return read_entry(self._path(name), self.key, check)
 
     def put(self, name: str, value: Any) -> None:
-        atomic_write_text(self._path(name), json.dumps(value))
+        """Store ``value`` (JSON data, finite numbers only: MpqError otherwise)."""
+        write_entry(self._path(name), self.key, value)

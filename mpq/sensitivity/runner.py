@@ -8,18 +8,19 @@ writes each target's result as soon as its group is done, and assembles the
 :class:`~mpq.sensitivity.table.SensitivityTable`.
 
 Cache: ``<cache_root>/<digest of key>/<target>.json`` (:class:`~mpq.sensitivity.cache.TargetCache`),
-key = estimator name and its computation parameters, model id, a fingerprint of the model's
-parameter values, the calibration task's key, the candidate formats (per-format estimators only)
-and the target set (estimators whose results depend on it). A killed run resumes: per-target
-estimators recompute at most the target that was in progress. An entry that is not valid JSON
-or lacks the expected fields is logged (logger ``mpq.sensitivity``), ignored and recomputed.
+key = estimator name and its computation parameters, model id, the sha256 of the model's state
+dict, the calibration task's key and a sha256 of its batches, the code version, the candidate
+formats (per-format estimators only) and the target set (estimators whose results depend on it).
+A killed run resumes: per-target estimators recompute at most the target that was in progress.
+An entry that is unreadable, of another key, edited by hand (its sha256 does not match), not
+finite, or lacks the expected fields or formats is logged (logger ``mpq.cache``), ignored and
+recomputed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import typing
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpq.cache import CODE_VERSION as EVAL_CODE_VERSION
+from mpq.cache import data_fingerprint
 from mpq.errors import MpqError
 from mpq.evaluate import Reference
 from mpq.formats import DATA_METHODS, QuantFormat
@@ -49,7 +52,8 @@ from mpq.tasks import Task
 log = logging.getLogger("mpq.sensitivity")
 
 # 2: measured KL/Δloss in float64 with per-format standard errors (the estimator's noise floor).
-CACHE_VERSION = 2
+# 3: checked entries (key digest + sha256), full-weight and data fingerprints in the key.
+CACHE_VERSION = 3
 
 # The estimator name table (name -> class, imported on use); re-exported for callers.
 ESTIMATORS = REGISTRY
@@ -125,6 +129,8 @@ def cache_key(
         "model": model_id,
         "weights": fingerprint,
         "task": task.key,
+        "data": data_fingerprint(task.batches, task.labels),
+        "code": EVAL_CODE_VERSION,
     }
     if estimator.per_format:
         key["formats"] = [f.spec() for f in formats]
@@ -137,15 +143,25 @@ def cache_key(
 class ResultCache(TargetCache):
     """The per-target cache with validated entries: a bad one is logged and recomputed."""
 
-    def load(self, name: str) -> TargetResult | None:
-        p = self._path(name)
-        if not p.is_file():
-            return None
+    def __init__(self, root: Path, key: dict[str, Any]) -> None:
+        super().__init__(root, key)
+        self.formats = key.get("formats")
+
+    def _check(self, value: Any) -> str | None:
         try:
-            return TargetResult.from_json(json.loads(p.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-            log.warning("ignoring corrupted sensitivity cache entry %s (%s); recomputing", p, exc)
-            return None
+            result = TargetResult.from_json(value)
+        except ValueError as exc:
+            return str(exc)
+        for metric, row in result.distortions.items():
+            if self.formats is not None and sorted(row) != sorted(self.formats):
+                return f"distortions[{metric!r}] has formats {sorted(row)}, not {self.formats}"
+        if any(v < 0 for v in result.stderr.values()):
+            return "a negative standard error"
+        return None
+
+    def load(self, name: str) -> TargetResult | None:
+        value = self.get(name, self._check)
+        return None if value is None else TargetResult.from_json(value)
 
     def store(self, name: str, result: TargetResult) -> None:
         self.put(name, result.to_json())

@@ -19,6 +19,8 @@ from mpq.errors import MpqError
 
 TABLE_TYPE = "SensitivityTable"
 TABLE_VERSION = 1
+# Estimators whose per-target score is a non-negative quantity (a negative one is a bad file).
+NON_NEGATIVE_SCORES = ("measured", "fisher")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,40 @@ class SensitivityTable:
     @classmethod
     def load(cls, path: str | Path) -> SensitivityTable:
         p = Path(path)
+        if p.is_dir():
+            raise MpqError(f"sensitivity table {str(p)!r} is a folder; give the table's JSON file")
         if not p.is_file():
             raise MpqError(f"sensitivity table {str(p)!r} does not exist")
-        return cls.from_dict(loads(p.read_text(), f"sensitivity table {str(p)!r}"))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MpqError(
+                f"sensitivity table {str(p)!r} is not text (a binary or pickle file?); give a "
+                f"table JSON written by `mpq sensitivity`"
+            ) from None
+        table = cls.from_dict(loads(text, f"sensitivity table {str(p)!r}"))
+        problem = table.problem()
+        if problem:
+            raise MpqError(
+                f"sensitivity table {str(p)!r} {problem}; recompute it with `mpq sensitivity`"
+            )
+        return table
+
+    def problem(self) -> str | None:
+        """What makes a (read) table impossible: negative distortions or standard errors
+        (losses and their errors are >= 0), or negative scores of estimators whose score is
+        a non-negative quantity (measured KL, Fisher)."""
+        neg = [f"{n}@{s}" for n, row in self.distortions.items() for s, v in row.items() if v < 0]
+        if neg:
+            return f"has negative distortions ({neg[:3]}): distortions are losses >= 0"
+        neg = [n for n, v in self.stderr.items() if v < 0] + [
+            f"{n}@{s}" for n, row in self.distortion_se.items() for s, v in row.items() if v < 0
+        ]
+        if neg:
+            return f"has negative standard errors ({neg[:3]})"
+        base = self.estimator.split(":")[0]
+        if base in NON_NEGATIVE_SCORES:
+            neg = [n for n, v in self.scores.items() if v < 0]
+            if neg:
+                return f"has negative {base} scores ({neg[:3]}), which are >= 0 by definition"
+        return None

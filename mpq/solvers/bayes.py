@@ -236,10 +236,30 @@ class _Objective:
                 raise optuna.TrialPruned("over budget and not repairable")
             trial.set_user_attr("repaired", int(moves))
         trial.set_user_attr("choice", [int(c) for c in choice])
-        value = self.score(choice)
+        prior = _measured_before(trial, choice)  # by another worker of a shared study
+        if prior is not None:
+            trial.set_user_attr("duplicate_of", prior.number)
+            value = float(prior.values[0])
+        else:
+            value = self.score(choice)
         if self.cost_resource is None:
             return value
         return value, self.problem.cost_of(choice)[self.cost_resource]
+
+
+def _measured_before(trial: Any, choice: np.ndarray) -> Any | None:
+    """A finished trial of the same study that measured ``choice`` (None when there is none):
+    its value is reused instead of measuring the same plan again."""
+    import optuna
+
+    study = getattr(trial, "study", None)
+    if study is None:
+        return None
+    want = [int(c) for c in choice]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != trial.number and t.user_attrs.get("choice") == want and t.values:
+            return t
+    return None
 
 
 def _done_trials(study: Any) -> list[Any]:
@@ -323,10 +343,15 @@ def solve_bayes(
         study = _open_study(problem, storage, study_name, sampler, ["minimize"], "mpq-bayes")
         _enqueue(study, objective, [c for _, c in plans] if start else [])
         n = int(n_trials)
+        callbacks = []
         if top_up:
             n = max(0, n - _finished(study))
+            # Several workers on one storage: stop when the study holds n_trials finished
+            # trials in total, whoever ran them (at most one running trial per worker more).
+            done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            callbacks.append(optuna.study.MaxTrialsCallback(int(n_trials), states=done_states))
         if n:
-            study.optimize(objective, n_trials=n, timeout=timeout, catch=())
+            study.optimize(objective, n_trials=n, timeout=timeout, catch=(), callbacks=callbacks)
     trials = _done_trials(study)
     if not trials:
         # Every trial was pruned (over budget): answer with the best start plan.
