@@ -31,9 +31,12 @@ class _Evil:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+def make_models(root: Path) -> dict[str, Path]:
     """The tiny LLaMA, a copy whose config disagrees with its weights, a pickle-only copy,
     an export folder and a sensitivity table with a negative score."""
-    root = tmp_path_factory.mktemp("models")
     tiny = build_tiny_folder(root / "tiny")
     shape = root / "shape"
     shutil.copytree(tiny, shape)

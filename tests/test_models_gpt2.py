@@ -61,3 +61,25 @@ def test_gpt2_inspect_and_eval_run(gpt2_folder: Path, tmp_path: Path, monkeypatc
     argv = ["eval", "--model", str(gpt2_folder), "--plan", "uniform:4", "--n", "1",
             "--seq-len", "16"]  # fmt: skip
     assert main(argv) == 0
+
+
+def test_gpt2_export_reloads_with_the_same_logits(gpt2_folder: Path, tmp_path: Path, monkeypatch):
+    import mpq
+    from mpq.cli import main
+    from mpq.executor import apply_plan
+    from mpq.formats import QuantFormat
+    from mpq.plan import uniform_plan
+
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPQ_THREADS", "1")
+    out = tmp_path / "gpt2-mpq"
+    argv = ["export", "--model", str(gpt2_folder), "--format", "mpq", "--plan", "uniform:4",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    loaded = load_model(str(gpt2_folder))
+    targets = discover(loaded.model)
+    plan = uniform_plan(targets, QuantFormat(4), loaded.model_id)
+    want = apply_plan(loaded.model, plan, targets, mode="packed")
+    ids = torch.randint(0, 30522, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(mpq.load(out)(ids).logits, want(ids).logits)
