@@ -24,7 +24,6 @@ from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.evaluate import EvalResult, pool
 from mpq.pipeline import (
-    CalibSpec,
     Evaluator,
     Prepared,
     SearchOptions,
@@ -33,7 +32,6 @@ from mpq.pipeline import (
     prepare,
     sensitivity_table,
     solve,
-    task_for,
     uniform_plans,
 )
 from mpq.plan import BitPlan, atomic_write_text
@@ -72,7 +70,7 @@ def _plans(
     c = cfg.calibration
     for seed in cfg.seeds:
         offset = seed if c.resample else 0
-        calib = task_for(prep, c.data[0], c.split, c.n, c.seq_len, c.batch_size, offset)
+        calib = c.spec().task(prep.loaded, offset)
         for est in cfg.estimators:
             t0 = time.perf_counter()
             table = sensitivity_table(prep, _estimator(est, seed), cfg.formats, calib,
@@ -143,8 +141,7 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
         spec = PreconditionSpec.parse(text)
         suffix = "" if spec.method == "none" else f"+{text}"
         t0 = time.perf_counter()
-        prep = preconditioned(base, spec, CalibSpec(c.data[0], c.split, c.n, c.seq_len,
-                                                    c.batch_size))  # fmt: skip
+        prep = preconditioned(base, spec, c.spec())
         if spec.method != "none":  # the calibration cost, for the report
             seconds = round(time.perf_counter() - t0, 3)
             prep.precondition = dataclasses.replace(prep.precondition, seconds=seconds)
@@ -157,7 +154,7 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
     seed_rows: list[dict[str, Any]] = []
     e = cfg.evaluation
     for data_id in e.data:
-        task = task_for(base, data_id, e.split, e.n, e.seq_len, e.batch_size)
+        task = e.spec(data_id).task(base.loaded)
         groups: dict[str, list[tuple[PlanEntry, EvalResult, float]]] = defaultdict(list)
         for prep, entries in runs:
             evaluator = Evaluator(prep, task, progress=progress)
@@ -184,8 +181,7 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
         spec = PreconditionSpec.parse(cfg.preconditions[0])
         suffix = "" if spec.method == "none" else f"+{cfg.preconditions[0]}"
         seed = cfg.seeds[0]
-        calib = task_for(runs[0][0], c.data[0], c.split, c.n, c.seq_len, c.batch_size,
-                         seed if c.resample else 0)  # fmt: skip
+        calib = c.spec().task(runs[0][0].loaded, seed if c.resample else 0)
         table = tables[(cfg.estimators[0].label + suffix, seed)]
         section = frontier_section(folder, runs[0][0], cfg.formats, table, calib, cfg.frontier,
                                    seed=seed, progress=progress)  # fmt: skip

@@ -12,10 +12,14 @@ from mpq.cost import parse_budget
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.registry import ESTIMATORS, solver_names
+from mpq.tasks import CalibSpec
 
 
 @dataclass(frozen=True)
 class DataSpec:
+    """A config's ``[calibration]`` or ``[evaluation]``: data sets sharing one split, size and
+    batch size; :meth:`spec` is one of them as a step's :class:`mpq.tasks.CalibSpec`."""
+
     data: tuple[str, ...]
     split: str
     n: int | None
@@ -24,6 +28,11 @@ class DataSpec:
     # Calibration only: each seed draws its own disjoint sample (True), or every seed uses the
     # first sample and only the stochastic parts (estimator and search seeds) vary (False).
     resample: bool = True
+
+    def spec(self, data_id: str | None = None) -> CalibSpec:
+        """The data of one step: ``data_id`` (default: the first data set) at this split, size
+        and batch size (:class:`mpq.tasks.CalibSpec`, the type every step's data has)."""
+        return CalibSpec(data_id or self.data[0], self.split, self.n, self.seq_len, self.batch_size)
 
 
 @dataclass(frozen=True)

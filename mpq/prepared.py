@@ -28,7 +28,7 @@ from mpq.precondition import (
     record_of,
 )
 from mpq.targets import DEFAULT_TIE_RULES, Target, discover
-from mpq.tasks import CalibSpec, Task, make_task
+from mpq.tasks import CalibSpec, Task
 
 
 @dataclass
@@ -67,7 +67,7 @@ def task_for(
     batch_size: int | None,
     offset: int = 0,
 ) -> Task:
-    return make_task(prep.loaded, data_id, split, n, seq_len, batch_size, offset)
+    return CalibSpec(data_id, split, n, seq_len, batch_size).task(prep.loaded, offset)
 
 
 def precondition(
@@ -93,8 +93,7 @@ def preconditioned(prep: Prepared, spec: Any, calib: CalibSpec) -> Prepared:
         spec = PreconditionSpec.parse(spec)
     if spec.method == "none":
         return prep
-    task = task_for(prep, calib.data, calib.split, calib.n, calib.seq_len, calib.batch_size)
-    new, _ = precondition(prep, spec, task)
+    new, _ = precondition(prep, spec, calib.task(prep.loaded))
     new.precondition = dataclasses.replace(new.precondition, calib_args=calib)
     return new
 

@@ -222,3 +222,10 @@ class CalibSpec:
     n: int | None = 2
     seq_len: int | None = 128
     batch_size: int | None = None
+
+    def task(self, loaded: LoadedModel, offset: int = 0) -> Task:
+        """The :class:`Task` of this data on ``loaded``'s model family (``offset``: which
+        disjoint sample, see :func:`make_task`)."""
+        return make_task(
+            loaded, self.data, self.split, self.n, self.seq_len, self.batch_size, offset
+        )
