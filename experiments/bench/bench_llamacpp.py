@@ -100,6 +100,13 @@ def _run(
     return out
 
 
+def _cached(argv: list[str], out: Path, log: Path) -> None:
+    """Run ``argv`` unless ``out`` and its log (written when the run finished) exist."""
+    if out.is_file() and log.is_file():
+        return
+    _run(argv, log)
+
+
 def llamacpp_home(version: str = VERSION) -> Path:
     return cache_root() / "llamacpp" / version
 
@@ -475,6 +482,7 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="folder for the GGUF files and logs")
     parser.add_argument("--chunks", type=int, default=32, help="512-token chunks per text")
     parser.add_argument("--types", default=",".join(LLAMA_TYPES), help="llama.cpp types")
+    parser.add_argument("--texts", default="wiki,bbc", help="held-out texts, in this order")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--imatrix-chunks", type=int, default=64)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("MPQ_THREADS", "2")))
@@ -524,7 +532,7 @@ def main() -> None:
         )
     imatrix = root / "imatrix.gguf"
     t0 = time.perf_counter()
-    _run(
+    _cached(
         [
             str(bin_dir / "llama-imatrix"),
             "-m",
@@ -541,6 +549,7 @@ def main() -> None:
             str(imatrix),
             "--no-ppl",
         ],
+        imatrix,
         logs / "imatrix.log",
     )
     t_imatrix = time.perf_counter() - t0
@@ -552,8 +561,9 @@ def main() -> None:
             argv = [str(bin_dir / "llama-quantize")]
             if use_im:
                 argv += ["--imatrix", str(imatrix)]
-            _run(
+            _cached(
                 [*argv, str(f32), str(path), qt, str(args.threads)],
+                path,
                 logs / f"quantize-{path.stem}.log",
             )
             rows.append(Row(name, "llama.cpp", file_info(path)))
@@ -562,8 +572,9 @@ def main() -> None:
         argv = [str(bin_dir / "llama-quantize"), "--token-embedding-type", "f32"]
         if use_im:
             argv += ["--imatrix", str(imatrix)]
-        _run(
+        _cached(
             [*argv, str(f32), str(path), "Q4_0", str(args.threads)],
+            path,
             logs / f"quantize-{path.stem}.log",
         )
         rows.append(
@@ -597,7 +608,10 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         return result
 
-    for text in ("wiki", "bbc"):
+    native += _mpq_native(args.native.split(",") if args.native else [])
+    checked = [r for r in rows if r.source == "mpq gguf" or r.name in ("Q4_0", rows[0].name)]
+    add_bos, bos = gguf_add_bos(f32)
+    for text in args.texts.split(","):
         base = root / f"base-{text}.kld"
         base_ppl[text] = perplexity_base(
             bin_dir,
@@ -616,32 +630,25 @@ def main() -> None:
             )
             print(text, row.name, asdict(row.scores[text]), flush=True)
             dump()
-    native += _mpq_native(args.native.split(",") if args.native else [])
-    if not args.no_mpq_eval:
-        checked = [r for r in rows if r.source == "mpq gguf" or r.name in ("Q4_0", rows[0].name)]
-        add_bos, bos = gguf_add_bos(f32)
-        toks = {t: base_tokens(root / f"base-{t}.kld") for t in ("wiki", "bbc")}
-        f32_model = load_gguf_model(f32)
-        nll_base = {t: mpq_nll(f32_model, toks[t], add_bos, bos) for t in toks}
-        del f32_model
+        if args.no_mpq_eval:
+            continue
+        # The real-client check: the same files (and mpq-only plans) by mpq's evaluator.
+        toks = base_tokens(base)
+        nll_base = mpq_nll(load_gguf_model(f32), toks, add_bos, bos)
         for row in [*checked, *native]:
-            model = native_models.pop(row.name, None)
-            if model is None:
-                model = load_gguf_model(Path(row.info.path))
-            for text in ("wiki", "bbc"):
-                nll = mpq_nll(model, toks[text], add_bos, bos)
-                ratio, lo, hi = paired_ratio(nll, nll_base[text])
-                row.mpq_eval[text] = {
-                    "ppl": float(np.exp(nll.mean())),
-                    "ppl_base": float(np.exp(nll_base[text].mean())),
-                    "ratio": ratio,
-                    "ratio_lo": lo,
-                    "ratio_hi": hi,
-                    "add_bos": add_bos,
-                }
-                print(text, row.name, row.mpq_eval[text], flush=True)
-                dump()
-            del model
+            model = native_models.get(row.name) or load_gguf_model(Path(row.info.path))
+            nll = mpq_nll(model, toks, add_bos, bos)
+            ratio, lo, hi = paired_ratio(nll, nll_base)
+            row.mpq_eval[text] = {
+                "ppl": float(np.exp(nll.mean())),
+                "ppl_base": float(np.exp(nll_base.mean())),
+                "ratio": ratio,
+                "ratio_lo": lo,
+                "ratio_hi": hi,
+                "add_bos": add_bos,
+            }
+            print(text, row.name, row.mpq_eval[text], flush=True)
+            dump()
     result = dump()
     print(markdown(result))
 
