@@ -88,7 +88,7 @@ def write_frontier(folder: Path, front: MeasuredFrontier, rows: list[FrontierRow
     ax.plot([r.effective_bits for r in tab], [r.measured for r in tab], "x",
             label="table's frontier plans, measured")  # fmt: skip
     ax.plot([r.effective_bits for r in tab], [r.predicted for r in tab], "s--", mfc="none",
-            label="table's frontier, predicted (summed single-layer damage)")  # fmt: skip
+            label="table's frontier, predicted (its summed distortion, table units)")  # fmt: skip
     ax.set_xlabel("effective bits per weight")
     ax.set_ylabel("KL to fp (calibration)")
     ax.set_yscale("log")
