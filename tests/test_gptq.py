@@ -62,13 +62,16 @@ def test_gptq_result_is_exactly_representable_in_packed_storage(spec: str, act_o
     )
 
 
-@pytest.mark.parametrize("spec", ["4", "3:g32:asym"])
-def test_uncorrelated_inputs_give_round_to_nearest(spec: str) -> None:
+@pytest.mark.parametrize("spec", ["4", "3:g32:asym", "4:g32:nl"])
+@pytest.mark.parametrize("grid", ["rtn", "mse"])
+def test_uncorrelated_inputs_give_the_grid_rule_alone(spec: str, grid: str) -> None:
+    """H = I: no error to spread, so GPTQ is its grid rule (rtn, or the unweighted mse search:
+    the importance is H's diagonal, all ones) with nearest codes."""
     w, _, _ = _layer(2)
-    res = gptq_quantize(w, torch.eye(w.shape[1]), QuantFormat.parse(spec + ":gptq"))
-    rtn = quantize(w, QuantFormat.parse(spec))
-    assert torch.equal(res.quantized.codes, rtn.codes)
-    assert torch.equal(res.quantized.scales, rtn.scales)
+    res = gptq_quantize(w, torch.eye(w.shape[1]), QuantFormat.parse(spec + ":gptq"), grid=grid)
+    alone = quantize(w, QuantFormat.parse(spec if grid == "rtn" else spec + ":mse"))
+    assert torch.equal(res.quantized.codes, alone.codes)
+    assert torch.equal(res.quantized.scales, alone.scales)
 
 
 def test_dead_inputs_get_zero_weight_and_bad_input_is_refused() -> None:
