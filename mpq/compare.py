@@ -61,7 +61,11 @@ def _plans(
 ) -> tuple[list[PlanEntry], dict[tuple[str, int], SensitivityTable]]:
     """Uniform plans, then every (seed, estimator, solver, budget) plan, on one prepared model."""
     entries = []
+    from mpq.planstats import uses_stats, with_record
+
     for plan in uniform_plans(prep, cfg.uniform):
+        if uses_stats(plan):  # mse / gptq baselines: the first seed's calibration statistics
+            plan = with_record(plan, cfg.calibration.spec().task(prep.loaded, 0))
         spec = next(iter(plan.formats.values())).spec()
         entries.append(PlanEntry(f"uniform:{spec}{suffix}", f"uniform{suffix}", plan, ""))
     tables: dict[tuple[str, int], SensitivityTable] = {}
