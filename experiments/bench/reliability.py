@@ -66,30 +66,52 @@ def bad_inputs(tmp: Path, env: dict[str, str]) -> None:
                 "message": lines[0] if lines else proc.stderr.strip().splitlines()[-1:],
             }
         )
-    # Ctrl-C: SIGINT to a running `mpq eval`
-    work = tmp / "cases" / "ctrl-c"
-    work.mkdir(parents=True)
-    proc = subprocess.Popen(
-        [*CLI, "eval", "--model", str(models["tiny"]), "--plan", "uniform:4", "--n", "2",
-         "--seq-len", "64"],  # fmt: skip
-        env={**env, "MPQ_CACHE": str(work / "cache")}, cwd=work, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    time.sleep(6.0)
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate()[1]
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    rows.append({"case": "ctrl-c", "rc": proc.returncode, "error_lines": len(lines),
-                 "traceback": "Traceback" in err,
-                 "clear": proc.returncode == 130 and len(lines) == 1,
-                 "half_written": False, "message": lines[0] if lines else err[-200:]})  # fmt: skip
     print(json.dumps(rows, indent=1))
     n = len(rows)
     print(
-        f"BAD INPUTS: tried {n}; one clear error line {sum(r['clear'] for r in rows)}; "
+        f"BAD INPUTS (Ctrl-C: below): tried {n}; one clear error line "
+        f"{sum(r['clear'] for r in rows)}; "
         f"tracebacks {sum(r['traceback'] for r in rows)}; half-written "
         f"{sum(r['half_written'] for r in rows)}; exit codes {sorted({r['rc'] for r in rows})}"
     )
+
+
+def ctrl_c(tmp: Path, env: dict[str, str]) -> None:
+    """SIGINT to `mpq sensitivity` once it has cached its first layers; the rerun resumes."""
+    import test_bad_inputs as t
+
+    models = t.make_models(tmp / "ctrl-models")
+    work = tmp / "cases" / "ctrl-c"
+    work.mkdir(parents=True)
+    cache = work / "cache"
+    argv = ["sensitivity", "--model", str(models["tiny"]), "--estimator", "measured",
+            "--formats", "2,3,4,5,6,8", "--n", "4", "--seq-len", "64", "--out",
+            str(work / "t.json")]  # fmt: skip
+    e = {**env, "MPQ_CACHE": str(cache)}
+
+    # (a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored)
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen([*CLI, *argv], env=e, cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # fmt: skip
+
+    def entries() -> list[Path]:
+        return [p for p in cache.glob("sensitivity/*/*.json") if p.name != "key.json"]
+
+    while proc.poll() is None and len(entries()) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    kept = len(entries())
+    print(f"CTRL-C: exit {proc.returncode}; error lines {lines}; traceback "
+          f"{'Traceback' in err}; table written {(work / 't.json').exists()}")  # fmt: skip
+    again = run(argv, e, work)
+    total = len(entries())
+    print(f"CTRL-C RESUME: {kept} layers cached when interrupted; the rerun (exit "
+          f"{again.returncode}) computed the {total - kept} layers not yet cached, of {total}")
 
 
 def medium_folder(folder: Path) -> Path:
@@ -120,6 +142,8 @@ def stale_cache(tmp: Path, env: dict[str, str]) -> None:
 
     def kl(env_: dict[str, str]) -> float:
         proc = run(argv, env_, tmp)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr)
         return float(json.loads(proc.stdout)["kl"])
 
     before = kl(e)
@@ -190,13 +214,15 @@ def bayes_workers(tmp: Path, env: dict[str, str]) -> None:
 
 
 def main() -> None:
+    """All parts, or those named on the command line (bad, ctrlc, stale, kill, bayes)."""
+    parts = {"bad": bad_inputs, "ctrlc": ctrl_c, "stale": stale_cache,
+             "kill": kill_and_concurrency, "bayes": bayes_workers}  # fmt: skip
+    chosen = sys.argv[1:] or list(parts)
     env = {**os.environ, "MPQ_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        bad_inputs(tmp, env)
-        stale_cache(tmp, env)
-        kill_and_concurrency(tmp, env)
-        bayes_workers(tmp, env)
+        for name in chosen:
+            parts[name](tmp, env)
 
 
 if __name__ == "__main__":
