@@ -38,10 +38,10 @@ def add_bench_layers_parser(
     """Add ``bench-layers`` to the ``mpq`` sub-command parsers ``sub``; returns its parser.
 
     ``model_args`` adds ``--model/--include/--exclude/--no-ties`` (default:
-    :func:`mpq.cli.model_args`, the one every model command uses).
+    :func:`mpq.cli.args.model_args`, the one every model command uses).
     """
     if model_args is None:
-        from mpq.cli import model_args as default_model_args
+        from mpq.cli.args import model_args as default_model_args
 
         model_args = default_model_args
     p: argparse.ArgumentParser = sub.add_parser(

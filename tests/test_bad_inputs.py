@@ -249,11 +249,12 @@ def test_ctrl_c_prints_one_line_and_exits_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import mpq.cli
+    import mpq.cli.model_cmds
 
     def interrupted(args: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mpq.cli, "cmd_inspect", interrupted)
+    monkeypatch.setattr(mpq.cli.model_cmds, "cmd_inspect", interrupted)
     capsys.readouterr()
     assert main(["inspect"]) == 130
     err = capsys.readouterr().err

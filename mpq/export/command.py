@@ -42,7 +42,7 @@ def add_export_parser(
     sub: Any, solver_names: Sequence[str] | None = None
 ) -> argparse.ArgumentParser:
     """Register ``export`` on an ``argparse`` subparsers object; returns its parser."""
-    from mpq.cli import model_args
+    from mpq.cli.args import model_args
 
     if solver_names is None:
         solver_names = all_solver_names()
@@ -102,12 +102,6 @@ class ExportReport:
             f"weights {s.total_bytes:,} bytes, {s.effective_bits:.4f} bits per target weight; "
             f"plan predicts {self.predicted_bytes:,} bytes"
         )
-
-
-def _formats(text: str) -> list[QuantFormat]:
-    from mpq.formats import QuantFormat
-
-    return [QuantFormat.parse(s) for s in text.split(",") if s.strip()]
 
 
 def _expressible(exporter: Exporter, formats: Sequence[QuantFormat], prep: Prepared) -> None:
@@ -217,6 +211,7 @@ def export(
 
 def run_export(args: argparse.Namespace) -> ExportReport:
     """The ``export`` command's work (see the module docstring); returns its report."""
+    from mpq.cli.args import parse_formats
     from mpq.cost import parse_budget
     from mpq.export.common import check_output_folder
     from mpq.pipeline import damage_table, prepare, task_for
@@ -228,7 +223,7 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     if args.plan is None and not args.budget:
         raise MpqError("give --budget (e.g. bytes=60MB or avg-bits=4.0) or an existing --plan")
     budget = parse_budget(args.budget) if args.budget else {}
-    formats = _formats(args.formats or exporter.default_formats)
+    formats = parse_formats(args.formats or exporter.default_formats)
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     if args.plan is not None:
         plan = parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)

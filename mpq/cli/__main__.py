@@ -1,0 +1,5 @@
+"""``python -m mpq.cli``."""
+
+from mpq.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Argument builders every ``mpq`` command group shares (torch-free: ``mpq --help`` imports
+no torch), and the small conversions of their values."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from mpq.registry import MODELS, solver_names
+
+if TYPE_CHECKING:
+    from mpq.tasks import CalibSpec
+
+
+# Every --solver name: the registry's table solvers and searches (torch-free).
+SOLVER_NAMES = solver_names()
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --include, --exclude, --no-ties (every command that prepares a model)."""
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help=f"bundled id ({', '.join(MODELS)}) or a local HF folder",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="only targets whose name matches (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="skip targets whose name matches (repeatable; default: the model's own)",
+    )
+    p.add_argument(
+        "--no-ties",
+        action="store_true",
+        help="do not tie q/k/v and gate/up projections to one format",
+    )
+
+
+def data_args(
+    p: argparse.ArgumentParser, default: str, split: str, n: int, seq: int | None
+) -> None:
+    p.add_argument("--data", default=default, help="wiki | bbc (text), photos (CNN)")
+    p.add_argument("--split", default=split, help="calib | heldout")
+    p.add_argument("--n", type=int, default=n, help="windows / documents / images")
+    p.add_argument("--seq-len", type=int, default=seq, help="tokens per window")
+
+
+def precondition_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precondition",
+        default="none",
+        metavar="SPEC",
+        help="equivalence transform before quantizing: none, scale_folding[:alpha=0.5], "
+        "awq[:fmt=3:asym] (fitted on the calibration data; recorded in the plan)",
+    )
+
+
+def calib_spec(args: argparse.Namespace) -> CalibSpec:
+    from mpq.tasks import CalibSpec
+
+    return CalibSpec(args.data, args.split, args.n, args.seq_len, getattr(args, "batch_size", None))
+
+
+def parse_formats(text: str) -> list:
+    from mpq.formats import QuantFormat
+
+    return [QuantFormat.parse(s) for s in text.split(",") if s.strip()]
