@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -23,6 +24,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mpq.errors import MpqError
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (read in 4 MiB chunks)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def current_umask() -> int:

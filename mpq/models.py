@@ -7,7 +7,6 @@ package; the first load de-quantizes it once (~20 s) into an fp32 safetensors ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from torch import nn
 
 from mpq.data import package_dir
 from mpq.errors import MpqError
-from mpq.files import normalize_modes
+from mpq.files import normalize_modes, sha256_file
 from mpq.registry import MODELS
 
 log = logging.getLogger("mpq.models")
@@ -71,16 +70,8 @@ def _hf_kwargs() -> dict[str, Any]:
 CHECKSUMS = "mpq_checksums.json"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _record_checksums(folder: Path) -> None:
-    sums = {p.name: _sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
 
 
@@ -99,7 +90,7 @@ def converted_problem(folder: Path) -> str | None:
         path = folder / str(name)
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256_file(path) != digest:
+        if sha256_file(path) != digest:
             return f"{name} does not match the sha256 recorded at conversion"
     return None
 

@@ -8,7 +8,6 @@ so :func:`mpq.export.load.load` can refuse a folder whose files changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from torch import nn
 from mpq.cost import CostModel, CostReport, Storage, WeightBytes
 from mpq.envelope import unwrap, wrap
 from mpq.errors import MpqError
-from mpq.files import clean_stale_temps, exclusive, normalize_modes, temp_dir
+from mpq.files import clean_stale_temps, exclusive, normalize_modes, sha256_file, temp_dir
 from mpq.formats import QuantFormat
 from mpq.plan import BitPlan, atomic_write_text
 from mpq.targets import Target
@@ -142,14 +141,6 @@ class Manifest:
             return cls(**data)
         except TypeError as exc:
             raise MpqError(f"{str(path)!r} is malformed ({exc}); export the model again") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checksums(folder: Path) -> dict[str, str]:
