@@ -192,7 +192,11 @@ def test_cnn_task_kl_grows_as_bits_shrink(
     r = {b: _eval_plan(mobilenet, mobilenet_targets, task, ref, str(b)) for b in (8, 4, 2)}
     assert 0.0 < r[8]["kl"] < r[4]["kl"] < r[2]["kl"]
     assert r[8]["agree"] >= r[4]["agree"] >= r[2]["agree"]
-    assert r[8]["agree"] >= 0.9  # 15/16 measured
+    assert r[8]["agree"] > r[2]["agree"]
+    # 8-bit damage is an order of magnitude below 4-bit's. (Not an absolute agreement: over 16
+    # photos one depthwise layer's per-channel rounding bias moves 8-bit agreement by 2/16
+    # between the absmax/127 and the full-signed-range rule, KL 0.019 vs 0.14.)
+    assert r[8]["kl"] < 0.1 * r[4]["kl"]
 
 
 def test_packed_matches_fake(mobilenet: LoadedModel, mobilenet_targets: list[Target]) -> None:
