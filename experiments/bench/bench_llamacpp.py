@@ -238,7 +238,7 @@ class LlamaScore:
     seconds: float
 
 
-_NUM = r"([-+0-9.eE]+|nan|inf)"
+_NUM = r"([-+]?(?:nan|inf|[0-9][-+0-9.eE]*))"  # llama-perplexity prints -nan for a zero spread
 
 
 def _grab(pattern: str, text: str) -> tuple[float, float]:
