@@ -621,7 +621,7 @@ def main() -> None:
             args.chunks,
             args.ctx,
             args.threads,
-            logs / f"ppl-f32-{text}.log",
+            logs / f"ppl-base-{text}.log",
         )
         for row in rows:
             path = Path(row.info.path)
