@@ -31,14 +31,13 @@ for the start plan).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.solvers._common import RTOL, done, over_min
+from mpq.solvers._common import RTOL, done, start_choice
 from mpq.solvers._measure import Measure, cached, ladders
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
 
@@ -128,24 +127,10 @@ def solve_evolution(
     ):
         if int(v) != v or v < (0 if name == "generations" else 1):
             raise MpqError(f"evolution: {name}={v} must be a positive integer")
-    if over_min(problem):
-        return infeasible(problem, "evolution", time.perf_counter() - t0)
-    if start is None:
-        from mpq.solvers.ilp import solve_ilp
-
-        ilp = solve_ilp(problem)
-        if ilp.status == "infeasible":
-            return replace(ilp, solver="evolution", wall_time=time.perf_counter() - t0)
-        first = np.asarray(ilp.choice, dtype=np.int64)
-        origin = "ilp"
-    else:
-        first = np.asarray(start, dtype=np.int64).copy()
-        if first.shape != (len(problem.decisions),) or not problem.feasible(first):
-            raise MpqError(
-                "evolution: the start choice is not a feasible plan of this problem (one "
-                "allowed option per decision, within every budget)"
-            )
-        origin = "given"
+    begun = start_choice(problem, start, "evolution", t0)
+    if isinstance(begun, Solution):
+        return begun
+    first, origin = begun
     score = cached(measure, problem)
     rng = np.random.default_rng(seed)
     mutator = _Mutator(problem)

@@ -27,14 +27,13 @@ plans measured (``evaluations``) and the rounds run.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.solvers._common import done, over_min
+from mpq.solvers._common import done, start_choice
 from mpq.solvers._measure import CachedMeasure, Measure, Search, cached, ladders, weighted_cost
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.options import Features, SearchOptions
 from mpq.solvers.validate import validate_problem
 
@@ -136,27 +135,15 @@ def solve_refine(
             raise MpqError(f"refine: {name}={count} must be an integer >= 0")
     if candidates is not None and (int(candidates) != candidates or candidates < 1):
         raise MpqError(f"refine: candidates={candidates} must be a positive integer (or None)")
-    if over_min(problem):
-        return infeasible(problem, "refine", time.perf_counter() - t0)
-    if start is None:
-        ilp = solve_ilp(problem)
-        if ilp.status == "infeasible":
-            return replace(ilp, solver="refine", wall_time=time.perf_counter() - t0)
-        choice = np.asarray(ilp.choice, dtype=np.int64)
-        origin = "ilp"
-    else:
-        choice = np.asarray(start, dtype=np.int64).copy()
-        if choice.shape != (len(problem.decisions),) or not problem.feasible(choice):
-            raise MpqError(
-                "refine: the start choice is not a feasible plan of this problem (one allowed "
-                "option per decision, within every budget)"
-            )
-        origin = "given"
+    begun = start_choice(problem, start, "refine", t0)
+    if isinstance(begun, Solution):
+        return begun
+    choice, origin = begun
     score: CachedMeasure = cached(measure, problem)
     lad = ladders(problem)
     rung = _rungs(problem, lad)
     value = score(choice)
-    start_value, start_choice = value, choice.copy()
+    start_value, first = value, choice.copy()
     ran = 0
     for _ in range(rounds):
         ran += 1
@@ -185,12 +172,12 @@ def solve_refine(
         "start": origin,
         "start_measured": start_value,
         "measured": value,
-        "start_predicted": problem.distortion_of(start_choice),
+        "start_predicted": problem.distortion_of(first),
         "predicted": problem.distortion_of(choice),
         "improved": value < start_value,
         "rounds": ran,
         "evaluations": score.calls,
-        "changed_decisions": int((choice != start_choice).sum()),
+        "changed_decisions": int((choice != first).sum()),
     }
     return done(problem, choice, "feasible", "refine", t0, stats)
 
