@@ -40,6 +40,7 @@ from mpq.formats import QuantFormat
 from mpq.quant.core import (
     QuantizedTensor,
     check_format,
+    grid_values,
     levels,
     matrix_shape,
     n_groups,
@@ -103,11 +104,9 @@ def _quant_column(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned codes and dequantized values of one column with a given grid."""
     s = scale.to(w.dtype)
-    codes = grid_codes(w[:, None], s, None if zero is None else zero.to(w.dtype), fmt)[:, 0]
-    if table is not None:
-        return codes, table.to(w.dtype)[codes] * s
-    assert zero is not None
-    return codes, (codes.to(w.dtype) - zero.to(w.dtype)) * s
+    z = None if zero is None else zero.to(w.dtype)
+    codes = grid_codes(w[:, None], s, z, fmt)[:, 0]
+    return codes, grid_values(codes, s, z, table)
 
 
 def gptq_quantize(

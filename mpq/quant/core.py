@@ -121,6 +121,21 @@ def asymmetric_codes(
     return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, qmax).long()
 
 
+def grid_values(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    table: torch.Tensor | None,
+) -> torch.Tensor:
+    """Values of ``codes`` on one grid, in ``scale``'s dtype (``scale``/``zero`` already
+    broadcast against ``codes``): ``table[code] * scale`` for a symmetric grid (no zero-point),
+    ``(code - zero) * scale`` for an asymmetric one."""
+    if zero is None:
+        assert table is not None
+        return table.to(scale.dtype)[codes] * scale
+    return (codes.to(scale.dtype) - zero.to(scale.dtype)) * scale
+
+
 def dequantize_codes(
     codes: torch.Tensor,
     scales: torch.Tensor,

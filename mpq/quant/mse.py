@@ -29,6 +29,7 @@ from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.quant.core import (
     QuantizedTensor,
+    grid_values,
     grouped,
     levels,
     matrix_shape,
@@ -208,10 +209,7 @@ def _deq(
     table: torch.Tensor | None,
 ) -> torch.Tensor:
     codes = grid_codes(w, scale, zero, fmt)
-    if zero is None:
-        assert table is not None
-        return table[codes] * scale[..., None]
-    return (codes.to(torch.float32) - zero[..., None]) * scale[..., None]
+    return grid_values(codes, scale[..., None], None if zero is None else zero[..., None], table)
 
 
 def mse_quantize(
