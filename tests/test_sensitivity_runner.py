@@ -247,6 +247,15 @@ def _other_key(text: str) -> str:
     return json.dumps(entry)
 
 
+def _pruning_table(model: nn.Module, cache_root: Path, seen: list[str]) -> SensitivityTable:
+    """Pruning scores of ``model``'s targets on ``lm_task()``, cached under ``cache_root``;
+    each newly computed target's name is appended to ``seen``."""
+    return run_estimator(
+        Pruning(), model, discover(model), lm_task(), model_id="tiny", cache_root=cache_root,
+        progress=False, on_target=seen.append,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -264,19 +273,9 @@ def test_bad_cache_entry_is_logged_and_recomputed(
 ) -> None:
     model = tiny_llama()
     targets = discover(model)
-    task = lm_task()
 
-    def run(seen):  # type: ignore[no-untyped-def]
-        return run_estimator(
-            Pruning(),
-            model,
-            targets,
-            task,
-            model_id="tiny",
-            cache_root=tmp_path,
-            progress=False,
-            on_target=seen.append,
-        )
+    def run(seen: list[str]) -> SensitivityTable:
+        return _pruning_table(model, tmp_path, seen)
 
     good = run([])
     victim = targets[2].name
@@ -297,13 +296,9 @@ def test_one_changed_weight_under_the_same_id_is_not_served_from_the_cache(
 ) -> None:
     model = tiny_llama()
     targets = discover(model)
-    task = lm_task()
 
-    def run(seen):  # type: ignore[no-untyped-def]
-        return run_estimator(
-            Pruning(), model, targets, task, model_id="tiny", cache_root=tmp_path,
-            progress=False, on_target=seen.append,
-        )  # fmt: skip
+    def run(seen: list[str]) -> SensitivityTable:
+        return _pruning_table(model, tmp_path, seen)
 
     run([])
     with torch.no_grad():  # one value, same shapes and the same model id
