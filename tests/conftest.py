@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,3 +98,17 @@ def build_tiny_folder(folder: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
     tok.save_pretrained(folder)
     return folder
+
+
+def cycled_plan(prep: Any, specs: list[str]) -> Any:
+    """A plan of ``prep``'s model cycling ``specs`` over its decisions (tie groups share one
+    format)."""
+    from mpq.formats import QuantFormat
+    from mpq.plan import BitPlan
+    from mpq.targets import decisions
+
+    formats = {}
+    for i, members in enumerate(decisions(prep.targets).values()):
+        for t in members:
+            formats[t.name] = QuantFormat.parse(specs[i % len(specs)])
+    return BitPlan(formats, prep.loaded.model_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import cycled_plan, tiny_llama
 
 import mpq
 from mpq.cost import build_cost_model
@@ -26,7 +26,7 @@ from mpq.formats import QuantFormat
 from mpq.models import LoadedModel
 from mpq.pipeline import Prepared
 from mpq.plan import BitPlan, uniform_plan
-from mpq.targets import decisions, discover
+from mpq.targets import discover
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -36,15 +36,6 @@ def _prep(exclude: tuple[str, ...] = ()) -> Prepared:
     targets = discover(model, (), exclude)
     loaded = LoadedModel(model_id="tiny", family="causal_lm", model=model)
     return Prepared(loaded, targets, build_cost_model(model, targets, "tiny"))
-
-
-def _mixed(prep: Prepared, specs: list[str]) -> BitPlan:
-    """Cycle ``specs`` over the decisions (tie groups share one format)."""
-    formats = {}
-    for i, members in enumerate(decisions(prep.targets).values()):
-        for t in members:
-            formats[t.name] = QuantFormat.parse(specs[i % len(specs)])
-    return BitPlan(formats, "tiny")
 
 
 def _export(prep: Prepared, plan: BitPlan, fmt: str, out: Path, **kw: object) -> ExportReport:
@@ -62,7 +53,7 @@ MIXED = ["4:g32:asym", "3", "5:asym", "8", "6:g64", "2:g32", "16", "7:bf16", "4:
 @pytest.mark.parametrize("fmt", ["mpq", "hf"])
 def test_mpq_and_hf_folders_reload_bit_identical(fmt: str, tmp_path: Path) -> None:
     prep = _prep()
-    plan = _mixed(prep, MIXED)
+    plan = cycled_plan(prep, MIXED)
     before = _logits(apply_plan(prep.loaded.model, plan, prep.targets, mode="packed"))
     report = _export(prep, plan, fmt, tmp_path / "out")
     folder = tmp_path / "out"
@@ -130,7 +121,7 @@ def test_gguf_dequantizes_to_mpq_weights(tmp_path: Path) -> None:
     import gguf
 
     prep = _prep()
-    plan = _mixed(prep, ["4:g32:asym", "4:g32", "5:g32:asym", "5:g32", "8:g32", "16"])
+    plan = cycled_plan(prep, ["4:g32:asym", "4:g32", "5:g32:asym", "5:g32", "8:g32", "16"])
     report = _export(prep, plan, "gguf", tmp_path / "g")
     packed = apply_plan(prep.loaded.model, plan, prep.targets)
     reader = gguf.GGUFReader(str(tmp_path / "g" / GGUF_FILE))
@@ -175,14 +166,14 @@ def test_gguf_dequantizes_to_mpq_weights(tmp_path: Path) -> None:
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
     assert sum(sizes.values()) == report.stored.total_bytes == report.predicted_bytes
     assert report.stored.total_bytes > report.mpq_bytes
-    sym = _mixed(prep, ["4:g32", "5:g32", "8:g32"])
+    sym = cycled_plan(prep, ["4:g32", "5:g32", "8:g32"])
     sym_report = _export(prep, sym, "gguf", tmp_path / "s")
     assert sym_report.stored.total_bytes == sym_report.predicted_bytes == sym_report.mpq_bytes
 
 
 def test_gguf_refuses_formats_without_a_type_and_lists_what_maps(tmp_path: Path) -> None:
     prep = _prep()
-    plan = _mixed(prep, ["4", "4:g32", "8:g32:asym", "4:g32:bf16", "3:g32"])
+    plan = cycled_plan(prep, ["4", "4:g32", "8:g32:asym", "4:g32:bf16", "3:g32"])
     with pytest.raises(MpqError) as err:
         _export(prep, plan, "gguf", tmp_path / "g")
     msg = str(err.value)
@@ -195,7 +186,7 @@ def test_llamacpp_overrides_name_every_tensor_of_the_source(tmp_path: Path) -> N
     import gguf
 
     prep = _prep(exclude=("embed",))
-    plan = _mixed(prep, ["3", "4:asym", "5", "6", "8", "16", "2"])
+    plan = cycled_plan(prep, ["3", "4:asym", "5", "6", "8", "16", "2"])
     report = _export(prep, plan, "llamacpp", tmp_path / "l")
     folder = tmp_path / "l"
     lines = (folder / TYPES_FILE).read_text().splitlines()
@@ -230,7 +221,7 @@ def test_compressed_tensors_decompress_to_mpq_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     prep = _prep(exclude=("embed",))
-    plan = _mixed(prep, ["4", "4:g32:asym", "8", "8:asym:bf16", "16", "4:g32:fp32"])
+    plan = cycled_plan(prep, ["4", "4:g32:asym", "8", "8:asym:bf16", "16", "4:g32:fp32"])
     report = _export(prep, plan, "compressed-tensors", tmp_path / "c")
     folder = tmp_path / "c"
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -266,7 +257,7 @@ def test_compressed_tensors_decompress_to_mpq_weights(tmp_path: Path) -> None:
 
 def test_compressed_tensors_refuses_3_bits_and_quantized_embeddings(tmp_path: Path) -> None:
     prep = _prep()
-    plan = _mixed(prep, ["4", "3"])  # the embedding at 4 bits, q/k/v at 3
+    plan = cycled_plan(prep, ["4", "3"])  # the embedding at 4 bits, q/k/v at 3
     with pytest.raises(MpqError) as err:
         _export(prep, plan, "compressed-tensors", tmp_path / "c")
     msg = str(err.value)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cycled_plan
 
 from mpq.cost import build_cost_model
 from mpq.dq import DoubleQuant, dequantize_dq
@@ -21,7 +22,7 @@ from mpq.models import LoadedModel
 from mpq.pipeline import Prepared
 from mpq.plan import BitPlan
 from mpq.quantize import quantize
-from mpq.targets import decisions, discover
+from mpq.targets import discover
 
 SPECS = {
     "4:g32:nl:dq": "IQ4_XS",
@@ -106,20 +107,12 @@ def _prep_256() -> Prepared:
     return Prepared(loaded, targets, build_cost_model(model, targets, "tiny256"))
 
 
-def _cycle(prep: Prepared, specs: list[str]) -> BitPlan:
-    formats = {}
-    for i, members in enumerate(decisions(prep.targets).values()):
-        for t in members:
-            formats[t.name] = QuantFormat.parse(specs[i % len(specs)])
-    return BitPlan(formats, prep.loaded.model_id)
-
-
 def test_gguf_export_writes_k_quants_bit_exact(tmp_path: Path) -> None:
     import gguf
 
     prep = _prep_256()
     specs = [*SPECS, "4:g32", "4:g32:nl", "16"]
-    plan = _cycle(prep, specs)
+    plan = cycled_plan(prep, specs)
     report = export_plan(prep, plan, exporters()["gguf"], tmp_path / "g")
     packed = apply_plan(prep.loaded.model, plan, prep.targets)
     reader = gguf.GGUFReader(str(tmp_path / "g" / GGUF_FILE))
