@@ -31,8 +31,9 @@ import time
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.solvers._common import done, start_choice
+from mpq.solvers._common import done
 from mpq.solvers._measure import CachedMeasure, Measure, Search, cached, ladders, weighted_cost
+from mpq.solvers._start import start_choice
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.options import Features, SearchOptions
 from mpq.solvers.validate import validate_problem
