@@ -116,6 +116,7 @@ _TOP = {
     "solve",
     "include",
     "exclude",
+    "default_exclude",
     "ties",
     "estimators",
     "seeds",
@@ -323,6 +324,8 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         solves.append(_solve_spec(s, solver, budgets, source))
     include = tuple(_list(obj, "include", where, str, '["mlp"]')) if "include" in obj else ()
     exclude = tuple(_list(obj, "exclude", where, str, '["lm_head"]')) if "exclude" in obj else None
+    if "default_exclude" in obj and not _scalar(obj, "default_exclude", where, bool, "false"):
+        exclude = exclude or ()  # the model's default excludes off (CLI --no-default-exclude)
     ties = _scalar(obj, "ties", where, bool, "true") if "ties" in obj else True
     raw_est = (
         _list(obj, "estimators", where, str, '["measured", "fisher"]')

@@ -39,7 +39,7 @@ from mpq.formats import DATA_METHODS, KEEP_BITS
 from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
-from mpq.layerstats import InputStats, collect_input_stats
+from mpq.layerstats import InputStats, collect_input_stats, weighted_by_input
 from mpq.plan import BitPlan
 from mpq.quantize import dequantize, quantize
 from mpq.targets import Target
@@ -95,12 +95,13 @@ def collect_hessians(
 
 
 def data_targets(plan: BitPlan, targets: Sequence[Target]) -> tuple[list[str], list[str]]:
-    """(Linear targets whose format's method uses input statistics (mse, gptq), those of them
-    that need the full second moment (gptq))."""
+    """(Targets whose format's method uses input statistics (mse, gptq): Linear layers and tied
+    embeddings, weighted by their head's input (:func:`mpq.layerstats.weighted_by_input`);
+    those of them that need the full second moment (gptq))."""
     names, full = [], []
     for t in targets:
         fmt = plan.formats[t.name]
-        if fmt.keep or fmt.method not in DATA_METHODS or t.kind != "linear":
+        if fmt.keep or fmt.method not in DATA_METHODS or not weighted_by_input(t):
             continue
         names.append(t.name)
         if fmt.method == "gptq":
@@ -135,7 +136,8 @@ def apply_plan(
     Formats whose method uses input statistics: ``stats`` (per target, e.g. from
     :func:`mpq.layerstats.cached_input_stats`) or else ``calib`` (batches run through the
     unquantized model once) supply them. ``mse`` uses the importance (``diag``) when either is
-    given and the plain squared error otherwise (and on non-Linear targets); ``gptq`` needs the
+    given and the plain squared error otherwise (and on targets without statistics: a tied
+embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` needs the
     full second moment and refuses to run without; ``gptq=`` sets its options.
     """
     if mode not in ("packed", "fake"):

@@ -9,6 +9,14 @@ For a Linear layer with inputs ``x [rows, cols]`` over all calibration tokens:
   ``cols^2`` float64 values per layer.
 
 Layers that read the same input tensor one after another (q/k/v, gate/up) share its sums.
+
+A tied embedding / LM head (one target: an ``Embedding`` whose weight a ``Linear`` head also
+reads) takes its statistics from the **head side**: the head's input is the final hidden state,
+so ``diag`` is its ``mean(x^2)`` per column of the shared ``[vocab, dim]`` tensor. The lookup has
+no input to weigh: its natural importance is per row (how often a token is looked up), and a
+per-row weight does not change any group's best scale (groups lie within rows), so the head's
+per-column importance is the only statistic that changes the ``mse`` search. An embedding with no
+Linear sharing its weight gets no statistics (unweighted ``mse``; :func:`weighted_by_input`).
 :func:`cached_input_stats` stores each layer's statistics as a safetensors file under
 ``<cache_root>/<key>/``, key = model id, a fingerprint of its weights, the calibration task's key
 and :data:`STATS_VERSION`; a rerun reads them instead of running the model.
@@ -28,6 +36,7 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.models import run_batch
+from mpq.targets import Target
 
 STATS_VERSION = 2
 
@@ -42,6 +51,32 @@ class InputStats:
     rows: int
 
 
+def weighted_by_input(target: Target) -> bool:
+    """Whether ``target`` has input statistics: a Linear layer, or an embedding tied to a head
+    (it has aliases; :func:`stats_module` finds the Linear among them)."""
+    return target.kind == "linear" or (target.kind == "embedding" and bool(target.aliases))
+
+
+def stats_module(model: nn.Module, name: str) -> nn.Linear:
+    """The Linear module whose inputs give target ``name``'s statistics: the module itself, or
+    for an Embedding the Linear that reads the same weight tensor (a tied LM head)."""
+    m = model.get_submodule(name)
+    if isinstance(m, nn.Linear):
+        return m
+    if isinstance(m, nn.Embedding):
+        for other in model.modules():
+            if isinstance(other, nn.Linear) and other.weight is m.weight:
+                return other
+        raise MpqError(
+            f"{name}: an embedding without a tied Linear head has no input to weigh its error "
+            f"by; input statistics are collected for Linear layers and tied embeddings (give "
+            f"it an rtn format, or mse without statistics)"
+        )
+    raise MpqError(
+        f"{name}: input statistics are collected for Linear layers, this is a {type(m).__name__}"
+    )
+
+
 def collect_input_stats(
     model: nn.Module,
     names: Sequence[str],
@@ -49,9 +84,10 @@ def collect_input_stats(
     *,
     full: Collection[str] = (),
 ) -> dict[str, InputStats]:
-    """Statistics of the Linear modules ``names`` from one forward pass per calibration batch
-    (a tensor, a tuple of positional inputs, or a dict of keyword inputs; a
-    :class:`mpq.tasks.Task` gives its ``batches``). ``full``: names that also get ``x x^T``."""
+    """Statistics of the Linear modules ``names`` (a tied embedding: its head's, see
+    :func:`stats_module`) from one forward pass per calibration batch (a tensor, a tuple of
+    positional inputs, or a dict of keyword inputs; a :class:`mpq.tasks.Task` gives its
+    ``batches``). ``full``: names that also get ``x x^T``."""
     batches = getattr(calib, "batches", calib)
     unknown = set(full) - set(names)
     if unknown:
@@ -78,12 +114,7 @@ def collect_input_stats(
 
     hooks = []
     for n in names:
-        m = model.get_submodule(n)
-        if not isinstance(m, nn.Linear):
-            raise MpqError(
-                f"{n}: input statistics are collected for Linear layers, this is a "
-                f"{type(m).__name__}"
-            )
+        m = stats_module(model, n)
         hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: hook(n, inp)))
     seen = 0
     try:

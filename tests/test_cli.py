@@ -483,3 +483,17 @@ def test_sensitivity_bad_param_is_a_clear_error(
     msg = run_err(capsys, [*argv, "--out", str(tmp_path / "t.json")])
     assert "nonsense" in msg
     assert not (tmp_path / "t.json").exists()
+
+
+def test_no_default_exclude_is_an_empty_exclude_list_in_any_order() -> None:
+    """--no-default-exclude: the model's default excludes (SmolLM2: embed_tokens, lm_head)
+    are off; explicit --exclude patterns still apply, before or after the flag."""
+    from mpq.cli.main import build_parser
+
+    def exclude(*argv: str) -> list[str] | None:
+        return build_parser().parse_args(["inspect", *argv]).exclude
+
+    assert exclude() is None  # prepare() uses the model's defaults
+    assert exclude("--no-default-exclude") == []
+    assert exclude("--no-default-exclude", "--exclude", "mlp") == ["mlp"]
+    assert exclude("--exclude", "mlp", "--no-default-exclude") == ["mlp"]

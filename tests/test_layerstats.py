@@ -132,8 +132,36 @@ def test_executor_weights_mse_by_the_calibration_importance() -> None:
 
 
 def test_statistics_need_linear_layers_and_batches() -> None:
-    model = tiny_llama()
-    with pytest.raises(MpqError, match="Linear layers"):
+    model = tiny_llama(tie=False)
+    with pytest.raises(MpqError, match="embedding without a tied Linear head"):
         collect_input_stats(model, ["model.embed_tokens"], _calib())
+    with pytest.raises(MpqError, match="Linear layers"):
+        collect_input_stats(model, ["model.norm"], _calib())
     with pytest.raises(MpqError, match="no batches"):
         collect_input_stats(model, ["model.layers.0.mlp.down_proj"], [])
+
+
+def test_tied_embedding_takes_the_heads_input_statistics() -> None:
+    """The tied embedding/head target is weighted by the head's input (the final hidden state):
+    its statistics are the brute-force moments of lm_head's inputs, and the executor's mse uses
+    them for the shared tensor (both the lookup and the head read the result)."""
+    model = tiny_llama()
+    calib = _calib()
+    name = "model.embed_tokens"
+    st = collect_input_stats(model, [name], calib, full=[name])[name]
+    x = _inputs(model, ["lm_head"], calib)["lm_head"]
+    assert st.rows == x.shape[0]
+    torch.testing.assert_close(st.diag, x.pow(2).mean(0), rtol=1e-10, atol=1e-12)
+    targets = discover(model)
+    assert targets[0].name == name and targets[0].aliases == ("lm_head",)
+    fmt = QuantFormat.parse("3:g16:mse")
+    plan = BitPlan({t.name: fmt for t in targets}, "tiny")
+    w = model.get_submodule(name).weight.detach()
+    weighted = apply_plan(model, plan, targets, mode="fake", calib=calib)
+    want = fake_quantize(w, fmt, importance=st.diag)
+    assert not torch.equal(want, fake_quantize(w, fmt))  # the importance changes the codes
+    assert torch.equal(weighted.get_submodule(name).weight.detach(), want)
+    assert weighted.get_submodule("lm_head").weight is weighted.get_submodule(name).weight
+    packed = apply_plan(model, plan, targets, calib=calib)
+    assert torch.equal(packed.get_submodule(name).packed.dequantize(), want)
+    assert packed.get_submodule("lm_head").packed is packed.get_submodule(name).packed

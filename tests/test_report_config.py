@@ -111,6 +111,19 @@ def test_config_errors(patch: dict, expected: str) -> None:
         parse_config(cfg, "t")
 
 
+def test_default_exclude_false_targets_what_the_model_leaves_out() -> None:
+    """`default_exclude = false` is the config's --no-default-exclude: no exclude patterns
+    (prepare applies the model's defaults only for None) unless `exclude` names some."""
+    solve = {"solve": [{"solver": "ilp", "budgets": ["bits=4"]}]}
+    assert parse_config({**_base(), **solve}, "t").exclude is None
+    assert parse_config({**_base(), **solve, "default_exclude": True}, "t").exclude is None
+    assert parse_config({**_base(), **solve, "default_exclude": False}, "t").exclude == ()
+    cfg = parse_config({**_base(), **solve, "default_exclude": False, "exclude": ["x"]}, "t")
+    assert cfg.exclude == ("x",)
+    with pytest.raises(MpqError, match="default_exclude"):
+        parse_config({**_base(), **solve, "default_exclude": "no"}, "t")
+
+
 def test_missing_keys_and_files(tmp_path: Path) -> None:
     cfg = _base()
     del cfg["model"]

@@ -49,8 +49,15 @@ def test_measured_damage_scores_mse_and_gptq_with_the_task_statistics(tmp_path: 
         w.data = fake_quantize(w.data, fmt, **kwargs)
         direct = evaluate(task, one, ref)["kl"]
         assert table.distortion(name, fmt.spec()) == pytest.approx(max(direct, 0.0), rel=1e-6)
-    # The embedding (not a Linear layer) gets unweighted mse and no gptq option.
-    assert set(table.distortions["model.embed_tokens"]) == {"3:g16:mse", "3:g16"}
+    # The tied embedding/head gets mse weighted by the head's input and no gptq option.
+    emb = "model.embed_tokens"
+    assert set(table.distortions[emb]) == {"3:g16:mse", "3:g16"}
+    imp = collect_input_stats(model, [emb], task.batches)[emb].diag
+    one = copy.deepcopy(model)
+    w = one.get_submodule(emb).weight
+    w.data = fake_quantize(w.data, MSE, importance=imp)  # the head reads the same tensor
+    direct = evaluate(task, one, ref)["kl"]
+    assert table.distortion(emb, MSE.spec()) == pytest.approx(max(direct, 0.0), rel=1e-6)
     # The statistics were cached next to the sensitivity cache.
     assert list((tmp_path.parent / "stats").rglob("*.full.safetensors"))
 

@@ -16,8 +16,24 @@ if TYPE_CHECKING:
 SOLVER_NAMES = solver_names()
 
 
+class _NoDefaultExclude(argparse.Action):
+    """``--no-default-exclude``: an empty exclude list unless ``--exclude`` gives one (in any
+    order): ``prepare`` applies the model's default excludes only when ``exclude`` is None."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        if namespace.exclude is None:
+            namespace.exclude = []
+
+
 def model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --include, --exclude, --no-ties (every command that prepares a model)."""
+    """--model, --include, --exclude, --no-default-exclude, --no-ties (every command that
+    prepares a model)."""
     p.add_argument(
         "--model",
         default="smollm2-135m",
@@ -36,6 +52,13 @@ def model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="REGEX",
         help="skip targets whose name matches (repeatable; default: the model's own)",
+    )
+    p.add_argument(
+        "--no-default-exclude",
+        action=_NoDefaultExclude,
+        nargs=0,
+        help="target what the model leaves out by default too (SmolLM2: the tied "
+        "embedding/head); --exclude patterns still apply",
     )
     p.add_argument(
         "--no-ties",

@@ -38,7 +38,12 @@ from mpq.cache import data_fingerprint
 from mpq.errors import MpqError
 from mpq.evaluate import Reference
 from mpq.formats import DATA_METHODS, QuantFormat
-from mpq.layerstats import InputStats, cached_input_stats, collect_input_stats
+from mpq.layerstats import (
+    InputStats,
+    cached_input_stats,
+    collect_input_stats,
+    weighted_by_input,
+)
 from mpq.models import model_fingerprint
 from mpq.quant.core import QUANT_VERSION
 from mpq.registry import ESTIMATORS as REGISTRY
@@ -256,9 +261,10 @@ def run_estimator(
         if not f.keep and f.spec() not in {g.spec() for g in fmts}:
             fmts.append(f)
     stats: dict[str, InputStats] = {}
-    linear = [t.name for t in targets if t.kind == "linear"]
+    linear = [t.name for t in targets if weighted_by_input(t)]  # Linear layers, tied embeddings
     if data_fmts and linear:  # importance / Hessians of the calibration task, from the fp model
-        full = linear if any(f.method == "gptq" for f in data_fmts) else []
+        gptq = any(f.method == "gptq" for f in data_fmts)
+        full = [t.name for t in targets if gptq and t.kind == "linear"]
         if cache_root is not None:
             stats = cached_input_stats(
                 model, linear, task, model_id=model_id,
