@@ -88,6 +88,8 @@ def test_bytes_written_equal_the_prediction_with_the_embedding_quantized(
     assert base - predicted.total_bytes == 4 * shape[0] * shape[1] - emb_bytes
     # The whole-model bits count every value once (the tied head is not a second tensor).
     assert predicted.model_numel == sum(p.numel() for p in prep.loaded.model.parameters())
+    assert report.model_bits == pytest.approx(predicted.model_bits, rel=1e-12)
+    assert f"{report.model_bits:.4f} bits per model value" in report.summary()
 
 
 @pytest.mark.parametrize("container", ["mpq", "hf"])

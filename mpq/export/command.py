@@ -94,13 +94,21 @@ class ExportReport:
     file_bytes: int  # sizes of the files on disk (every file of the folder)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    model_numel: int = 0  # every value of the model's tensors, each memory once
+
+    @property
+    def model_bits(self) -> float:
+        """Stored bits per model value: every tensor's bytes over every value (what llama.cpp
+        reports as bpw; embeddings and norms included)."""
+        return 8 * self.stored.total_bytes / self.model_numel if self.model_numel else 0.0
 
     def summary(self) -> str:
         s = self.stored
         return (
             f"{self.format}: wrote {self.folder} ({self.file_bytes:,} bytes on disk); stored "
-            f"weights {s.total_bytes:,} bytes, {s.effective_bits:.4f} bits per target weight; "
-            f"plan predicts {self.predicted_bytes:,} bytes"
+            f"weights {s.total_bytes:,} bytes, {s.effective_bits:.4f} bits per target weight, "
+            f"{self.model_bits:.4f} bits per model value; plan predicts "
+            f"{self.predicted_bytes:,} bytes"
         )
 
 
@@ -206,6 +214,7 @@ def export(
         file_bytes=file_bytes,
         notes=notes,
         seconds=time.perf_counter() - t0,
+        model_numel=prep.cost.model_numel,
     )
 
 
