@@ -63,9 +63,11 @@ def _plans(
     entries = []
     from mpq.planstats import uses_stats, with_record
 
+    stats_spec = cfg.statistics or cfg.calibration
+    stats_task = stats_spec.spec().task(prep.loaded, 0) if cfg.statistics else None
     for plan in uniform_plans(prep, cfg.uniform):
         if uses_stats(plan):  # mse / gptq baselines: the first seed's calibration statistics
-            plan = with_record(plan, cfg.calibration.spec().task(prep.loaded, 0))
+            plan = with_record(plan, stats_spec.spec().task(prep.loaded, 0))
         spec = next(iter(plan.formats.values())).spec()
         entries.append(PlanEntry(f"uniform:{spec}{suffix}", f"uniform{suffix}", plan, ""))
     tables: dict[tuple[str, int], SensitivityTable] = {}
@@ -78,7 +80,7 @@ def _plans(
         for est in cfg.estimators:
             t0 = time.perf_counter()
             table = sensitivity_table(prep, _estimator(est, seed), cfg.formats, calib,
-                                      progress=progress)  # fmt: skip
+                                      progress=progress, stats_task=stats_task)  # fmt: skip
             est_s = time.perf_counter() - t0
             tables[(est.label + suffix, seed)] = table
             for s in cfg.solves:
@@ -86,7 +88,7 @@ def _plans(
                 for budget in s.budgets:
                     plan, sol = solve(
                         prep, s.solver, cfg.formats, budget, table, calib=calib, search=opts,
-                        guard=s.guard, progress=progress,
+                        guard=s.guard, progress=progress, stats_task=stats_task,
                     )  # fmt: skip
                     policy = f"{s.policy}/{est.label}{suffix}"
                     label = _budget_label(budget)

@@ -91,6 +91,10 @@ class CompareConfig:
     calibration: DataSpec
     evaluation: DataSpec
     solves: tuple[SolveSpec, ...]
+    # Where the input statistics of mse / gptq formats (importance, Hessians) come from: one
+    # forward pass, so it can be far larger than the measured table's calibration (None: the
+    # [calibration] windows themselves).
+    statistics: DataSpec | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] | None = None
     ties: bool = True
@@ -112,6 +116,7 @@ _TOP = {
     "formats",
     "uniform",
     "calibration",
+    "statistics",
     "evaluation",
     "solve",
     "include",
@@ -351,6 +356,9 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         formats=formats,
         uniform=uniform,
         calibration=_data(obj["calibration"], "calibration", "calib"),
+        statistics=(
+            _data(obj["statistics"], "statistics", "calib") if "statistics" in obj else None
+        ),
         evaluation=_data(obj["evaluation"], "evaluation", "heldout"),
         solves=tuple(solves),
         include=include,

@@ -88,8 +88,10 @@ def sensitivity_table(
     calib: Task,
     *,
     progress: bool = True,
+    stats_task: Task | None = None,
 ) -> SensitivityTable:
-    """Any estimator's table for ``prep``'s targets, cached per target under the mpq cache."""
+    """Any estimator's table for ``prep``'s targets, cached per target under the mpq cache
+    (``stats_task``: where mse / gptq formats' input statistics come from; default ``calib``)."""
     return run_estimator(
         estimator,
         prep.loaded.model,
@@ -99,6 +101,7 @@ def sensitivity_table(
         formats=formats,
         cache_root=cache_root() / "sensitivity",
         progress=progress,
+        stats_task=stats_task,
     )
 
 
@@ -115,6 +118,7 @@ def solve(
     latency: Any = None,
     progress: bool = False,
     guard_task: Task | None = None,
+    stats_task: Task | None = None,
 ) -> tuple[BitPlan, Solution]:
     """Solve one budget with ``solver`` on ``table`` and return (plan, solution).
 
@@ -129,7 +133,9 @@ def solve(
     guard measures there (NLL where the task has labels, else the search metric) with
     :func:`mpq.guard.guard_unseen`, and ``meta`` also gets the nearest uniform plans on both
     sides of the budget and ``equal_quality`` / ``saved`` (the budget at which uniform
-    quantization measures the same as the plan, in the budget's units, and the difference)."""
+    quantization measures the same as the plan, in the budget's units, and the difference).
+    ``stats_task``: the windows the plan's mse / gptq statistics come from, recorded in the plan
+    (default ``calib``)."""
     if solver not in SOLVERS and solver not in SEARCHES:
         raise MpqError(f"solver {solver!r} is unknown; use one of {solver_names()}")
     if solver != "uniform" and table is None:
@@ -195,7 +201,7 @@ def solve(
         meta["precondition"] = prep.precondition.to_dict()
     from mpq.planstats import with_record
 
-    return with_record(dataclasses.replace(plan, meta=meta), calib), sol
+    return with_record(dataclasses.replace(plan, meta=meta), stats_task or calib), sol
 
 
 def _equal_quality(sol: Solution, prep: Prepared) -> Solution:

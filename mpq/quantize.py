@@ -12,8 +12,9 @@ there):
 - ``gptq``: GPTQ under ``hessian``, the ``[cols, cols]`` second moment of the layer's inputs
   (:mod:`mpq.gptq`).
 
-``:dq`` formats (double-quantized scales) quantize and dequantize in :mod:`mpq.dq` (round to
-nearest only).
+``:dq`` formats (double-quantized scales) store and dequantize as :mod:`mpq.dq` says; their
+codes are round-to-nearest (:func:`mpq.dq.quantize_dq`) or, for ``mse``, chosen by the
+importance-weighted error at both levels (:mod:`mpq.quant.mse_dq`). GPTQ does not take them.
 
 All are pure functions of their inputs; scales are rounded to the scale dtype before codes are
 computed, so ``dequantize(quantize(w))`` is exactly what a deployed kernel computes.
@@ -39,6 +40,7 @@ from mpq.quant.core import (
     scale_torch_dtype,
 )
 from mpq.quant.mse import mse_quantize
+from mpq.quant.mse_dq import mse_quantize_dq
 from mpq.quant.rtn import rtn_quantize
 
 __all__ = [
@@ -77,13 +79,16 @@ def quantize(
     shape = tuple(weight.shape)
     check_format(shape, fmt)
     if fmt.dq_bits is not None:
-        if fmt.method != "rtn":
+        if fmt.method == "gptq":
             raise MpqError(
-                f"format {fmt.spec()}: double-quantized scales are rounded to nearest only; "
-                f"drop :{fmt.method} or :dq"
+                f"format {fmt.spec()}: GPTQ does not choose double-quantized scales; "
+                f"use :mse (importance-weighted) or drop :dq"
             )
         rows, cols = matrix_shape(shape)
-        codes, dq = quantize_dq(weight.reshape(rows, cols), fmt)
+        if fmt.method == "mse":
+            codes, dq = mse_quantize_dq(weight.reshape(rows, cols), fmt, importance)
+        else:
+            codes, dq = quantize_dq(weight.reshape(rows, cols), fmt)
         return QuantizedTensor(codes, effective(dq, fmt)[0], None, shape, fmt, dq)
     if fmt.method == "gptq":
         if hessian is None:

@@ -149,3 +149,43 @@ def test_searches_and_the_guard_in_a_comparison(
     baq = BitPlan.load(out / "plans" / "closed_form_measured@bits=4.6~seed0.json")
     inside = baq.meta["equal_loss_interior"]
     assert f"| closed_form/measured@bits=4.6 (seed 0,1) | {inside} |" in report
+
+
+def test_statistics_section_feeds_the_mse_formats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[statistics]`: the mse formats' importance comes from its windows, not from the measured
+    table's calibration; plans and uniform baselines record it, and the table follows it."""
+    import csv
+    import json
+
+    from conftest import build_tiny_folder
+
+    from mpq.plan import BitPlan
+
+    folder = build_tiny_folder(tmp_path / "llama")
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+    base = {
+        "model": str(folder),
+        "formats": ["3:g16:mse", "4:g16:dq:mse", "8:g16"],
+        "uniform": ["4:g16:dq:mse"],
+        "calibration": {"data": "wiki", "n": 1, "seq_len": 16},
+        "evaluation": {"data": ["wiki"], "n": 1, "seq_len": 16},
+        "solve": [{"solver": "ilp", "budgets": ["bits=5.0"]}],
+    }
+    outs = {}
+    for n in (1, 3):
+        cfg = parse_config({**base, "name": f"st{n}",
+                            "statistics": {"data": "wiki", "n": n, "seq_len": 32}})  # fmt: skip
+        outs[n] = run_compare(cfg, tmp_path / "reports", progress=False)
+    for n, out in outs.items():
+        plan = BitPlan.load(out / "plans" / "ilp_measured@bits=5~seed0.json")
+        assert (plan.meta["stats"]["n"], plan.meta["stats"]["seq_len"]) == (n, 32)
+        uni = BitPlan.load(next((out / "plans").glob("uniform*.json")))
+        assert uni.meta["stats"]["n"] == n
+    # Other statistics, other mse candidates: the cached table was not reused.
+    tables = [json.loads((o / "sensitivity" / "measured~seed0.json").read_text())["_data"]
+              for o in outs.values()]  # fmt: skip
+    assert tables[0]["distortions"] != tables[1]["distortions"]
+    rows = [list(csv.DictReader((o / "results.csv").open())) for o in outs.values()]
+    assert all(r for r in rows)

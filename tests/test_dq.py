@@ -48,7 +48,7 @@ def test_bad_dq_specs_say_what_is_wrong(spec: str, words: str) -> None:
 
 
 def test_dq_with_gptq_is_refused() -> None:
-    with pytest.raises(MpqError, match="rounded to nearest only"):
+    with pytest.raises(MpqError, match="GPTQ does not choose double-quantized scales"):
         quantize(_w(2, 64), QuantFormat.parse("4:g32:dq:gptq"), hessian=torch.eye(64))
 
 

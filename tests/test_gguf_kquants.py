@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,16 @@ def test_k_blocks_dequantize_bit_exactly_in_gguf(spec: str) -> None:
         assert blocks.shape == (rows, cols // 256 * gguf.GGML_QUANT_SIZES[qtype][1])
         got = gguf.quants.dequantize(blocks, qtype).reshape(rows, cols)
         assert np.array_equal(got, dequantize_dq(codes, dq, fmt).numpy()), (spec, rows, cols)
-    # And from mpq's own rounding of a weight.
-    w = torch.randn(4, 512, generator=torch.Generator().manual_seed(9)) * 0.03
-    qt = quantize(w, fmt)
-    assert qt.dq is not None
-    got = gguf.quants.dequantize(k_blocks(SPECS[spec], qt.codes, qt.dq), qtype).reshape(4, 512)
-    assert np.array_equal(got, dequantize_dq(qt.codes, qt.dq, fmt).numpy())
+    # And from mpq's own rounding of a weight: round to nearest, and the importance-weighted
+    # mse choice of the same layout.
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(4, 512, generator=gen) * 0.03
+    imp = torch.rand(512, generator=gen) ** 4
+    for qt in (quantize(w, fmt), quantize(w, replace(fmt, method="mse"), importance=imp)):
+        assert qt.dq is not None
+        blocks = k_blocks(SPECS[spec], qt.codes, qt.dq)
+        got = gguf.quants.dequantize(blocks, qtype).reshape(4, 512)
+        assert np.array_equal(got, dequantize_dq(qt.codes, qt.dq, fmt).numpy())
 
 
 def test_iq4_xs_blocks_dequantize_bit_exactly_in_gguf() -> None:

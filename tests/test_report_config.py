@@ -98,6 +98,8 @@ def _base() -> dict:
         ({"solve": [{"solver": "greedy", "budgets": ["watts=3"]}]}, "unknown resource"),
         ({"calibration": {"data": "wiki", "n": 0}}, "positive integer"),
         ({"evaluation": {"n": 3}}, "needs `data`"),
+        ({"statistics": {"n": 3}}, r"\[statistics\] needs `data`"),
+        ({"statistics": {"data": "wiki", "resample": True}}, "unknown keys"),
         ({"solve": [{"solver": "bayes", "budgets": ["4"], "trails": 3}]}, "unknown keys"),
         ({"solve": [{"solver": "bayes", "budgets": ["4"], "trials": 0}]}, "positive integer"),
         ({"solve": [{"solver": "sac", "budgets": ["4"], "timesteps": 1.5}]}, "integer >= 0"),

@@ -237,6 +237,7 @@ def run_estimator(
     progress: bool = True,
     on_target: Callable[[str], None] | None = None,
     reference: Reference | None = None,
+    stats_task: Task | None = None,
 ) -> SensitivityTable:
     """Run ``estimator`` on ``targets`` of ``model`` with the calibration ``task``.
 
@@ -245,6 +246,8 @@ def run_estimator(
     ``cache_root``: folder of the per-target cache (None: no cache). ``on_target(name)`` is
     called after each newly computed target is written (progress hooks, the resume tests).
     ``reference``: the fp reference of ``task`` if already computed (measured damage).
+    ``stats_task``: the calibration windows the input statistics of ``mse`` / ``gptq`` formats
+    come from (default: ``task``); part of the cache key.
     """
     targets = list(targets)
     _check_request(estimator, model, targets)
@@ -262,16 +265,17 @@ def run_estimator(
             fmts.append(f)
     stats: dict[str, InputStats] = {}
     linear = [t.name for t in targets if weighted_by_input(t)]  # Linear layers, tied embeddings
+    stats_from = task if stats_task is None else stats_task
     if data_fmts and linear:  # importance / Hessians of the calibration task, from the fp model
         gptq = any(f.method == "gptq" for f in data_fmts)
         full = [t.name for t in targets if gptq and t.kind == "linear"]
         if cache_root is not None:
             stats = cached_input_stats(
-                model, linear, task, model_id=model_id,
+                model, linear, stats_from, model_id=model_id,
                 cache_root=Path(cache_root).parent / "stats", full=full,
             )  # fmt: skip
         else:
-            stats = collect_input_stats(model, linear, task.batches, full=full)
+            stats = collect_input_stats(model, linear, stats_from.batches, full=full)
     ctx = Context(
         model=model,
         task=task,
@@ -284,6 +288,8 @@ def run_estimator(
     cache = None
     if cache_root is not None:
         key = cache_key(estimator, model_id, model_fingerprint(model), task, fmts, targets)
+        if data_fmts:  # the statistics' windows decide the mse / gptq candidates
+            key["stats"] = [stats_from.key, data_fingerprint(stats_from.batches, None)]
         cache = ResultCache(Path(cache_root), key)
     results: dict[str, TargetResult] = {}
     if cache is not None:
