@@ -10,9 +10,12 @@ bits; it applies what the plan says.
 
 Formats whose method uses input statistics (``mse``: the importance ``mean(x^2)`` per input
 column; ``gptq``: ``H = mean(x x^T)``) take them from ``stats=`` (see :mod:`mpq.layerstats`,
-which also caches them on disk) or from calibration inputs (``calib=``) run once through the
-unquantized model. (All statistics come from one pass of the full-precision model, not layer by
-layer on the partly quantized model as in the GPTQ paper.) GPTQ applies to Linear targets.
+which also caches them on disk: one pass of the full-precision model) or from calibration
+inputs (``calib=``). With ``calib=`` and any ``gptq`` format, the targets inside the model's
+blocks are quantized *sequentially* as in the GPTQ paper (:mod:`mpq.sequential`,
+``GPTQConfig.sequential``): each layer's statistics come from the calibration inputs run
+through the model whose earlier layers are already quantized; otherwise one pass of the
+unquantized model. GPTQ applies to Linear targets.
 Formats with ``act_bits < 16`` fake-quantize the layer input in both modes
 (:mod:`mpq.activations`; fake mode uses a forward pre-hook).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,15 +39,18 @@ from torch import nn
 
 from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.errors import MpqError
-from mpq.formats import DATA_METHODS, KEEP_BITS
+from mpq.formats import DATA_METHODS, KEEP_BITS, QuantFormat
 from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
 from mpq.layerstats import InputStats, collect_input_stats, weighted_by_input
 from mpq.plan import BitPlan
+from mpq.quant.core import QuantizedTensor
 from mpq.quantize import dequantize, quantize
+from mpq.sequential import Need, block_index, find_blocks, run_sequential
 from mpq.targets import Target
 
+log = logging.getLogger("mpq.executor")
 Mode = Literal["packed", "fake"]
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
 
@@ -157,6 +164,7 @@ embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` need
                 f"give it an rtn or mse format"
             )
     names, full = data_targets(plan, targets)
+    cfg = gptq or GPTQConfig()
     have = dict(stats or {})
     lacking_full = [n for n in full if n not in have or have[n].full is None]
     if lacking_full and calib is None:
@@ -164,51 +172,155 @@ embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` need
             f"plan uses GPTQ for {len(full)} target(s) ({lacking_full[:3]}) but no calibration "
             f"data was given: pass apply_plan(..., calib=batches) or stats=, or use rtn formats"
         )
+    out = model if inplace else copy.deepcopy(model)
+    qts: dict[str, QuantizedTensor | None] = {}
+    if calib is not None and full and cfg.sequential != "off":
+        if stats:
+            raise MpqError(
+                "apply_plan got both stats= and calib= for a GPTQ plan: calib= runs GPTQ "
+                "sequentially (statistics from the partly quantized model), stats= gives "
+                "full-precision statistics; pass one, or GPTQConfig(sequential='off')"
+            )
+        reason = _apply_sequential(out, plan, targets, calib, cfg, act, qts)
+        if reason is not None:
+            log.warning("GPTQ uses full-precision statistics: %s", reason)
     if calib is not None:
-        todo = [n for n in names if n not in have or (n in full and have[n].full is None)]
+        todo = [
+            n
+            for n in names
+            if n not in qts and (n not in have or (n in full and have[n].full is None))
+        ]
         if todo:
             have.update(
                 collect_input_stats(model, todo, calib, full=[n for n in todo if n in full])
             )
-    cfg = gptq or GPTQConfig()
-    out = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for t in targets:
             fmt = plan.formats[t.name]
-            module = out.get_submodule(t.name)
-            w = _weight(module)
-            qt = None
-            st = have.get(t.name)
-            if fmt.method == "gptq" and not fmt.keep:
-                assert st is not None and st.full is not None
-                qt = gptq_quantize(
-                    w,
-                    st.full,
-                    fmt,
-                    damp=cfg.damp,
-                    block_size=cfg.block_size,
-                    act_order=cfg.act_order,
-                    grid=cfg.grid,
-                ).quantized
-            elif not fmt.keep:
-                importance = st.diag if st is not None and fmt.method == "mse" else None
-                qt = quantize(w, fmt, importance=importance)
-            owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
-            if mode == "fake":
-                w.copy_(dequantize(qt).to(w.dtype) if qt is not None else w.half().to(w.dtype))
-                if fmt.act_bits != KEEP_BITS:
-                    for _, mod in owners:
-                        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-                            dim = -1 if isinstance(mod, nn.Linear) else 1
-                            mod.register_forward_pre_hook(_act_pre_hook(fmt.act_bits, act, dim))
-                continue
-            if qt is not None:
-                packed = PackedWeight.from_quantized(qt)
-            else:
-                packed = PackedWeight(w, fmt)
-            for name, mod in owners:
-                _set_module(out, name, _packed_module(mod, packed, name, backend, act))
+            if t.name not in qts:
+                w = _weight(out.get_submodule(t.name))
+                qts[t.name] = _quantize_one(w, fmt, have.get(t.name), cfg)
+            _install(out, t, fmt, qts[t.name], mode, backend, act)
     return out
+
+
+def _quantize_one(
+    w: torch.Tensor, fmt: QuantFormat, st: InputStats | None, cfg: GPTQConfig
+) -> QuantizedTensor | None:
+    """The quantized weight of one target (None for keep formats)."""
+    if fmt.keep:
+        return None
+    if fmt.method == "gptq":
+        assert st is not None and st.full is not None
+        return gptq_quantize(
+            w,
+            st.full,
+            fmt,
+            damp=cfg.damp,
+            block_size=cfg.block_size,
+            act_order=cfg.act_order,
+            grid=cfg.grid,
+        ).quantized
+    importance = st.diag if st is not None and fmt.method == "mse" else None
+    return quantize(w, fmt, importance=importance)
+
+
+def _write_fake(module: nn.Module, qt: QuantizedTensor | None) -> None:
+    """Overwrite ``module``'s float weight with its quantized value (keep: fp16-rounded)."""
+    w = _weight(module)
+    w.copy_(dequantize(qt).to(w.dtype) if qt is not None else w.half().to(w.dtype))
+
+
+def _install(
+    out: nn.Module,
+    t: Target,
+    fmt: QuantFormat,
+    qt: QuantizedTensor | None,
+    mode: Mode,
+    backend: str,
+    act: ActQuant,
+) -> None:
+    """Put one target's quantized weight into ``out`` (fake: float weight + activation hooks;
+    packed: the packed module, for the target and its aliases)."""
+    module = out.get_submodule(t.name)
+    owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
+    if mode == "fake":
+        _write_fake(module, qt)
+        if fmt.act_bits != KEEP_BITS:
+            for _, mod in owners:
+                if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                    dim = -1 if isinstance(mod, nn.Linear) else 1
+                    mod.register_forward_pre_hook(_act_pre_hook(fmt.act_bits, act, dim))
+        return
+    if qt is not None:
+        packed = PackedWeight.from_quantized(qt)
+    else:
+        packed = PackedWeight(_weight(module), fmt)
+    for name, mod in owners:
+        _set_module(out, name, _packed_module(mod, packed, name, backend, act))
+
+
+def _apply_sequential(
+    out: nn.Module,
+    plan: BitPlan,
+    targets: Sequence[Target],
+    calib: Iterable[Any],
+    cfg: GPTQConfig,
+    act: ActQuant,
+    qts: dict[str, QuantizedTensor | None],
+) -> str | None:
+    """Quantize the Linear targets inside ``out``'s blocks sequentially (:mod:`mpq.sequential`)
+    into ``qts``, writing each quantized weight into ``out`` (with its activation quantizer for
+    the passes after it) so that every later layer sees the quantized model. Targets outside
+    the blocks whose formats use no statistics are quantized first (an embedding changes block
+    0's input); those that do keep full-precision statistics. Returns the reason when the model
+    is not recognized (then ``qts`` is left as it was)."""
+    linear = [t.name for t in targets if t.kind == "linear"]
+    found = find_blocks(out, linear)
+    if isinstance(found, str):
+        return found
+    prefix = found[0]
+    inside = [n for n in linear if block_index(prefix, n) is not None]
+    needs = {}
+    for n in inside:
+        fmt = plan.formats[n]
+        data = fmt.method in DATA_METHODS and not fmt.keep
+        needs[n] = Need(diag=data, full=data and fmt.method == "gptq")
+    hooks: list[Any] = []
+    fresh: dict[str, QuantizedTensor | None] = {}
+
+    def quantize_and_write(name: str, st: InputStats | None) -> None:
+        fmt = plan.formats[name]
+        module = out.get_submodule(name)
+        fresh[name] = qt = _quantize_one(_weight(module), fmt, st, cfg)
+        _write_fake(module, qt)
+        if fmt.act_bits != KEEP_BITS:
+            hooks.append(module.register_forward_pre_hook(_act_pre_hook(fmt.act_bits, act, -1)))
+
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for t in targets:  # outside the blocks, no statistics: quantized before the pass
+                fmt = plan.formats[t.name]
+                if t.name in needs or (fmt.method in DATA_METHODS and weighted_by_input(t)):
+                    continue
+                module = out.get_submodule(t.name)
+                saved[t.name] = _weight(module).detach().clone()
+                fresh[t.name] = _quantize_one(_weight(module), fmt, None, cfg)
+                _write_fake(module, fresh[t.name])
+        reason = run_sequential(
+            out, calib, inside, needs, quantize_and_write, granularity=cfg.sequential
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    if reason is not None:
+        with torch.no_grad():  # not recognized: nothing was quantized inside; undo the rest
+            for name, w in saved.items():
+                _weight(out.get_submodule(name)).copy_(w)
+        return reason
+    qts.update(fresh)
+    return None
 
 
 def backends(model: nn.Module) -> dict[str, str]:

@@ -50,20 +50,31 @@ from mpq.quant.mse import mse_grid
 from mpq.quant.rtn import grid_codes, rtn_grid
 
 GRID_RULES = ("rtn", "mse")
+SEQUENTIAL = ("layer", "block", "off")
 
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """Options of :func:`gptq_quantize`."""
+    """Options of :func:`gptq_quantize`, and ``sequential``: how
+    :func:`mpq.executor.apply_plan` collects the Hessians from calibration data
+    (:mod:`mpq.sequential`): ``layer`` (default, GPTQ's order: each layer's inputs from the
+    model with everything before it quantized), ``block`` (every layer of a block from the
+    block's input in the model with the earlier blocks quantized) or ``off`` (one pass of the
+    full-precision model)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     grid: str = "mse"
+    sequential: str = "layer"
 
     def __post_init__(self) -> None:
         if self.grid not in GRID_RULES:
             raise MpqError(f"GPTQ grid={self.grid!r} is unknown; use one of {list(GRID_RULES)}")
+        if self.sequential not in SEQUENTIAL:
+            raise MpqError(
+                f"GPTQ sequential={self.sequential!r} is unknown; use one of {list(SEQUENTIAL)}"
+            )
         if not self.damp >= 0:
             raise MpqError(f"GPTQ damp={self.damp} must be >= 0 (0.01 is usual)")
         if self.block_size < 1:

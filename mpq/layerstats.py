@@ -77,6 +77,74 @@ def stats_module(model: nn.Module, name: str) -> nn.Linear:
     )
 
 
+class InputSums:
+    """Running sums of the inputs of the Linear modules ``names`` (a tied embedding: its head's,
+    :func:`stats_module`; ``full``: also ``x x^T``),
+    fed by :meth:`hooks` (forward pre-hooks) or :meth:`add`. Layers that read the same input
+    tensor one after another (q/k/v, gate/up) share one computation of its sums."""
+
+    def __init__(self, names: Sequence[str], full: Collection[str] = ()) -> None:
+        unknown = set(full) - set(names)
+        if unknown:
+            raise MpqError(
+                f"full statistics asked for {sorted(unknown)[:3]}, which are not in names"
+            )
+        self.names = list(names)
+        self.full = set(full)
+        self._diag: dict[str, torch.Tensor] = {}
+        self._outer: dict[str, torch.Tensor] = {}
+        self._counts = dict.fromkeys(self.names, 0)
+        # The last input seen (kept alive) and its sums.
+        self._last: list[Any] = [None, None, None]
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Add the rows of ``x [..., cols]`` to ``name``'s sums."""
+        x = x.detach()
+        last = self._last
+        if last[0] is not x or (name in self.full and last[2] is None):
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            # One batch's x^T x in float32 (BLAS speed), accumulated over batches in float64.
+            outer_sum = (x2.T @ x2).double() if name in self.full else None
+            last[:] = [x, x2.double().pow(2).sum(0), outer_sum]
+        d, h = last[1], last[2]
+        self._diag[name] = self._diag[name] + d if name in self._diag else d.clone()
+        if name in self.full:
+            assert h is not None
+            self._outer[name] = self._outer[name] + h if name in self._outer else h.clone()
+        self._counts[name] += x.numel() // x.shape[-1]
+
+    def hooks(self, model: nn.Module) -> list[Any]:
+        """Forward pre-hooks on the modules ``names`` of ``model`` feeding :meth:`add` (the
+        caller removes them)."""
+        handles = []
+        try:
+            for n in self.names:
+                m = stats_module(model, n)
+                handles.append(
+                    m.register_forward_pre_hook(lambda mod, inp, n=n: self.add(n, inp[0]))
+                )
+        except MpqError:
+            for h in handles:
+                h.remove()
+            raise
+        return handles
+
+    def result(self) -> dict[str, InputStats]:
+        """The means so far; every name must have seen inputs."""
+        self._last[:] = [None, None, None]
+        missing = [n for n in self.names if self._counts[n] == 0]
+        if missing:
+            raise MpqError(f"the calibration pass never reached {missing[:3]}; check the inputs")
+        return {
+            n: InputStats(
+                diag=self._diag[n] / self._counts[n],
+                full=self._outer[n] / self._counts[n] if n in self._outer else None,
+                rows=self._counts[n],
+            )
+            for n in self.names
+        }
+
+
 def collect_input_stats(
     model: nn.Module,
     names: Sequence[str],
@@ -89,33 +157,8 @@ def collect_input_stats(
     positional inputs, or a dict of keyword inputs; a :class:`mpq.tasks.Task` gives its
     ``batches``). ``full``: names that also get ``x x^T``."""
     batches = getattr(calib, "batches", calib)
-    unknown = set(full) - set(names)
-    if unknown:
-        raise MpqError(f"full statistics asked for {sorted(unknown)[:3]}, which are not in names")
-    diag: dict[str, torch.Tensor] = {}
-    outer: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    # The last input seen and its sums: q/k/v (and gate/up) read one tensor one after another.
-    last: list[Any] = [None, None, None]  # input tensor (kept alive), diag sum, outer sum
-
-    def hook(name: str, inputs: tuple[Any, ...]) -> None:
-        x = inputs[0].detach()
-        if last[0] is not x or (name in full and last[2] is None):
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            # One batch's x^T x in float32 (BLAS speed), accumulated over batches in float64.
-            outer_sum = (x2.T @ x2).double() if name in full else None
-            last[:] = [x, x2.double().pow(2).sum(0), outer_sum]
-        d, h = last[1], last[2]
-        diag[name] = diag[name] + d if name in diag else d.clone()
-        if name in full:
-            assert h is not None
-            outer[name] = outer[name] + h if name in outer else h.clone()
-        counts[name] += x.numel() // x.shape[-1]
-
-    hooks = []
-    for n in names:
-        m = stats_module(model, n)
-        hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: hook(n, inp)))
+    sums = InputSums(names, full)
+    hooks = sums.hooks(model)
     seen = 0
     try:
         with torch.no_grad():
@@ -125,20 +168,9 @@ def collect_input_stats(
     finally:
         for h in hooks:
             h.remove()
-        last[:] = [None, None, None]
     if seen == 0:
         raise MpqError("the calibration data has no batches; input statistics need inputs")
-    missing = [n for n in names if counts[n] == 0]
-    if missing:
-        raise MpqError(f"the calibration pass never reached {missing[:3]}; check the inputs")
-    return {
-        n: InputStats(
-            diag=diag[n] / counts[n],
-            full=outer[n] / counts[n] if n in outer else None,
-            rows=counts[n],
-        )
-        for n in names
-    }
+    return sums.result()
 
 
 def stats_key(model_id: str, fingerprint: str, task_key: str) -> str:

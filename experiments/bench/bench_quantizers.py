@@ -9,8 +9,11 @@ time to quantize all target layers (statistics pass excluded; reported once).
 Importance (``mean x^2`` per input column) and GPTQ Hessians come from the *calibration* splits
 only (``--calib wiki:32,bbc:16``: windows of ``--calib-len`` tokens; never held-out text),
 collected in one pass and cached under $MPQ_CACHE/stats. Variants per format spec:
-``rtn``, ``mse`` (unweighted), ``mse+imp`` (importance-weighted), ``gptq`` (Hessian; the
-``gptq+mse`` variant uses the importance-weighted mse grid inside GPTQ).
+``rtn``, ``mse`` (unweighted), ``mse+imp`` (importance-weighted), ``gptq`` (Hessians of the
+full-precision model, rtn grid; the ``gptq+mse`` variant uses the importance-weighted mse grid
+inside GPTQ), ``gptqseq`` / ``gptqseq+mse``: sequential GPTQ (``apply_plan(calib=...)``: each
+layer's Hessian from the same calibration windows run through the partly quantized model,
+:mod:`mpq.sequential`; its statistics pass is part of the quantize time).
 
 Each finished row is appended to ``--out`` (JSON lines), so a killed run resumes; ``--table``
 prints the Markdown table from that file.
@@ -37,7 +40,7 @@ from mpq.models import cache_root
 from mpq.pipeline import prepare, task_for
 from mpq.plan import uniform_plan
 
-VARIANTS = ("rtn", "mse", "mse+imp", "gptq", "gptq+mse")
+VARIANTS = ("rtn", "mse", "mse+imp", "gptq", "gptq+mse", "gptqseq", "gptqseq+mse")
 
 
 DEFAULT_ROWS = (
@@ -76,7 +79,7 @@ def _ratio(q: EvalResult, fp: EvalResult) -> dict[str, float]:
 
 def _fmt(spec: str, variant: str) -> QuantFormat:
     base = QuantFormat.parse(spec)
-    method = variant.split("+")[0]
+    method = variant.split("+")[0].replace("gptqseq", "gptq")
     from dataclasses import replace
 
     return replace(base, method=method)
@@ -102,9 +105,11 @@ def run(args: argparse.Namespace) -> None:
     need_full = any(v.startswith("gptq") for _, vs in _rows(args.rows) for v in vs)
     t0 = time.perf_counter()
     parts = []
+    calib_tasks = []
     for item in args.calib.split(","):
         data, n = item.split(":")
         task = task_for(prep, data, "calib", int(n), args.calib_len, None)
+        calib_tasks.append(task)
         parts.append(
             cached_input_stats(
                 model,
@@ -116,6 +121,7 @@ def run(args: argparse.Namespace) -> None:
             )
         )
     stats = merge_stats(parts)
+    calib_batches = [b for t in calib_tasks for b in t.batches]
     stats_s = time.perf_counter() - t0
     print(f"statistics: {stats_s:.1f} s (cached after the first run)", flush=True)
     for spec, variants in _rows(args.rows):
@@ -126,10 +132,19 @@ def run(args: argparse.Namespace) -> None:
             plan = uniform_plan(prep.targets, fmt, prep.loaded.model_id)
             use = stats if variant in ("mse+imp", "gptq", "gptq+mse") else {}
             names, _ = data_targets(plan, prep.targets)
-            cfg = GPTQConfig(grid="mse" if variant == "gptq+mse" else "rtn")
+            seq = variant.startswith("gptqseq")
+            cfg = GPTQConfig(
+                grid="mse" if variant.endswith("+mse") and "gptq" in variant else "rtn",
+                sequential="layer" if seq else "off",
+            )
             t = time.perf_counter()
             given = {n: use[n] for n in names if n in use}
-            qmodel = apply_plan(model, plan, prep.targets, mode="fake", stats=given, gptq=cfg)
+            if seq:
+                qmodel = apply_plan(
+                    model, plan, prep.targets, mode="fake", calib=calib_batches, gptq=cfg
+                )
+            else:
+                qmodel = apply_plan(model, plan, prep.targets, mode="fake", stats=given, gptq=cfg)
             quant_s = time.perf_counter() - t
             row: dict[str, Any] = {
                 "spec": spec,
