@@ -47,6 +47,37 @@ def test_targets_and_exact_bytes_on_the_real_model(prep: Prepared) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_the_tied_embedding_is_one_option_away_and_costs_what_llamacpp_stores(
+    prep: Prepared,
+) -> None:
+    """With the model's default excludes off, the tied embedding/head is one more target; the
+    plan llama.cpp's Q4_0 file holds (every decoder Linear Q4_0 = 4:g32, token_embd Q8_0 =
+    8:g32, norms F32) costs exactly that file's tensor bytes, 89,941,248 (read from
+    llama-quantize's own output by gguf's reader, BENCHMARKS "llama.cpp side by side"), in the
+    GGUF container and in mpq's."""
+    from mpq.cost import build_cost_model
+    from mpq.export.command import exporters
+    from mpq.targets import discover
+
+    model = prep.loaded.model
+    targets = discover(model, (), ())  # what --no-default-exclude selects
+    assert len(targets) == len(prep.targets) + 1
+    emb = targets[0]
+    assert (emb.name, emb.kind, emb.shape, emb.aliases) == (
+        "model.embed_tokens", "embedding", (49152, 576), ("lm_head",)
+    )  # fmt: skip
+    cost = build_cost_model(model, targets, "smollm2-135m")
+    formats = {t.name: QuantFormat.parse("4:g32") for t in targets}
+    formats[emb.name] = QuantFormat.parse("8:g32")
+    plan = BitPlan(formats, "smollm2-135m")
+    assert exporters()["gguf"].predict(plan, cost).total_bytes == 89_941_248
+    assert cost.plan_cost(plan).total_bytes == 89_941_248
+    assert cost.model_numel == prep.cost.model_numel  # the tied head counts once
+    # With the embedding left out it stays fp32: 4 bytes instead of 34/32 per weight.
+    dec = uniform_plan(prep.targets, QuantFormat.parse("4:g32"), "smollm2-135m")
+    assert prep.cost.plan_cost(dec).total_bytes - 89_941_248 == 49152 * 576 * (4 - 34 / 32)
+
+
 def test_quality_ordering_on_heldout_text(prep: Prepared) -> None:
     task = task_for(prep, "wiki", "heldout", 1, 128, None)
     ref = reference(task, prep.loaded.model)

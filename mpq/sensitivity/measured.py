@@ -23,7 +23,10 @@ stacked, and scores every format against reference statistics computed once per 
 (:func:`ref_stats`, :func:`fast_stats`: the same float64 KL and NLL with one ``logsumexp``
 and one dot product per format instead of two ``log_softmax``). Targets outside the blocks
 (embeddings, the head) and models it does not recognize use the plain path; the reason is
-logged once (logger ``mpq.sensitivity``).
+logged once (logger ``mpq.sensitivity``). A tied embedding/head (one target) changes both the
+lookup that feeds block 0 and the head, so no cached block input applies: it runs the whole
+model once per format, about what a block-0 target costs. Its ``mse`` formats are weighted by
+the head's input importance (:mod:`mpq.layerstats`).
 """
 
 from __future__ import annotations
