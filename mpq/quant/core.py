@@ -30,7 +30,7 @@ from mpq.formats import QuantFormat, matrix_shape, n_groups
 from mpq.formats import check_format as check_format
 from mpq.formats import fits as fits
 
-QUANT_VERSION = 3
+QUANT_VERSION = 2
 """1: symmetric absmax/(2^(b-1)-1); 2: full signed range, mse, non-uniform grids."""
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -186,6 +186,8 @@ class Estimator(Protocol):
 
     def group_size(self) -> int | None: ...
 
+    def uses_input_stats(self) -> bool: ...
+
     def compute(self, ctx: Context, targets: Sequence[Target]) -> dict[str, TargetResult]: ...
 
     def score(self, result: TargetResult, target: Target) -> float: ...
@@ -231,6 +233,11 @@ class EstimatorBase:
 
     def group_size(self) -> int | None:
         return 1
+
+    def uses_input_stats(self) -> bool:
+        """Whether ``compute`` reads the targets' input statistics (``ctx.stats``) whatever the
+        formats' methods (the runner collects them, full matrices included)."""
+        return False
 
     def compute(self, ctx: Context, targets: Sequence[Target]) -> dict[str, TargetResult]:
         raise NotImplementedError

@@ -15,6 +15,16 @@ are recorded; the weight is restored exactly afterwards. ``metric`` picks which 
 table's distortion (both are cached together, so switching is free); the table clamps
 negative values to 0 and its score is the largest distortion over the formats.
 
+**Anchored** (``anchor=<format>``): only the anchor format is measured; every other format's
+damage is the anchor's scaled by the layer's output error, ``d(f) = d(anchor) * E(f) /
+E(anchor)`` with ``E(f) = tr(dW_f H dW_f^T)`` (``H = E[x x^T]`` the layer's input second
+moment from the statistics windows, its diagonal where the full matrix was not collected;
+``dW_f`` the format's weight error). In the small-error regime the KL of quantizing one layer is
+a quadratic form in its output error, so the ratio carries the measured downstream
+sensitivity of the layer to formats that were not run; the cost is one format per layer
+instead of all, which buys more calibration tokens (a test holds the ratio against the fully
+measured table). ``E`` uses the statistics of the ``[statistics]`` windows when given.
+
 Two paths give the same numbers (a test holds them within 1e-6 relative): the plain one runs
 the whole model per (target, format); the cached one (``path="auto"``, the default, on
 decoder-only language models that :mod:`mpq.sensitivity.blocks` recognizes) runs only the
@@ -45,7 +55,7 @@ from mpq.errors import MpqError
 from mpq.evaluate import Reference, batch_stats, evaluate
 from mpq.formats import QuantFormat
 from mpq.quantize import fake_quantize
-from mpq.sensitivity.base import Context, EstimatorBase, TargetResult, choice
+from mpq.sensitivity.base import Context, EstimatorBase, TargetResult, choice, fits
 from mpq.sensitivity.blocks import MAX_ROWS, BlockCache, capture
 from mpq.sensitivity.loss import logits_loss
 from mpq.sensitivity.table import SensitivityTable
@@ -138,10 +148,17 @@ class Measured(EstimatorBase):
 
     metric: str = "kl"
     path: str = "auto"
+    #: a format spec: measure only this format and scale it to the others (module docstring)
+    anchor: str = ""
 
     def __post_init__(self) -> None:
         choice(self.metric, ("kl", "loss"), "metric")
         choice(self.path, PATHS, "path")
+        if self.anchor:
+            QuantFormat.parse(self.anchor)  # a clear error for a bad spec
+
+    def uses_input_stats(self) -> bool:
+        return bool(self.anchor)
 
     def label(self) -> str:
         return f"measured_{self.metric}"
@@ -159,8 +176,16 @@ class Measured(EstimatorBase):
         base = ctx.calib.base_loss()
         blocks = self._blocks(ctx)
         out = {}
+        anchor = QuantFormat.parse(self.anchor) if self.anchor else None
         for t in targets:
             fmts = ctx.fitting_formats(t)
+            if anchor is not None:
+                if not fits(t, anchor):
+                    raise MpqError(
+                        f"{t.name}: anchor format {anchor.spec()} does not fit this target; "
+                        f"pick an anchor every target can store (e.g. a per-channel format)"
+                    )
+                everything, fmts = fmts, [anchor]
             block = None if blocks is None else blocks.block_of([t.name, *t.aliases])
             if blocks is not None and block is not None:
                 kls, losses = _cached_target(ctx, t, fmts, blocks, block, ref, labels)
@@ -175,6 +200,8 @@ class Measured(EstimatorBase):
                 mean_loss, loss_se[spec] = _mean_se(torch.tensor(losses[spec], dtype=torch.float64))
                 dloss[spec] = mean_loss - base
             rows = {"kl": kl, "loss": dloss, "kl_se": kl_se, "loss_se": loss_se}
+            if anchor is not None:
+                rows = _scaled(rows, anchor, output_errors(ctx, t, [anchor, *everything]))
             out[t.name] = TargetResult(values={}, distortions=rows)
         return out
 
@@ -194,6 +221,46 @@ class Measured(EstimatorBase):
 
 
 PerFormat = tuple[dict[str, list[torch.Tensor]], dict[str, list[float]]]
+
+
+def output_error(dw: torch.Tensor, diag: torch.Tensor | None, full: torch.Tensor | None) -> float:
+    """``tr(dW H dW^T)`` for a ``[rows, cols]`` weight error: the mean squared output error per
+    input row, with ``H`` the full input second moment, else its diagonal, else the identity."""
+    d = dw.double()
+    if full is not None:
+        return float(((d @ full.double()) * d).sum())
+    if diag is not None:
+        return float((d * d * diag.double()).sum())
+    return float((d * d).sum())
+
+
+def output_errors(ctx: Context, t: Target, fmts: Sequence[QuantFormat]) -> dict[str, float]:
+    """:func:`output_error` of ``t`` at each format (its input statistics when collected)."""
+    w = ctx.weight(t).detach()
+    st = ctx.stats.get(t.name)
+    rows = w.reshape(w.shape[0], -1)
+    out = {}
+    for f in fmts:
+        dw = (ctx.quantized(t, w, f) - w).reshape(rows.shape)
+        out[f.spec()] = output_error(
+            dw, None if st is None else st.diag, None if st is None else st.full
+        )
+    return out
+
+
+def _scaled(
+    rows: dict[str, dict[str, float]], anchor: QuantFormat, errors: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """Every format's damage as the anchor's times its output-error ratio (se likewise)."""
+    a = anchor.spec()
+    e0 = errors[a]
+    out: dict[str, dict[str, float]] = {k: {} for k in rows}
+    for spec, e in errors.items():
+        r = e / e0 if e0 > 0 else 0.0
+        for k, row in rows.items():
+            out[k][spec] = row[a] * r
+    return out
+
 
 # Reference statistics of every batch are kept for the whole run when they fit in this much
 # memory (float64 probabilities: 8 bytes per position and class); otherwise per target.

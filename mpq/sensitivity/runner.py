@@ -266,8 +266,9 @@ def run_estimator(
     stats: dict[str, InputStats] = {}
     linear = [t.name for t in targets if weighted_by_input(t)]  # Linear layers, tied embeddings
     stats_from = task if stats_task is None else stats_task
-    if data_fmts and linear:  # importance / Hessians of the calibration task, from the fp model
-        gptq = any(f.method == "gptq" for f in data_fmts)
+    wants = estimator.uses_input_stats()
+    if (data_fmts or wants) and linear:  # importance / Hessians from the fp model
+        gptq = wants or any(f.method == "gptq" for f in data_fmts)
         full = [t.name for t in targets if gptq and t.kind == "linear"]
         if cache_root is not None:
             stats = cached_input_stats(
@@ -288,7 +289,7 @@ def run_estimator(
     cache = None
     if cache_root is not None:
         key = cache_key(estimator, model_id, model_fingerprint(model), task, fmts, targets)
-        if data_fmts:  # the statistics' windows decide the mse / gptq candidates
+        if data_fmts or wants:  # the statistics' windows decide mse / gptq and anchored entries
             key["stats"] = [stats_from.key, data_fingerprint(stats_from.batches, None)]
         cache = ResultCache(Path(cache_root), key)
     results: dict[str, TargetResult] = {}
