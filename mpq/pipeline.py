@@ -34,7 +34,7 @@ from mpq.prepared import Prepared, preconditioned, prepare, prepared_for_plan, t
 from mpq.problem import build_problem, solution_to_plan
 from mpq.registry import SEARCHES, SOLVERS, solver_names
 from mpq.sensitivity.base import Estimator
-from mpq.sensitivity.measured import measured_damage
+from mpq.sensitivity.measured import Measured
 from mpq.sensitivity.runner import run_estimator
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.base import AllocationProblem, Solution
@@ -67,17 +67,23 @@ def damage_table(
     calib: Task,
     *,
     progress: bool = True,
+    anchor: str | None = None,
+    stats_task: Task | None = None,
 ) -> SensitivityTable:
+    """The measured-KL table of ``formats`` on ``calib`` (``anchor``: only that format measured,
+    the others carried by output error; ``stats_task``: the mse/gptq statistics' windows)."""
     ref = reference(calib, prep.loaded.model, progress=progress)
-    return measured_damage(
+    return run_estimator(
+        Measured(anchor=anchor or ""),
         prep.loaded.model,
         prep.targets,
-        formats,
         calib,
-        ref,
         model_id=prep.loaded.model_id,
+        formats=formats,
         cache_root=cache_root() / "sensitivity",
         progress=progress,
+        reference=ref,
+        stats_task=stats_task,
     )
 
 
@@ -339,5 +345,3 @@ class Evaluator:
 
 def uniform_plans(prep: Prepared, formats: Sequence[QuantFormat]) -> list[BitPlan]:
     return [uniform_plan(prep.targets, f, prep.loaded.model_id) for f in formats]
-
-

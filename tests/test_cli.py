@@ -394,6 +394,26 @@ def test_solve_greedy_writes_a_valid_plan(tiny: Tiny, tmp_path: Path, capsys) ->
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == ["plan.json"]
 
 
+def test_solve_with_anchor_and_stats_records_the_statistics(
+    tiny: Tiny, tmp_path: Path, capsys
+) -> None:
+    """``--stats`` is where the mse formats' importance comes from (recorded in the plan);
+    ``--anchor`` measures one format per layer; a bad ``--stats`` is one clear error."""
+    out = tmp_path / "plan.json"
+    argv = ["solve", "--model", tiny.model, "--solver", "ilp", "--budget", "bits=6.0",
+            "--formats", "3:g16:mse,4:g16:dq:mse,8:g16", "--n", "1", "--seq-len", "32",
+            "--stats", "wiki:calib:2x24", "--anchor", "8:g16", "--out", str(out),
+            "--no-guard"]  # fmt: skip
+    run_ok(capsys, argv)
+    plan = BitPlan.load(out)
+    plan.validate(tiny.targets)
+    assert (plan.meta["stats"]["n"], plan.meta["stats"]["seq_len"]) == (2, 24)
+    assert {f.spec() for f in plan.formats.values()} <= {"3:g16:mse", "4:g16:dq:mse", "8:g16"}
+    bad = [str(tmp_path / "b.json") if a == str(out) else a for a in argv]
+    bad[bad.index("wiki:calib:2x24")] = "wiki:heldout:2x24"
+    assert "calibration data" in run_err(capsys, bad)
+
+
 def test_library_raises_mpq_error_not_exit(tiny: Tiny) -> None:
     """The same failures are MpqError from the library (the CLI is only a wrapper)."""
     from mpq.plan import parse_plan_arg

@@ -4,8 +4,9 @@ no torch), and the small conversions of their values."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from mpq.errors import MpqError
 from mpq.registry import MODELS, solver_names
 
 if TYPE_CHECKING:
@@ -90,6 +91,22 @@ def calib_spec(args: argparse.Namespace) -> CalibSpec:
     from mpq.tasks import CalibSpec
 
     return CalibSpec(args.data, args.split, args.n, args.seq_len, getattr(args, "batch_size", None))
+
+
+def stats_task(prep: Any, spec: str) -> Any:
+    """The calibration :class:`~mpq.tasks.Task` of ``--stats DATA:SPLIT:NxLEN`` on ``prep``'s
+    model: where mse / gptq formats' importance and Hessians come from."""
+    from mpq.pipeline import task_for
+
+    parts = spec.split(":")
+    shape = parts[2].split("x") if len(parts) == 3 else []
+    if len(parts) != 3 or len(shape) != 2 or not all(p.isdigit() for p in shape):
+        raise MpqError(f"--stats {spec!r}: expected DATA:SPLIT:NxLEN, e.g. wiki:calib:32x512")
+    if parts[1] not in ("calib", "train"):
+        raise MpqError(f"--stats {spec!r}: statistics come from calibration data, not {parts[1]!r}")
+    if int(shape[0]) < 1 or int(shape[1]) < 2:
+        raise MpqError(f"--stats {spec!r}: need at least 1 window of 2 tokens")
+    return task_for(prep, parts[0], parts[1], int(shape[0]), int(shape[1]), None)
 
 
 def parse_formats(text: str) -> list:

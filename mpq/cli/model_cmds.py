@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from mpq.cli.args import data_args, model_args
+from mpq.cli.args import data_args, model_args, stats_task
 from mpq.errors import MpqError
 
 if TYPE_CHECKING:
@@ -66,21 +66,13 @@ def _with_stats(prep: Prepared, plan: Any, spec: str | None) -> Any:
     """``plan`` with ``--stats DATA:SPLIT:NxLEN`` recorded as the data of its mse/gptq formats."""
     if spec is None:
         return plan
-    from mpq.pipeline import task_for
     from mpq.planstats import META_KEY, uses_stats, with_record
 
-    parts = spec.split(":")
-    shape = parts[2].split("x") if len(parts) == 3 else []
-    if len(parts) != 3 or len(shape) != 2 or not all(p.isdigit() for p in shape):
-        raise MpqError(f"--stats {spec!r}: expected DATA:SPLIT:NxLEN, e.g. wiki:calib:32x512")
-    if parts[1] not in ("calib", "train"):
-        raise MpqError(f"--stats {spec!r}: statistics come from calibration data, not {parts[1]!r}")
     if not uses_stats(plan):
         raise MpqError("--stats applies to plans with mse or gptq formats; this plan has none")
     if META_KEY in plan.meta:
         raise MpqError("the plan already records its statistics data; drop --stats")
-    task = task_for(prep, parts[0], parts[1], int(shape[0]), int(shape[1]), None)
-    return with_record(plan, task)
+    return with_record(plan, stats_task(prep, spec))
 
 
 def add_inspect_parser(sub: Any) -> None:

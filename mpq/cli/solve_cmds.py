@@ -13,6 +13,7 @@ from mpq.cli.args import (
     model_args,
     parse_formats,
     precondition_arg,
+    stats_task,
 )
 from mpq.errors import MpqError
 from mpq.files import check_writable
@@ -73,6 +74,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     prep = preconditioned(prep, args.precondition, calib_spec(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
+    stats = stats_task(prep, args.stats) if args.stats else None
     table = None
     if args.table:
         table = SensitivityTable.load(args.table)
@@ -83,7 +85,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
                 f"(and the same --precondition)"
             )
     elif args.solver != "uniform":
-        table = damage_table(prep, formats, calib)
+        table = damage_table(prep, formats, calib, anchor=args.anchor, stats_task=stats)
     storage = None
     if args.solver == "bayes" and args.storage != "memory":
         from mpq.models import cache_root
@@ -115,6 +117,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         latency=_latency(args, prep, formats, budget),
         progress=args.solver in SEARCHES,
         guard_task=unseen if guard else None,
+        stats_task=stats,
     )
     plan.save(args.out)
     cost = prep.cost.plan_cost(plan)
@@ -216,6 +219,21 @@ def add_solve_parser(sub: Any) -> None:
     p.add_argument("--latency-batch", type=int, default=1, help="which batch size's timings")
     precondition_arg(p)
     data_args(p, "wiki", "calib", 2, 128)
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="DATA:SPLIT:NxLEN",
+        help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
+        "wiki:calib:16x512 (one forward pass; default: the calibration windows)",
+    )
+    p.add_argument(
+        "--anchor",
+        default=None,
+        metavar="FORMAT",
+        help="measure each layer's damage at this format only and carry it to the other "
+        "formats by the layer's output error (about one table column's cost; see "
+        "mpq.sensitivity.measured)",
+    )
     p.set_defaults(func=cmd_solve)
 
 
