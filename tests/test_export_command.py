@@ -76,6 +76,20 @@ def test_avg_bits_budget_in_gguf_is_solved_in_the_container_bytes(
     assert report.stored.total_bytes >= report.mpq_bytes
 
 
+def test_export_with_anchor_and_stats_records_the_statistics(
+    tiny: Prepared, tmp_path: Path
+) -> None:
+    """``--stats``: the mse formats' importance windows, recorded in the exported plan, so a
+    reload quantizes with the same statistics; ``--anchor`` solves on the anchored table."""
+    report = _export(
+        tiny, tmp_path / "s", "--budget", "bits=6", "--formats", "4:g16:dq:mse,8:g16",
+        "--stats", "wiki:calib:2x24", "--anchor", "8:g16", "--no-guard",
+    )  # fmt: skip
+    assert report.stored.total_bytes == report.predicted_bytes
+    plan = load_export(tmp_path / "s").plan
+    assert (plan.meta["stats"]["n"], plan.meta["stats"]["seq_len"]) == (2, 24)
+
+
 def test_existing_out_needs_force(tiny: Prepared, tmp_path: Path) -> None:
     (tmp_path / "o").mkdir()
     with pytest.raises(MpqError, match="already exists; pass --force"):

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mpq.prepared import Prepared
     from mpq.tasks import Task
 
+
 def exporters() -> dict[str, Exporter]:
     """The export formats by name (:data:`mpq.registry.EXPORTERS`; imports the writers)."""
     return {name: EXPORTERS.load(name) for name in EXPORTERS}
@@ -77,6 +78,19 @@ def add_export_parser(
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     p.add_argument("--no-guard", action="store_true",
                    help="skip the never-worse-than-uniform check on calibration KL")  # fmt: skip
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="DATA:SPLIT:NxLEN",
+        help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
+        "wiki:calib:16x512 (default: the calibration windows)",
+    )
+    p.add_argument(
+        "--anchor",
+        default=None,
+        metavar="FORMAT",
+        help="measure each layer's damage at this format only (see `mpq solve --anchor`)",
+    )
     p.set_defaults(func=cmd_export)
     return p
 
@@ -131,13 +145,17 @@ def solve_for_container(
     table: Any,
     calib: Task | None = None,
     guard: bool = False,
+    stats_task: Task | None = None,
 ) -> BitPlan:
     """A plan whose bytes *in the container* fit ``budget``: one solve on a problem whose
     ``bits``/``bytes`` costs are the container's :attr:`~mpq.export.common.Exporter.storage`."""
     from mpq.pipeline import solve
 
     in_container = dataclasses.replace(prep, cost=prep.cost.in_container(exporter.storage))
-    plan, _ = solve(in_container, solver, formats, budget, table, calib=calib, guard=guard)
+    plan, _ = solve(
+        in_container, solver, formats, budget, table, calib=calib, guard=guard,
+        stats_task=stats_task,
+    )  # fmt: skip
     return plan
 
 
@@ -220,7 +238,7 @@ def export(
 
 def run_export(args: argparse.Namespace) -> ExportReport:
     """The ``export`` command's work (see the module docstring); returns its report."""
-    from mpq.cli.args import parse_formats
+    from mpq.cli.args import parse_formats, stats_task
     from mpq.cost import parse_budget
     from mpq.export.common import check_output_folder
     from mpq.pipeline import damage_table, prepare, task_for
@@ -243,12 +261,15 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     else:
         _expressible(exporter, formats, prep)
         table = calib = None
+        stats = stats_task(prep, args.stats) if getattr(args, "stats", None) else None
         if args.solver != "uniform":
             calib = task_for(prep, args.data, "calib", args.n, args.seq_len, None)
-            table = damage_table(prep, formats, calib)
+            table = damage_table(
+                prep, formats, calib, anchor=getattr(args, "anchor", None), stats_task=stats
+            )
         plan = solve_for_container(
             prep, exporter, args.solver, formats, budget, table, calib,
-            guard=not args.no_guard and args.solver != "uniform",
+            guard=not args.no_guard and args.solver != "uniform", stats_task=stats,
         )  # fmt: skip
     return export(prep, plan, exporter, out, force=args.force, budget=budget)
 
