@@ -12,9 +12,11 @@ down_proj; ``granularity="block"`` takes every layer of a block from the block's
 
 :func:`run_sequential` captures the input of the first block once per calibration batch (the
 rest of the forward pass is skipped), then per block: one pass of that block over the batches per
-stage (only the stage's statistics are accumulated), the stage's layers quantized by the
-caller's ``quantize`` (which writes the quantized weight into the model), and one pass to get the
-next block's input. About ``stages + 1`` block passes per block: a few fp forward passes in all.
+stage (only the stage's statistics are accumulated; the pass stops at the stage's last layer),
+the stage's layers quantized by the caller's ``quantize`` (which writes the quantized weight
+into the model), and one pass to get the next block's input. On a llama block about 2.5 block
+passes per block (q/k/v ~0, o, gate/up and down partial, the output whole): a few fp forward
+passes in all.
 Nothing is cached: the statistics depend on the plan of every earlier block.
 
 Recognized: models whose targets live in one ``nn.ModuleList`` of blocks (Hugging Face decoder
@@ -244,9 +246,18 @@ def _quantize_stage(
     if data:
         sums = InputSums(data, [n for n in data if needs[prefix + n].full])
         handles = sums.hooks(block)
+
+        def stop(mod: nn.Module, inp: Any) -> None:
+            raise _Stop  # the stage's inputs are all seen: the rest of the block is not needed
+
+        # Registered after the sums' hooks, on the module the stage reaches last.
+        handles.append(block.get_submodule(data[-1]).register_forward_pre_hook(stop))
         try:
             for b in batches:
-                _run_block(block, b)
+                try:
+                    _run_block(block, b)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
