@@ -122,3 +122,18 @@ def test_gptq_on_an_embedding_is_refused() -> None:
     plan = BitPlan({t.name: QuantFormat.parse("4:gptq") for t in targets}, "tiny")
     with pytest.raises(MpqError, match="embed_tokens: GPTQ applies to Linear layers"):
         apply_plan(model, plan, targets, calib=[torch.zeros(1, 4, dtype=torch.long)])
+
+
+@pytest.mark.parametrize("grid", ["rtn", "mse"])
+def test_rows_are_independent_problems(grid: str) -> None:
+    """GPTQ's error feedback stays within a row (``W[r, j:] -= err_r * Hinv[j, j:]``) and each
+    row's grid is its own: quantizing any subset of rows gives those rows' codes exactly. So a
+    per-output-row weight on the objective ``sum_r lambda_r dw_r^T H dw_r`` cannot change the
+    result: each row's argmin is the same for any ``lambda_r > 0``."""
+    w, _, h = _layer(4)
+    fmt = QuantFormat.parse("4:g32:gptq")
+    whole = gptq_quantize(w, h, fmt, grid=grid).quantized
+    rows = torch.tensor([3, 0, 17, 9])
+    part = gptq_quantize(w[rows], h, fmt, grid=grid).quantized
+    assert torch.equal(part.codes, whole.codes[rows])
+    assert torch.equal(part.scales, whole.scales[rows])
