@@ -151,18 +151,23 @@ def collect_input_stats(
     calib: Iterable[Any],
     *,
     full: Collection[str] = (),
+    progress: bool = False,
 ) -> dict[str, InputStats]:
     """Statistics of the Linear modules ``names`` (a tied embedding: its head's, see
     :func:`stats_module`) from one forward pass per calibration batch (a tensor, a tuple of
     positional inputs, or a dict of keyword inputs; a :class:`mpq.tasks.Task` gives its
-    ``batches``). ``full``: names that also get ``x x^T``."""
+    ``batches``). ``full``: names that also get ``x x^T``; ``progress``: a tqdm bar over the
+    batches."""
+    from tqdm.auto import tqdm
+
     batches = getattr(calib, "batches", calib)
     sums = InputSums(names, full)
     hooks = sums.hooks(model)
     seen = 0
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc="input statistics", unit="batch", leave=False,
+                              disable=not progress):  # fmt: skip
                 run_batch(model, batch)
                 seen += 1
     finally:
@@ -194,6 +199,7 @@ def cached_input_stats(
     model_id: str,
     cache_root: Path,
     full: Collection[str] = (),
+    progress: bool = False,
 ) -> dict[str, InputStats]:
     """:func:`collect_input_stats` on ``task`` (a :class:`mpq.tasks.Task`), read from and
     written to ``cache_root`` (one pass computes whatever is missing)."""
@@ -218,7 +224,7 @@ def cached_input_stats(
         if n in full:
             todo_full.append(n)
     if todo_names:
-        fresh = collect_input_stats(model, todo_names, task, full=todo_full)
+        fresh = collect_input_stats(model, todo_names, task, full=todo_full, progress=progress)
         folder.mkdir(parents=True, exist_ok=True)
         for n, st in fresh.items():
             rows = torch.tensor([st.rows], dtype=torch.int64)

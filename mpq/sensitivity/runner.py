@@ -273,10 +273,12 @@ def run_estimator(
         if cache_root is not None:
             stats = cached_input_stats(
                 model, linear, stats_from, model_id=model_id,
-                cache_root=Path(cache_root).parent / "stats", full=full,
+                cache_root=Path(cache_root).parent / "stats", full=full, progress=progress,
             )  # fmt: skip
         else:
-            stats = collect_input_stats(model, linear, stats_from.batches, full=full)
+            stats = collect_input_stats(
+                model, linear, stats_from.batches, full=full, progress=progress
+            )
     ctx = Context(
         model=model,
         task=task,
