@@ -112,3 +112,20 @@ def cycled_plan(prep: Any, specs: list[str]) -> Any:
         for t in members:
             formats[t.name] = QuantFormat.parse(specs[i % len(specs)])
     return BitPlan(formats, prep.loaded.model_id)
+
+
+def two_log_softmax_stats(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The oracle: per-unit KL, agreement, NLL from two float64 ``log_softmax`` (the previous
+    implementation of ``batch_stats``)."""
+    kls, agrees, nlls = [], [], []
+    for u in range(logits.shape[0]):
+        logq = torch.log_softmax(logits[u].double(), dim=-1)
+        logp = torch.log_softmax(ref_logits[u].double(), dim=-1)
+        p = logp.exp()
+        kls.append(torch.where(p > 0, p * (logp - logq), 0.0).sum(-1).mean(-1))
+        agrees.append((logq.argmax(-1) == logp.argmax(-1)).double().mean(-1))
+        if labels is not None:
+            nlls.append(-logq.gather(-1, labels[u][..., None]).squeeze(-1).mean(-1))
+    return torch.stack(kls), torch.stack(agrees), torch.stack(nlls) if nlls else None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_log_softmax_stats
 
 from mpq.compare import run_compare
 from mpq.config import parse_config
@@ -93,6 +94,31 @@ def test_quality_ordering_on_heldout_text(prep: Prepared) -> None:
             ]
         )
     assert kls[0] < kls[1] < kls[2]
+
+
+def test_evaluate_equals_two_log_softmax_on_smollm2(prep: Prepared) -> None:
+    """Two batches of real windows (vocabulary 49152): evaluate() with the reference's cached
+    statistics equals the two-log_softmax oracle to 1e-9 relative."""
+    task = task_for(prep, "wiki", "heldout", 2, 48, 1)
+    ref = reference(task, prep.loaded.model)
+    plan = uniform_plan(prep.targets, QuantFormat.parse("4:asym"), "smollm2-135m")
+    model = apply_plan(prep.loaded.model, plan, prep.targets, mode="fake")
+    got = evaluate(task, model, ref)
+    assert task.labels is not None and len(task.batches) == 2
+    with torch.no_grad():
+        oracle = [
+            two_log_softmax_stats(task.head(model, b), r, lab)
+            for b, r, lab in zip(task.batches, ref.logits, task.labels, strict=True)
+        ]
+    kl = torch.cat([o[0] for o in oracle])
+    nll = torch.cat([o[2] for o in oracle if o[2] is not None])
+    torch.testing.assert_close(
+        torch.tensor(got.units["kl"], dtype=torch.float64), kl, rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(got.units["nll"], dtype=torch.float64), nll, rtol=1e-9, atol=0
+    )
+    assert got.units["agree"] == torch.cat([o[1] for o in oracle]).tolist()
 
 
 def test_compare_grid_writes_report_and_resumes(prep: Prepared, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_folder
+from conftest import build_tiny_folder, tiny_llama, two_log_softmax_stats
 from torch import nn
 
 from mpq import data
@@ -27,7 +27,7 @@ from mpq.mobilenet import STAGES
 from mpq.models import LoadedModel, load_model
 from mpq.plan import uniform_plan
 from mpq.targets import Target, decisions, discover
-from mpq.tasks import Task, make_task
+from mpq.tasks import Task, lm_head, make_task
 
 torch.set_num_threads(1)
 
@@ -245,6 +245,66 @@ def test_batch_stats_matches_torch_oracles() -> None:
     assert same.nll is None and same.correct is None
     assert torch.equal(same.kl, torch.zeros(U, dtype=torch.float64))  # exactly, not within eps
     assert torch.equal(same.agree, torch.ones(U, dtype=torch.float64))
+
+
+def test_evaluate_reuses_reference_statistics_and_equals_two_log_softmax() -> None:
+    """evaluate() against a Reference equals the two-log_softmax oracle to 1e-9 relative on a
+    tiny LM (plans from 8 to 2 bits), and computes each batch's reference statistics once."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(5)
+    # 3 batches of 2 windows x 40 positions; more positions than one float64 step (ROWS).
+    batches = [torch.randint(0, 96, (2, 41), generator=g) for _ in range(3)]
+    labels = [b[:, 1:] for b in batches]
+    task = Task("causal_lm", "random", "ids", batches, labels, lm_head)
+    ref = reference(task, model)
+    targets = discover(model, (), ())
+    for spec in ("8", "4", "2"):
+        plan = uniform_plan(targets, QuantFormat.parse(spec), "tiny")
+        quantized = apply_plan(model, plan, targets, mode="fake")
+        got = evaluate(task, quantized, ref)
+        with torch.no_grad():
+            oracle = [
+                two_log_softmax_stats(task.head(quantized, b), r, lab)
+                for b, r, lab in zip(batches, ref.logits, labels, strict=True)
+            ]
+        kl = torch.cat([o[0] for o in oracle])
+        nll = torch.cat([o[2] for o in oracle if o[2] is not None])
+        assert float(kl.min()) > 1e-7  # the plans do damage: the comparison is not 0 == 0
+        np.testing.assert_allclose(got.units["kl"], kl.numpy(), rtol=1e-9, atol=0)
+        np.testing.assert_allclose(got.units["nll"], nll.numpy(), rtol=1e-9, atol=0)
+        assert got.units["agree"] == torch.cat([o[1] for o in oracle]).tolist()
+    cached = [ref.batch(i) for i in range(len(batches))]
+    assert all(ref.batch(i) is cached[i] for i in range(len(batches)))  # computed once, kept
+    fp = evaluate(task, model, ref)
+    assert fp["kl"] == 0.0 and fp["agree"] == 1.0  # identical logits: exactly 0
+
+
+def test_batch_stats_exact_where_the_model_lost_the_position() -> None:
+    """Quantized logits far below the reference's (sum p e^d ~ e^-30, where log1p(sum p
+    (e^d - 1)) would cancel) still give the oracle's KL to 1e-9 relative."""
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(2, 40, 500, generator=g) * 3
+    logits = ref - 30 + torch.randn(2, 40, 500, generator=g) * 4
+    logits[0, :5] = ref[0, :5] + 1e-3 * torch.randn(5, 500, generator=g)  # and some it kept
+    labels = torch.randint(0, 500, (2, 40), generator=g)
+    s = batch_stats(logits, ref, labels)
+    kl, agree, nll = two_log_softmax_stats(logits, ref, labels)
+    assert s.nll is not None and nll is not None
+    torch.testing.assert_close(s.kl, kl, rtol=1e-9, atol=0)
+    torch.testing.assert_close(s.nll, nll, rtol=1e-9, atol=0)
+    assert torch.equal(s.agree, agree)
+
+
+def test_batch_stats_falls_back_where_exp_overflows() -> None:
+    """Logits 800 above the reference overflow e^(z - r); the KL and NLL then come from lse(z)."""
+    ref = torch.zeros(1, 2, 4)
+    logits = torch.tensor([[[800.0, 0.0, 0.0, 0.0], [0.0, 1.0, 2.0, 3.0]]])
+    labels = torch.tensor([[1, 2]])
+    s = batch_stats(logits, ref, labels)
+    kl, agree, nll = two_log_softmax_stats(logits, ref, labels)
+    assert nll is not None and s.nll is not None
+    torch.testing.assert_close(s.kl, kl, rtol=1e-9, atol=0)
+    torch.testing.assert_close(s.nll, nll, rtol=1e-9, atol=0)
 
 
 def test_batch_stats_resolves_kl_below_float32_noise() -> None:

@@ -297,7 +297,7 @@ def _plain_target(
                 kls[spec], losses[spec] = [], []
                 for i, batch in enumerate(ctx.task.batches):
                     logits = ctx.task.head(ctx.model, batch)
-                    kls[spec].append(batch_stats(logits, ref.logits[i], None).kl)
+                    kls[spec].append(batch_stats(logits, ref.batch(i), None).kl)
                     losses[spec].append(float(logits_loss(logits, labels[i], i)))
     finally:
         with torch.no_grad():
