@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from torch import nn
 
 from mpq.data import package_dir
 from mpq.errors import MpqError
-from mpq.files import normalize_modes, sha256_file
+from mpq.files import clean_stale_temps, normalize_modes, sha256_file, temp_dir
 from mpq.registry import MODELS
 
 log = logging.getLogger("mpq.models")
@@ -95,6 +95,35 @@ def converted_problem(folder: Path) -> str | None:
     return None
 
 
+# The temporaries of conversions before they carried a pid: ``tempfile.mkdtemp``'s 8 characters.
+LEGACY_TEMP = re.compile(r"^\.smollm2-[a-z0-9_]{8}$")
+
+
+def write_converted(target: Path, save: Callable[[Path], None]) -> None:
+    """Write a converted checkpoint to ``target`` atomically: ``save`` fills a temporary
+    ``.NAME.tmp-<pid>-XXXX`` next to it, whose checksums are recorded before it replaces
+    ``target``. Temporaries left by a killed conversion (their pid is gone, or the pid-less
+    ``.smollm2-XXXX`` of mpq before 2026-12) are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for p in clean_stale_temps(target):
+        log.info("removed %s, left by a killed conversion", p)
+    for p in target.parent.glob(".smollm2-*"):
+        if LEGACY_TEMP.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, left by a killed conversion", p)
+    tmp = temp_dir(target)
+    try:
+        save(tmp)
+        _record_checksums(tmp)
+        normalize_modes(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _load_smollm2() -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,19 +140,12 @@ def _load_smollm2() -> LoadedModel:
         setattr(model, "hf_quantizer", None)  # noqa: B010
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            _record_checksums(tmp)
-            normalize_modes(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        def save(folder: Path) -> None:
+            model.save_pretrained(folder)
+            tok.save_pretrained(folder)
+
+        write_converted(target, save)
     loaded = _load_hf_folder(target, "smollm2-135m")
     loaded.default_exclude = (r"embed_tokens", r"lm_head")
     return loaded

@@ -78,16 +78,25 @@ def lm_task(
     batch_size: int = 1,
     offset: int = 0,
 ) -> Task:
-    """Windows ``[offset*n, (offset+1)*n)`` of the split: each offset is a disjoint sample."""
+    """Windows ``[offset*n, (offset+1)*n)`` of the split: each offset is a disjoint sample.
+
+    MpqError when the split has fewer windows than that (never a silently smaller sample)."""
     want = None if n_windows is None else n_windows * (offset + 1)
     windows = data.text_windows(data_id, split, tokenizer, seq_len, want)
+    if n_windows is not None and want is not None and windows.shape[0] < want:
+        have = int(windows.shape[0])
+        if offset:
+            raise MpqError(
+                f"{data_id} {split} has {have} {seq_len}-token windows, too few for sample "
+                f"{offset} of {n_windows} windows (needs {want}); use fewer seeds, windows or "
+                f"tokens"
+            )
+        raise MpqError(
+            f"{data_id} {split} has only {have} windows of {seq_len} tokens, fewer than the "
+            f"{n_windows} asked for; ask for at most n={have} (--n), or a shorter seq_len"
+        )
     if n_windows is not None and offset:
         windows = windows[offset * n_windows :]
-        if windows.shape[0] < n_windows:
-            raise MpqError(
-                f"{data_id} {split} has too few {seq_len}-token windows for sample {offset} of "
-                f"{n_windows} windows; use fewer seeds, windows or tokens"
-            )
     batches = list(windows.split(batch_size))
     labels = [b[:, 1:] for b in batches]
     return Task("causal_lm", data_id, split, batches, labels, lm_head, offset)
@@ -146,9 +155,14 @@ def encoder_task(
     texts, labels = data.labeled_texts("bbc", split)
     if n_docs is not None:
         start = offset * n_docs
+        if len(texts) < start + n_docs:
+            samples = f"{offset + 1} samples of {n_docs}" if offset else f"{n_docs}"
+            raise MpqError(
+                f"bbc {split} has only {len(texts)} documents, fewer than the {samples} asked "
+                f"for; ask for at most n={len(texts) // (offset + 1)} (--n)"
+                + (" or use fewer seeds" if offset else "")
+            )
         texts, labels = texts[start : start + n_docs], labels[start : start + n_docs]
-        if not texts:
-            raise MpqError(f"bbc {split} has no documents left for sample {offset} of {n_docs}")
     batches = _tokenize(loaded.tokenizer, texts, seq_len, batch_size)
     lab = torch.tensor(labels, dtype=torch.long)
     label_batches = [x[:, None] for x in lab.split(batch_size)]

@@ -181,6 +181,8 @@ CASES: list[tuple[str, Case, str]] = [
     ("solve-out-over-a-non-plan-file",
      lambda m, w: _solve(m, w, out=str(_existing_file(w, "notes.txt", "keep me"))),
      "not a plan file"),
+    ("n-beyond-the-split", lambda m, w: [*_eval(m)[:6], "100000", "--seq-len", "64"],
+     "ask for at most n="),
     # ---- kinds that already gave one clear line (kept working)
     ("unknown-model", lambda m, w: ["inspect", "--model", "no-such-model"], "unknown model"),
     ("bad-budget", lambda m, w: _solve(m, w, budget="watts=3"), "unknown resource"),

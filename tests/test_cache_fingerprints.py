@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from mpq.cache import data_fingerprint, read_entry, weights_fingerprint, write_e
 from mpq.cli import main
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.models import CHECKSUMS, _record_checksums, converted_problem, load_model
+from mpq.models import (
+    CHECKSUMS,
+    _record_checksums,
+    converted_problem,
+    load_model,
+    write_converted,
+)
 from mpq.pipeline import Evaluator, prepare, task_for
 from mpq.plan import uniform_plan
 
@@ -177,3 +184,31 @@ def test_converted_checkpoint_checksums(tmp_path: Path) -> None:
     assert "does not match" in str(converted_problem(folder))
     (folder / "model.safetensors").unlink()
     assert "missing" in str(converted_problem(folder))
+
+
+def test_conversion_removes_what_a_killed_conversion_left(tmp_path: Path) -> None:
+    """A killed conversion's temporaries (dead pid, or the pid-less legacy name) are removed by
+    the next one; a live process's temporary, and other folders, are kept."""
+    import subprocess
+
+    models = tmp_path / "models"
+    models.mkdir()
+    target = models / "smollm2-135m-fp32"
+    proc = subprocess.Popen(["sleep", "0"])  # noqa: S603, S607
+    proc.wait()  # a pid that has exited
+    stale = models / f".smollm2-135m-fp32.tmp-{proc.pid}-abcd1234"
+    legacy = models / ".smollm2-k3j_x9q2"
+    live = models / f".smollm2-135m-fp32.tmp-{os.getpid()}-zzzz9999"
+    other = models / ".smollm2-notes"
+    for p in (stale, legacy, live, other):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"half")
+
+    def save(folder: Path) -> None:
+        save_file({"w": torch.arange(4.0)}, folder / "model.safetensors")
+
+    write_converted(target, save)
+    assert not stale.exists() and not legacy.exists()
+    assert live.exists() and other.exists()
+    assert converted_problem(target) is None  # checksums recorded, folder complete
+    assert sorted(p.name for p in models.iterdir()) == sorted([target.name, live.name, other.name])

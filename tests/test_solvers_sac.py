@@ -133,9 +133,15 @@ def test_shaped_return_is_the_plan_against_the_lp_bound(seed: int) -> None:
     assert total == pytest.approx(7.0 * (lp - plan) / lp, rel=1e-7, abs=1e-12)
 
 
-def test_numpy_actor_is_the_sb3_policy_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_numpy_actor_is_the_sb3_policy_and_round_trips(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     p = random_problem(4, disallow=0.15)
     model = train_sac(p, total_timesteps=120, seed=0, learning_starts=20)
+    assert not list(scratch.glob("SB3-*"))  # no logger folder left behind
     path = tmp_path / "policy.safetensors"
     save_policy(model, path, {"name": "test"})
     actor = load_policy(path)

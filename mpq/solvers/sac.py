@@ -501,6 +501,7 @@ def train_sac(
     deterministic policy, tried every ``checkpoint_every`` episodes and at the end
     (``checkpoint_*``)."""
     from stable_baselines3 import SAC
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from mpq.solvers._sac_env import AllocationEnv, PolicyCheckpoints
@@ -539,6 +540,8 @@ def train_sac(
     }
     kwargs.update(sac_kwargs)
     model = SAC("MlpPolicy", vec, seed=seed, learning_starts=starts, **kwargs)
+    # SB3's default logger makes a folder tmp/SB3-<time> even when it writes nothing there.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     if init is None:
         import torch
 
