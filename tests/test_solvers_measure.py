@@ -92,7 +92,7 @@ def test_decision_features_feed_the_sac_observation(setup) -> None:  # type: ign
     assert f[qkv, 1] == 64 + 32 + 32  # q (64 rows) + k, v (2 kv heads x 16)
     assert f[qkv, 3] == 64 * 64 + 2 * 32 * 64
     obs = AllocationEpisode(problem, features=f).observation()
-    assert obs.shape == (len(FEATURES),) == (13,) and obs[7] != 0 and obs[2] > 0
+    assert obs.shape == (len(FEATURES),) == (18,) and obs[7] != 0 and obs[2] > 0
     assert np.isnan(decision_features(problem, targets)[:, 4:]).all()
 
 

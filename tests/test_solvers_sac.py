@@ -73,7 +73,7 @@ def test_env_reset_and_step_shapes() -> None:
         warnings.simplefilter("ignore")
         check_env(env, skip_render_check=True)
     obs, info = env.reset(seed=0)
-    assert obs.shape == (len(FEATURES),) == env.observation_space.shape == (13,)
+    assert obs.shape == (len(FEATURES),) == env.observation_space.shape == (18,)
     assert obs.dtype == np.float32 and env.action_space.shape == (1,)
     assert env.action_space.low[0] == -1.0 and env.action_space.high[0] == 1.0
     assert obs[0] == 0.0 and obs[10] == 0.0 and 0.0 <= obs[9] <= 1.0 and obs[12] == 0.0
@@ -82,7 +82,7 @@ def test_env_reset_and_step_shapes() -> None:
     while not done:
         obs, reward, done, truncated, info = env.step(np.array([0.5], dtype=np.float32))
         steps += 1
-        assert obs.shape == (13,) and isinstance(reward, float)
+        assert obs.shape == (18,) and isinstance(reward, float)
         assert not truncated
     assert steps == len(p.decisions)
     assert p.feasible(info["choice"]) and np.all(obs == 0)
@@ -151,7 +151,7 @@ def test_numpy_actor_is_the_sb3_policy_and_round_trips(tmp_path, monkeypatch) ->
         want, _ = model.predict(obs, deterministic=True)
         assert actor(obs) == pytest.approx(float(want[0]), abs=1e-5)
     assert np.array_equal(policy_plan(actor, p)[0], policy_plan(model, p)[0])
-    assert actor.meta["name"] == "test" and actor.meta["version"] == "1"
+    assert actor.meta["name"] == "test" and actor.meta["version"] == "2"
 
 
 def test_policy_files_are_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -201,7 +201,7 @@ def test_policy_transfers_to_other_budgets() -> None:
     for frac in (0.0, 0.2, 0.8, 1.0):
         q = AllocationProblem(p.decisions, p.options, p.distortion, p.costs,
                               {"bits": lo + frac * (hi - lo)})
-        sol = solve_sac(q, model=model)  # no training: the policy's own plan
+        sol = solve_sac(q, model=model, level=False)  # no training: the policy's own plan
         assert q.feasible(sol.choice) and sol.stats["timesteps"] == 0
         assert sol.stats["source"] == "policy"
         choice, clamped = policy_plan(model, q)
@@ -226,3 +226,83 @@ def test_sac_on_a_measure_and_bad_input() -> None:
     inf = solve_sac(tight, total_timesteps=10)
     assert inf.status == "infeasible" and inf.min_feasible == tight.min_costs()
     assert solve_ilp(tight).status == "infeasible"
+
+
+def test_action_intervals_give_the_option_they_label() -> None:
+    """Oracle: every action of the grid. An action inside the interval of a reachable option
+    gives it; the interval is the whole set of grid actions that give it."""
+    from mpq.solvers._sac_imitate import GRID, action_interval, aim, label_action
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for seed in range(12):
+        p = random_problem(seed, resources=1 + 2 * (seed % 2), disallow=0.15)
+        ep = AllocationEpisode(p)
+        while ep.t < ep.n:
+            d = ep.t
+            got = np.array([ep.target(float(a)) for a in GRID])
+            for o in np.flatnonzero(p.allowed[d]):
+                lo, hi = action_interval(ep, int(o))
+                assert -1.0 <= lo <= hi <= 1.0
+                if (got == o).any():
+                    assert (lo, hi) == (GRID[got == o][0], GRID[got == o][-1])
+                    a, b = aim(lo, hi)
+                    for x in (a, b, label_action(lo, hi)):
+                        assert ep.target(x) == o, (seed, d, o, x)
+                    checked += 1
+            ep.step(float(rng.uniform(-1, 1)))
+    assert checked > 50
+
+
+def test_fit_actor_puts_actions_inside_their_intervals() -> None:
+    from mpq.solvers._sac_imitate import Labelled, fit_actor
+
+    rng = np.random.default_rng(0)
+    obs = rng.uniform(-1, 1, (400, len(FEATURES))).astype(np.float32)
+    up = obs[:, 11] > 0  # a rule of one feature: raise the price or lower it
+    lo = np.where(up, 0.3, -0.6)
+    hi = np.where(up, 0.5, -0.4)
+    w = fit_actor(Labelled(obs, lo, hi), epochs=200, lr=3e-3, seed=0)
+    actor = NumpyActor(w, {})
+    acts = np.array([actor(o) for o in obs])
+    assert np.mean((acts >= lo - 0.05) & (acts <= hi + 0.05)) > 0.95  # measured: 1.0
+    again = fit_actor(Labelled(obs, lo, hi), epochs=200, lr=3e-3, seed=0)
+    assert all(np.array_equal(w[k], again[k]) for k in w)  # deterministic for a seed
+    zero = NumpyActor(fit_actor(Labelled(obs, -np.ones(400), np.ones(400)), net_arch=(16,),
+                                epochs=2, seed=0), {})
+    assert all(zero(o) == 0.0 for o in obs[:20])  # no label off 0: the water level stays
+
+
+def test_version_1_policy_still_loads_and_is_the_water_level() -> None:
+    v1 = load_policy(PRETRAINED.with_name("sac_policy_v1.safetensors"))
+    assert v1.meta["version"] == "1" and v1.inputs == 13
+    for seed in range(5):
+        p = random_problem(seed, decisions=20, disallow=0.15)
+        choice, _ = policy_plan(v1, p)
+        assert p.feasible(choice) and np.array_equal(choice, level_plan(p))
+
+
+# The shipped policy against its start (the water level, action 0) on held-out synthetic
+# tables it was never trained on (the suite's generator, 40 decisions x 5 options, seeds
+# 0..7, budgets at 30% and 70%; its training tables came from other generators). Measured:
+# the actor's plan / the level's plan is 0.9986 on average (better on 4, worse on 2 of 16),
+# worst 1.0098. Stated: mean <= 1 and each <= 1.02 (the plans are integer choices computed
+# in float64 numpy: a difference across machines would be a different plan, not a rounding).
+HELD_OUT_WORST = 1.02
+
+
+def test_shipped_policy_is_no_worse_than_its_start_on_held_out_tables() -> None:
+    actor = load_policy()
+    assert actor.meta["version"] == "2" and actor.inputs == len(FEATURES)
+    ratios = []
+    for seed in range(8):
+        for frac in (0.3, 0.7):
+            p = random_problem(seed, decisions=40, options=5, frac=frac)
+            choice, _ = policy_plan(actor, p)
+            assert p.feasible(choice)
+            level = p.distortion_of(level_plan(p))
+            ratios.append(p.distortion_of(choice) / level)
+            answer = solve_sac(p)  # the better of the two: never worse than the start
+            assert p.feasible(answer.choice) and answer.objective <= level
+            assert answer.stats["source"] in ("policy", "water level")
+    assert np.mean(ratios) <= 1.0 and max(ratios) <= HELD_OUT_WORST, ratios

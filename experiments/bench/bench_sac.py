@@ -2,7 +2,7 @@
 
 For each (model, table, budgets): the ILP optimum of the table (the reference), the water level
 alone (action 0 at every step: the LP relaxation's price, no learned policy), the shipped
-policy zero-shot (``mpq/solvers/policies/sac_policy_v1.safetensors``; MiniLM's and
+policy zero-shot (``mpq/solvers/policies/sac_policy_v2.safetensors``; MiniLM's and
 MobileNetV2's tables were never trained on) and, with ``--timesteps N``, the shipped policy
 fine-tuned N steps on that table and budget. Gap = table objective / ILP optimum - 1.
 
@@ -30,9 +30,9 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=0)
     args = ap.parse_args()
     meta = load_policy().meta
-    print(f"shipped policy: {meta.get('name')} v{meta.get('version')}, trained on "
-          f"{meta.get('trained_on')}, {meta.get('timesteps')} steps "
-          f"({meta.get('train_minutes')} min), kept step {meta.get('kept_step')}")
+    print(f"shipped policy: {meta.get('name')} v{meta.get('version')}, "
+          f"{meta.get('trained_by')}, on {meta.get('trained_on')} "
+          f"({meta.get('train_minutes')} min), kept {meta.get('kept_stage')}")
     print()
     head = ("| model | bits | decisions | ILP optimum | ILP s | water level gap "
             "| sac zero-shot gap | s")

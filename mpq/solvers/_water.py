@@ -26,10 +26,18 @@ import numpy as np
 class Level:
     """The water level for the decisions ``t..``: ``price`` (``inf``: not even the cheapest
     vertices fit; ``0``: every decision can take its least-distortion vertex), and the LP
-    relaxation's value of those decisions at that budget (``inf`` when nothing fits)."""
+    relaxation's value of those decisions at that budget (``inf`` when nothing fits).
+    ``lump_dec``: the decision whose hull step the LP buys only in part (-1: none, when every
+    step fits or nothing does), ``lump_cost`` that step's cost, ``lump_frac`` the part bought
+    (in [0, 1)), and ``extra`` the budget left above the decisions' cheapest vertices. Rounding
+    that step is where an integer plan loses against the LP."""
 
     price: float
     lp_value: float
+    lump_dec: int = -1
+    lump_cost: float = 0.0
+    lump_frac: float = 0.0
+    extra: float = 0.0
 
 
 class WaterLevel:
@@ -94,14 +102,15 @@ class WaterLevel:
         k = int(np.searchsorted(cs, extra, side="right"))
         gained = float(np.where(mask, self.ddist, 0.0)[:k].sum())
         if k >= len(cs):
-            return Level(0.0, float(self.rest_dist[t] - gained))
+            return Level(0.0, float(self.rest_dist[t] - gained), extra=float(extra))
         spent = float(cs[k - 1]) if k else 0.0
         frac = (extra - spent) / self.dcost[k]
         lp = float(self.rest_dist[t] - gained - frac * self.ddist[k])
         inside = np.flatnonzero(mask[:k])
         p_out = float(self.price[k])
         p_in = float(self.price[inside[-1]]) if len(inside) else 2.0 * p_out
-        return Level(float(np.sqrt(p_in * p_out)) if p_in > 0 and p_out > 0 else p_out, lp)
+        price = float(np.sqrt(p_in * p_out)) if p_in > 0 and p_out > 0 else p_out
+        return Level(price, lp, int(self.dec[k]), float(self.dcost[k]), float(frac), float(extra))
 
     def vertex(self, d: int, price: float) -> int:
         """The option decision ``d`` takes at ``price``: the hull vertex after every step of
@@ -109,3 +118,12 @@ class WaterLevel:
         hull = self.vertices[d]
         steps = int(np.count_nonzero(self.prices_of[d] > price))
         return int(hull[min(steps, len(hull) - 1)])
+
+    def step_prices(self, d: int, price: float) -> tuple[float, float]:
+        """The prices of decision ``d``'s hull steps around its vertex at ``price``: the step
+        into it (``inf`` at the cheapest vertex) and the step out of it (0 at the dearest)."""
+        prices = self.prices_of[d]
+        steps = int(np.count_nonzero(prices > price))
+        into = float(prices[steps - 1]) if steps > 0 else float("inf")
+        out = float(prices[steps]) if steps < len(prices) else 0.0
+        return into, out

@@ -26,7 +26,7 @@ budget left is spent by cheapest upgrades (the clamp's counterpart: a plan never
 budget). With a ``measure``, the last step swaps the table's return for
 ``(m(level plan) - m(plan)) / m(level plan)``: the measured gain over the water level's plan.
 
-**Observation**: 13 dimensionless numbers (``FEATURES``), so a policy transfers across
+**Observation**: 18 dimensionless numbers (``FEATURES``), so a policy transfers across
 budgets and problems:
 
 ====  ==============  ==================================================================
@@ -46,6 +46,14 @@ budgets and problems:
  11   ``hint``        the rung the water level gives this decision / (rungs - 1)
  12   ``level``       log(water level now / at the start) / 4, in [-2, 2]: > 0 when
                       earlier steps spent more than the LP would have
+ 13   ``step_in``     log(price of the hull step into the hint / water level) / 4, in
+                      [0, 2] (2: the cheapest vertex): how near the level is to a downgrade
+ 14   ``step_out``    log(water level / price of the step out of the hint) / 4, in [0, 2]
+                      (2: the dearest vertex): how near the level is to an upgrade
+ 15   ``lump_cost``   the cost of the hull step the LP buys only in part (the *lump*) / (it
+                      + the budget left above the cheapest options), in [0, 1]
+ 16   ``lump_frac``   the part of the lump the LP buys, in [0, 1)
+ 17   ``lump_ahead``  (the lump's decision - this one) / (decisions - 1), 0 without a lump
 ====  ==============  ==================================================================
 
 Per-decision features (kind, rows, cols, parameter count, weight std and kurtosis) come from
@@ -55,14 +63,20 @@ resources: one water level per resource, and the decision takes the cheapest of 
 a plan that still ends over a budget is repaired by cheapest downgrades, and only if that fails
 the ILP says whether any plan fits (``stats["fallback"]``).
 
-**The shipped policy** (``policies/sac_policy_v1.safetensors``, trained by
-``experiments/bench/train_sac_policy.py`` on synthetic tables and SmolLM2's Fisher table at 9
-budgets each, weights kept at the best validation step): :func:`solve_sac` uses it zero-shot
-(numpy only, :class:`NumpyActor`) or fine-tunes it for ``total_timesteps`` on the problem at
-hand (and its ``measure``). Policy files are safetensors (arrays only) with the format,
-version and feature list in the header, refused when they do not match. Figures:
-BENCHMARKS.md ("Search policies", issue 17). stable-baselines3, gymnasium and torch are
-imported inside the functions that train; importing this module stays numpy-only.
+**The shipped policy** (``policies/sac_policy_v2.safetensors``, made by
+``experiments/bench/train_sac_policy.py``): SAC from the water level never beat its start on
+held-out problems (a plan 1% off the optimum is a return of -0.01 over 100+ steps, under the
+noise of SAC's exploration and critic), so the actor is pre-trained by imitating the exact ILP
+(:mod:`mpq.solvers._sac_imitate`, DAgger on synthetic tables and SmolLM2's Fisher table at
+several budgets), and the weights are kept only where they beat the water level on held-out
+problems. It does not read the model's own features (columns 1-3, 7, 8: zero weights), which
+its training tables lack. :func:`solve_sac` uses it zero-shot (numpy only,
+:class:`NumpyActor`) or fine-tunes it with SAC for ``total_timesteps`` on the problem at hand
+(and its ``measure``). Policy files are safetensors (arrays only) with the format, version and
+feature list in the header, refused when they do not match; version 1 (the untrained water
+level, 13 features) still loads. Figures: BENCHMARKS.md ("Search policies", issue 17).
+stable-baselines3, gymnasium and torch are imported inside the functions that train;
+importing this module stays numpy-only.
 """
 
 from __future__ import annotations
@@ -98,7 +112,13 @@ FEATURES = (
     "prev",
     "hint",
     "level",
+    "step_in",
+    "step_out",
+    "lump_cost",
+    "lump_frac",
+    "lump_ahead",
 )
+V1_FEATURES = FEATURES[:13]  # the observation of version-1 policies (a prefix of this one)
 FEATURE_COLUMNS = ("kind", "rows", "cols", "numel", "weight_std", "weight_kurtosis")
 OBS_BOUND = 16.0  # every observation is clipped to [-OBS_BOUND, OBS_BOUND]
 PRICE_BASE = 4.0  # action a scales the water level's price by PRICE_BASE ** -a
@@ -255,7 +275,31 @@ class AllocationEpisode:
         k = len(self.ladder[self.t])
         obs[11] = self.rank[self.t, self.target(0.0)] / max(k - 1, 1)
         obs[12] = self._level_change()
+        obs[13:18] = self._lp_features()
         return np.clip(obs, -OBS_BOUND, OBS_BOUND)
+
+    def _lp_features(self) -> np.ndarray:
+        """``step_in``, ``step_out``, ``lump_cost``, ``lump_frac``, ``lump_ahead`` (see the
+        module docstring) on the resource whose water level decides the hint."""
+        out = np.zeros(5)
+        d, best, which = self.t, -1, None
+        for r, lv in self.levels.items():
+            o = self.water[r].vertex(d, lv.price)
+            if best < 0 or self.rank[d, o] < self.rank[d, best]:
+                best, which = o, r
+        if which is None:
+            return out
+        lv = self.levels[which]
+        if not math.isfinite(lv.price):
+            return out
+        into, step_out = self.water[which].step_prices(d, lv.price)
+        out[0] = 2.0 if lv.price <= 0 or not math.isfinite(into) else math.log(into / lv.price) / 4
+        out[1] = 2.0 if step_out <= 0 or lv.price <= 0 else math.log(lv.price / step_out) / 4
+        if lv.lump_dec >= 0:
+            out[2] = lv.lump_cost / max(lv.lump_cost + lv.extra, 1e-300)
+            out[3] = lv.lump_frac
+            out[4] = (lv.lump_dec - d) / max(self.n - 1, 1)
+        return np.clip(out, 0.0, 2.0)
 
     def _level_change(self) -> float:
         """log(water level now / at the episode's start) / 4, clipped to [-2, 2] (the most
@@ -391,15 +435,19 @@ def _check_budgets(problem: AllocationProblem, budgets: Sequence[Mapping[str, fl
                 raise MpqError(f"training budget {r}={v} is infeasible (the least is {mins[r]:g})")
 
 
-PRETRAINED = Path(__file__).parent / "policies" / "sac_policy_v1.safetensors"
+PRETRAINED = Path(__file__).parent / "policies" / "sac_policy_v2.safetensors"
 POLICY_FORMAT = "mpq-sac-policy"
-POLICY_VERSION = "1"
+POLICY_VERSION = "2"
+# The observation each readable version was trained on: a version-1 policy reads the first 13
+# features (no LP-rounding features) and still loads, for the figures made with it.
+VERSION_FEATURES = {"1": V1_FEATURES, "2": FEATURES}
 
 
 class NumpyActor:
     """The deterministic action of a SAC actor (stable-baselines3's ``MlpPolicy``: ReLU
     layers, then ``tanh(mu)``) in numpy, from its weights: a policy can be used without torch.
-    ``weights``: the policy's state dict (``actor.latent_pi.{0,2,..}``, ``actor.mu``)."""
+    ``weights``: the policy's state dict (``actor.latent_pi.{0,2,..}``, ``actor.mu``); it reads
+    the first ``inputs`` features of an observation (13 for a version-1 policy)."""
 
     def __init__(self, weights: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
         self.meta = dict(meta)
@@ -414,38 +462,48 @@ class NumpyActor:
         ]
         self.mu = (self.weights["actor.mu.weight"].astype(np.float64),
                    self.weights["actor.mu.bias"].astype(np.float64))
+        self.inputs = int(self.layers[0][0].shape[1] if self.layers else self.mu[0].shape[1])
 
     def __call__(self, obs: np.ndarray) -> float:
-        h = np.asarray(obs, dtype=np.float64).ravel()
+        h = np.asarray(obs, dtype=np.float64).ravel()[: self.inputs]
         for w, b in self.layers:
             h = np.maximum(w @ h + b, 0.0)
         return float(np.tanh(self.mu[0] @ h + self.mu[1])[0])
 
 
-def save_policy(model: Any, path: Path, meta: Mapping[str, str] | None = None) -> None:
-    """A trained SAC's policy weights (actor and critics) as safetensors, with the format,
-    version and feature list in the header (no pickle)."""
+def save_weights(
+    state: Mapping[str, np.ndarray], path: Path, meta: Mapping[str, str] | None = None
+) -> None:
+    """Policy weights (a state dict of arrays: at least ``actor.latent_pi.*`` and
+    ``actor.mu.*``) as safetensors, with the format, version and feature list in the header
+    (no pickle)."""
     from safetensors.numpy import save_file
 
-    state = {k: v.detach().cpu().numpy() for k, v in model.policy.state_dict().items()}
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
     header = {
         "format": POLICY_FORMAT,
         "version": POLICY_VERSION,
         "features": ",".join(FEATURES),
         "price_base": repr(PRICE_BASE),
-        "net_arch": ",".join(str(w.shape[0]) for k, w in sorted(state.items())
+        "net_arch": ",".join(str(w.shape[0]) for k, w in sorted(arrays.items())
                              if k.startswith("actor.latent_pi.") and k.endswith(".bias")),
         **dict(meta or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=header)
+    save_file(arrays, str(tmp), metadata=header)
     tmp.replace(path)
 
 
+def save_policy(model: Any, path: Path, meta: Mapping[str, str] | None = None) -> None:
+    """A trained SAC's policy weights (actor and critics): :func:`save_weights`."""
+    state = {k: v.detach().cpu().numpy() for k, v in model.policy.state_dict().items()}
+    save_weights(state, path, meta)
+
+
 def load_policy(path: Path = PRETRAINED) -> NumpyActor:
-    """A policy written by :func:`save_policy` (safetensors: arrays only, nothing executed);
-    refused with the reason when it is not one, or not for this version's features."""
+    """A policy written by :func:`save_weights` (safetensors: arrays only, nothing executed);
+    refused with the reason when it is not one, or not for a version's features."""
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
@@ -459,16 +517,26 @@ def load_policy(path: Path = PRETRAINED) -> NumpyActor:
         weights = load_file(str(path))
     except Exception as err:  # safetensors raises its own types for a corrupt header
         raise MpqError(f"{path} is not a readable safetensors file ({err})") from err
-    if meta.get("format") != POLICY_FORMAT or meta.get("version") != POLICY_VERSION:
+    version = meta.get("version", "")
+    if meta.get("format") != POLICY_FORMAT or version not in VERSION_FEATURES:
         raise MpqError(
             f"{path} is a {meta.get('format')!r} v{meta.get('version')} file; this mpq reads "
-            f"{POLICY_FORMAT} v{POLICY_VERSION} (retrain: experiments/bench/train_sac_policy.py)"
+            f"{POLICY_FORMAT} v{', v'.join(VERSION_FEATURES)} "
+            "(retrain: experiments/bench/train_sac_policy.py)"
         )
-    if meta.get("features") != ",".join(FEATURES):
+    want = VERSION_FEATURES[version]
+    if meta.get("features") != ",".join(want):
         raise MpqError(
-            f"{path} was trained on features {meta.get('features')}, not {','.join(FEATURES)}"
+            f"{path} was trained on features {meta.get('features')}, not {','.join(want)} "
+            f"(version {version})"
         )
-    return NumpyActor(weights, meta)
+    try:
+        actor = NumpyActor(weights, meta)
+    except (KeyError, IndexError, ValueError) as err:
+        raise MpqError(f"{path} does not hold an actor's weights ({err})") from err
+    if actor.inputs != len(want):
+        raise MpqError(f"{path}: its actor reads {actor.inputs} features, not {len(want)}")
+    return actor
 
 
 def train_sac(
@@ -606,6 +674,7 @@ def solve_sac(
     model: Any = None,
     features: np.ndarray | None = None,
     pretrained: bool | Path = True,
+    level: bool = True,
     **train_kwargs: Any,
 ) -> Solution:
     """RAMP's SAC agent on ``problem``. ``model`` given: that policy, no training. Otherwise
@@ -613,8 +682,9 @@ def solve_sac(
     is used as is when ``total_timesteps == 0`` (zero-shot), or fine-tuned for
     ``total_timesteps`` steps (seeded) on this problem, its budget and ``measure``. Status
     ``feasible``, or ``infeasible`` with ``min_feasible``. ``stats``: ``measured``,
-    ``source`` (``policy``, ``checkpoint``, ``training`` or, when fine-tuning, ``pretrained``:
-    the shipped policy's plan before fine-tuning),
+    ``source`` (``policy``, ``checkpoint``, ``training``, ``water level`` (the plan of action 0,
+    a candidate unless ``level=False``) or, when fine-tuning, ``pretrained``: the shipped
+    policy's plan before fine-tuning),
     ``clamped`` (policy steps the budget clamp lowered), ``policy_measured`` (the final
     policy's plan), ``train_s``, ``timesteps``, ``policy`` (which weights)."""
     t0 = time.perf_counter()
@@ -685,6 +755,13 @@ def solve_sac(
     value = score(choice)
     stats["policy_measured"] = value
     candidates.append((value, 0, "policy", choice))
+    if level:
+        # The policy's start, the water level alone: a learned policy that leaves it for the
+        # worse on a problem unlike its training tables never costs more than its start.
+        plan = level_plan(problem)
+        fresh = not any(np.array_equal(plan, c[3]) for c in candidates)
+        if fresh and problem.feasible(plan):
+            candidates.append((score(plan), 4, "water level", plan))
     value, _, source, choice = min(candidates, key=lambda c: (c[0], c[1]))
     stats["source"] = source
     stats["measured"] = value
