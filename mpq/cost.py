@@ -184,15 +184,25 @@ def packed_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
 WeightBytes = Callable[[tuple[int, ...], QuantFormat], int]
 """How a container stores one target weight: exact bytes per (shape, format)."""
 
+Refusal = Callable[[tuple[int, ...], QuantFormat], "str | None"]
+"""Why a container cannot store one (shape, format) weight, or None when it can."""
+
+
+def _stores_all(shape: tuple[int, ...], fmt: QuantFormat) -> str | None:
+    return None
+
 
 @dataclass(frozen=True)
 class Storage:
     """A container's storage of target weights: ``weight_bytes(shape, format)`` is the exact
     number of bytes it writes for one weight (codes, scales, zero-points and any per-tensor
-    bookkeeping); every other tensor is stored at its dtype, as :class:`CostModel` counts it."""
+    bookkeeping); every other tensor is stored at its dtype, as :class:`CostModel` counts it.
+    ``refuses(shape, format)`` says why it cannot store a weight at all (None: it can); the
+    problem builder then leaves that option out for that target."""
 
     name: str
     weight_bytes: WeightBytes
+    refuses: Refusal = _stores_all
 
 
 PACKED = Storage("mpq", packed_bytes)

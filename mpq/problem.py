@@ -66,6 +66,7 @@ def build_problem(
             members = groups[name]
             gptq_off = fmt.method == "gptq" and not fmt.keep  # GPTQ runs on Linear layers only
             if not all(fits(t.shape, fmt) and not (gptq_off and t.kind != "linear")
+                       and cost_model.storage.refuses(t.shape, fmt) is None
                        for t in members):  # fmt: skip
                 dist[d, o] = np.inf
                 continue

@@ -151,3 +151,21 @@ def test_bitplan_roundtrip_through_hf_config(tiny: Prepared, tmp_path: Path) -> 
     assert isinstance(report.plan, BitPlan)
     assert all(f.spec() == "5:g32:asym" for f in report.plan.formats.values())
     assert loaded.training is False
+
+
+def test_gguf_leaves_dq_out_for_rows_that_do_not_fill_super_blocks(
+    tiny: Prepared, tmp_path: Path
+) -> None:
+    """The tiny model's rows (64, 128 values) do not fill 256-weight k-quant super-blocks: the
+    `:dq` candidate is left out for those targets with a report line, not an exception."""
+    report = _export(
+        tiny, tmp_path / "g", "--budget", "avg-bits=6", "--format", "gguf", "--solver",
+        "uniform", "--formats", "4:g32:asym:dq,4:g32",
+    )  # fmt: skip
+    n = len(tiny.targets)
+    assert any(f"4:g32:asym:dq left out for {n} of {n} targets" in s for s in report.notes)
+    assert {f.spec() for f in report.plan.formats.values()} == {"4:g32"}
+    assert Manifest.read(tmp_path / "g").stored_bytes == report.predicted_bytes
+    with pytest.raises(MpqError, match="no candidate format fits"):
+        _export(tiny, tmp_path / "h", "--budget", "avg-bits=6", "--format", "gguf",
+                "--solver", "uniform", "--formats", "4:g32:asym:dq")  # fmt: skip

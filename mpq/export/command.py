@@ -167,6 +167,7 @@ def export(
     *,
     force: bool = False,
     budget: dict[str, float] | None = None,
+    solve_notes: Sequence[str] = (),
 ) -> ExportReport:
     """Write ``plan`` on ``prep``'s model as ``exporter``'s format into ``out``, read it back,
     check the stored bytes (equal to the container's predicted bytes, which must fit ``budget``),
@@ -201,7 +202,7 @@ def export(
         tokenizer=prep.loaded.tokenizer,
     )
     with output_folder(out, force) as tmp:
-        notes = exporter.write(inp, tmp)
+        notes = [*solve_notes, *exporter.write(inp, tmp)]
         stored = exporter.measure(tmp, inp)
         if stored.total_bytes != predicted:
             raise MpqError(
@@ -250,6 +251,7 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     if args.plan is None and not args.budget:
         raise MpqError("give --budget (e.g. bytes=60MB or avg-bits=4.0) or an existing --plan")
     budget = parse_budget(args.budget) if args.budget else {}
+    solve_notes: list[str] = []
     formats = parse_formats(args.formats or exporter.default_formats)
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     if args.plan is not None:
@@ -260,6 +262,7 @@ def run_export(args: argparse.Namespace) -> ExportReport:
             prep = prepared_for_plan(prep, plan)
     else:
         _expressible(exporter, formats, prep)
+        solve_notes = exporter.dropped(prep.targets, formats)
         table = calib = None
         stats = stats_task(prep, args.stats) if getattr(args, "stats", None) else None
         if args.solver != "uniform":
@@ -271,7 +274,9 @@ def run_export(args: argparse.Namespace) -> ExportReport:
             prep, exporter, args.solver, formats, budget, table, calib,
             guard=not args.no_guard and args.solver != "uniform", stats_task=stats,
         )  # fmt: skip
-    return export(prep, plan, exporter, out, force=args.force, budget=budget)
+    return export(
+        prep, plan, exporter, out, force=args.force, budget=budget, solve_notes=solve_notes
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpq.cost import CostModel, CostReport, Storage, WeightBytes
+from mpq.cost import CostModel, CostReport, Refusal, Storage, WeightBytes
 from mpq.envelope import unwrap, wrap
 from mpq.errors import MpqError
 from mpq.files import clean_stale_temps, exclusive, normalize_modes, sha256_file, temp_dir
@@ -86,10 +86,24 @@ class Exporter:
     measure: Callable[[Path, ExportInput], ContainerCost]
     maps_format: Callable[[QuantFormat], bool] = lambda fmt: True
     default_formats: str = "3,4,5,6,8"
+    refuses: Refusal = lambda shape, fmt: None
 
     @property
     def storage(self) -> Storage:
-        return Storage(self.name, self.weight_bytes)
+        return Storage(self.name, self.weight_bytes, self.refuses)
+
+    def dropped(self, targets: Sequence[Target], formats: Sequence[QuantFormat]) -> list[str]:
+        """One line per candidate format the container cannot store for some targets (the
+        solve leaves that option out for them): how many, and why."""
+        lines = []
+        for fmt in formats:
+            why = [(t.name, r) for t in targets if (r := self.refuses(t.shape, fmt)) is not None]
+            if why:
+                lines.append(
+                    f"{fmt.spec()} left out for {len(why)} of {len(targets)} targets "
+                    f"(e.g. {why[0][0]}: {why[0][1]})"
+                )
+        return lines
 
     def predict(self, plan: BitPlan, cost: CostModel) -> CostReport:
         """The container's figures for ``plan``, without writing (the written files hold

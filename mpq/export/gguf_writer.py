@@ -18,8 +18,9 @@ mpq format    GGUF type  block (32 weights)
 blocks, :mod:`mpq.export.kquants`): ``4:g32:asym:dq`` Q4_K, ``5:g32:asym:dq`` Q5_K, ``6:g16:dq8``
 Q6_K, ``3:g16:dq`` Q3_K, ``2:g16:asym:dq4`` Q2_K, ``4:g32:nl:dq`` IQ4_XS, all written bit-exact at
 exactly mpq's bytes. A k-quant needs rows of whole super-blocks: a ``:dq`` layer whose rows do not
-divide 256 (SmolLM2's 576-wide q/k/v/o/gate/up) is refused with its name (mpq's own container
-stores the shorter last super-block; GGUF has no type for it).
+divide 256 (SmolLM2's 576-wide q/k/v/o/gate/up) has no GGUF type (mpq's own container stores
+the shorter last super-block): :func:`refuses` says so, ``mpq export`` then leaves that ``:dq``
+option out for those layers with a note, and a given ``--plan`` using it is refused by name.
 
 ``u`` is mpq's unsigned code. The symmetric types store mpq's codes and scales unchanged, so
 gguf's dequantization reproduces mpq's dequantized weights bit for bit, at exactly mpq's bytes.
@@ -166,6 +167,15 @@ def _fixed_tensors(model: nn.Module, targets: Sequence[Target]) -> dict[str, tor
         for n, v in unique_tensors(model.state_dict()).items()
         if tensor_key(v) not in target_keys
     }
+
+
+def refuses(shape: tuple[int, ...], fmt: QuantFormat) -> str | None:
+    """Why GGUF cannot store a ``shape`` weight at ``fmt`` (None when it can): k-quants need
+    rows of whole 256-weight super-blocks."""
+    _, cols = matrix_shape(shape)
+    if fmt.dq_bits is not None and cols % SUPER_BLOCK:
+        return f"rows of {cols} values do not fill whole {SUPER_BLOCK}-weight k-quant super-blocks"
+    return None
 
 
 def weight_bytes(shape: tuple[int, ...], fmt: QuantFormat) -> int:
@@ -439,4 +449,5 @@ GGUF_EXPORTER = Exporter(
     measure=measure,
     maps_format=lambda fmt: gguf_type_name(fmt) is not None,
     default_formats=DEFAULT_FORMATS,
+    refuses=refuses,
 )
