@@ -73,17 +73,14 @@ def damage_table(
     """The measured-KL table of ``formats`` on ``calib`` (``anchor``: only that format measured,
     the others carried by output error; ``stats_task``: the mse/gptq statistics' windows)."""
     ref = reference(calib, prep.loaded.model, progress=progress)
-    return run_estimator(
+    return sensitivity_table(
+        prep,
         Measured(anchor=anchor or ""),
-        prep.loaded.model,
-        prep.targets,
+        formats,
         calib,
-        model_id=prep.loaded.model_id,
-        formats=formats,
-        cache_root=cache_root() / "sensitivity",
         progress=progress,
-        reference=ref,
         stats_task=stats_task,
+        ref=ref,
     )
 
 
@@ -95,9 +92,11 @@ def sensitivity_table(
     *,
     progress: bool = True,
     stats_task: Task | None = None,
+    ref: Reference | None = None,
 ) -> SensitivityTable:
     """Any estimator's table for ``prep``'s targets, cached per target under the mpq cache
-    (``stats_task``: where mse / gptq formats' input statistics come from; default ``calib``)."""
+    (``stats_task``: where mse / gptq formats' input statistics come from; default ``calib``;
+    ``ref``: the fp reference on ``calib``, when the caller has it)."""
     return run_estimator(
         estimator,
         prep.loaded.model,
@@ -107,6 +106,7 @@ def sensitivity_table(
         formats=formats,
         cache_root=cache_root() / "sensitivity",
         progress=progress,
+        reference=ref,
         stats_task=stats_task,
     )
 
