@@ -123,7 +123,7 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
     supers = n_supers(cols)
     k = fmt.dq_bits
     if fmt.symmetric:
-        from mpq.quant.core import levels, nearest_codes
+        from mpq.quant.core import levels
 
         table = levels(fmt)
         s = _signed_extreme(x, 2) / table[0]  # the signed extreme lands on the lowest level
@@ -131,8 +131,6 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
         d = _round_scale(_super_reduce(s, sup, supers, signed=True) / kmin, fmt)
         c = torch.clamp(torch.round(_safe_div(s, d[:, sup])), kmin, kmax)
         dq = DoubleQuant(d.to(_dtype(fmt)), (c - kmin).to(torch.uint8))
-        scale, _ = effective(dq, fmt)
-        codes = nearest_codes(_safe_div(x, scale[..., None]), table).to(torch.uint8)
     else:
         cmax = (1 << k) - 1
         lo = x.amin(dim=2).clamp_max(0.0)
@@ -146,11 +144,20 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
         dq = DoubleQuant(
             d.to(_dtype(fmt)), c.to(torch.uint8), dm.to(_dtype(fmt)), cm.to(torch.uint8)
         )
-        scale, mins = effective(dq, fmt)
-        assert mins is not None
-        q = torch.round(_safe_div(x + mins[..., None], scale[..., None].expand_as(x)))
-        codes = torch.clamp(q, 0, fmt.qmax).to(torch.uint8)
-    return codes.reshape(rows, cols), dq
+    return weight_codes(x, dq, fmt).reshape(rows, cols), dq
+
+
+def weight_codes(x: torch.Tensor, dq: DoubleQuant, fmt: QuantFormat) -> torch.Tensor:
+    """Unsigned codes (uint8) of grouped ``x [rows, groups, n]`` under the stored scales
+    ``dq``: the nearest level of ``x / s`` (symmetric) or ``clamp(round((x + m) / s))``."""
+    scale, mins = effective(dq, fmt)
+    if mins is None:
+        from mpq.quant.core import levels, nearest_codes
+
+        codes = nearest_codes(_safe_div(x, scale[..., None]), levels(fmt))
+        return codes.to(torch.uint8)
+    q = torch.round(_safe_div(x + mins[..., None], scale[..., None].expand_as(x)))
+    return torch.clamp(q, 0, fmt.qmax).to(torch.uint8)
 
 
 def dequantize_dq(codes: torch.Tensor, dq: DoubleQuant, fmt: QuantFormat) -> torch.Tensor:

@@ -29,12 +29,14 @@ import torch
 
 from mpq.dq import (
     DoubleQuant,
+    _dtype,
     _round_scale,
     _super_reduce,
     dequantize_dq,
     n_supers,
     quantize_dq,
     super_of_group,
+    weight_codes,
 )
 from mpq.formats import QuantFormat
 from mpq.quant.core import levels, nearest_codes
@@ -122,24 +124,6 @@ def _pick_asym(
     )
 
 
-def _dtype(fmt: QuantFormat) -> torch.dtype:
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
-        fmt.scale_dtype
-    ]
-
-
-def _codes(x: torch.Tensor, dq: DoubleQuant, fmt: QuantFormat) -> torch.Tensor:
-    """Unsigned weight codes ``[rows, groups, n]`` of ``x`` under the stored scales ``dq``."""
-    from mpq.dq import effective
-
-    scale, mins = effective(dq, fmt)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)[..., None]
-    if mins is None:
-        return nearest_codes(x / safe, levels(fmt, x.device)).to(torch.uint8)
-    u = torch.clamp(torch.round((x + mins[..., None]) / safe), 0, fmt.qmax)
-    return u.to(torch.uint8)
-
-
 def _merge(keep_a: torch.Tensor, a: DoubleQuant, b: DoubleQuant, sup: torch.Tensor) -> DoubleQuant:
     """Per (row, super-block) ``a`` where ``keep_a`` else ``b``."""
     g = keep_a[:, sup]
@@ -172,7 +156,7 @@ def _chunk(
     else:
         assert z is not None
         dq = _pick_asym(x, a, s, s * z, fmt)
-    codes = _codes(x, dq, fmt).reshape(rows, cols)
+    codes = weight_codes(x, dq, fmt).reshape(rows, cols)
     r_codes, r_dq = quantize_dq(w, fmt)
     sup = super_of_group(cols, fmt)
     e = _err(x, dequantize_dq(codes, dq, fmt).reshape(rows, groups, -1), a)
