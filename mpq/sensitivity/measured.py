@@ -201,7 +201,8 @@ class Measured(EstimatorBase):
                 dloss[spec] = mean_loss - base
             rows = {"kl": kl, "loss": dloss, "kl_se": kl_se, "loss_se": loss_se}
             if anchor is not None:
-                rows = _scaled(rows, anchor, output_errors(ctx, t, [anchor, *everything]))
+                rest = [f for f in everything if f.spec() != anchor.spec()]
+                rows = _scaled(rows, anchor, output_errors(ctx, t, [anchor, *rest]))
             out[t.name] = TargetResult(values={}, distortions=rows)
         return out
 
