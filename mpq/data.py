@@ -33,6 +33,13 @@ Text sources (``TEXT_DATASETS``)
     otherwise (a stratified 20 % / 80 % split). For perplexity use, ``heldout`` is
     ``test`` and ``calib`` is ``train``.
 
+Mixtures
+--------
+``wiki+bbc`` (any distinct parts joined by ``+``) is calibration text drawn from several
+sources: :func:`text_windows` takes an equal number of windows from each part's own split and
+interleaves them. Each part keeps its split rule, so a mixture's held-out windows are its
+parts' held-out windows.
+
 Images
 ------
 :func:`sample_images` makes deterministic random crops of three photos that ship with
@@ -67,6 +74,7 @@ __all__ = [
     "bbc_label_names",
     "labeled_texts",
     "load_documents",
+    "mixture_parts",
     "photo_names",
     "sample_images",
     "text_windows",
@@ -360,7 +368,8 @@ def _bbc_documents() -> tuple[tuple[Document, bool], ...]:
 def _canonical_split(data_id: str, split: str) -> str:
     if data_id not in _SPLITS:
         raise MpqError(
-            f"unknown text data id {data_id!r}; choose one of {', '.join(TEXT_DATASETS)}"
+            f"unknown text data id {data_id!r}; choose one of {', '.join(TEXT_DATASETS)} "
+            "or a mixture of them such as 'wiki+bbc'"
         )
     splits = _SPLITS[data_id]
     if split not in splits:
@@ -490,6 +499,22 @@ def token_windows(
     return flat.contiguous()
 
 
+def mixture_parts(data_id: str) -> tuple[str, ...]:
+    """The text data sets of a data id: ``"wiki"`` -> ``("wiki",)``, a mixture
+    ``"wiki+bbc"`` -> ``("wiki", "bbc")`` (see :func:`text_windows`).
+
+    Raises:
+        MpqError: an empty or repeated part (``"wiki+"``, ``"wiki+wiki"``).
+    """
+    parts = tuple(data_id.split("+"))
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise MpqError(
+            f"data id {data_id!r}: a mixture names distinct data sets joined by '+', "
+            f"e.g. 'wiki+bbc' (choose from {', '.join(TEXT_DATASETS)})"
+        )
+    return parts
+
+
 def text_windows(
     data_id: str,
     split: str,
@@ -497,8 +522,33 @@ def text_windows(
     seq_len: int,
     n_windows: int | None,
 ) -> torch.Tensor:
-    """``token_windows(tokenizer, load_documents(data_id, split), seq_len, n_windows)``."""
-    return token_windows(tokenizer, load_documents(data_id, split), seq_len, n_windows)
+    """``token_windows(tokenizer, load_documents(data_id, split), seq_len, n_windows)``.
+
+    A mixture ``"a+b"`` (any number of parts) takes an equal share of windows from each part
+    (the first parts get one more when ``n_windows`` does not divide) and interleaves them
+    round-robin, ``a0, b0, a1, b1, ...``: every window is one of that part's own windows
+    (same split, same documents, same cut), and each prefix of the result is as balanced as
+    it can be, so a disjoint later sample (``lm_task``'s ``offset``) is mixed too. Equal
+    *windows* rather than equal documents: one wiki article is as long as ten BBC stories.
+    With ``n_windows=None`` every window of every part is used (after the shortest part runs
+    out, the others continue in turn).
+    """
+    parts = mixture_parts(data_id)
+    if len(parts) == 1:
+        return token_windows(tokenizer, load_documents(data_id, split), seq_len, n_windows)
+    for part in parts:
+        _canonical_split(part, split)
+    k = len(parts)
+    shares: list[int | None] = [None] * k
+    if n_windows is not None:
+        shares = [n_windows // k + (i < n_windows % k) for i in range(k)]
+    got = [
+        token_windows(tokenizer, load_documents(part, split), seq_len, share)
+        for part, share in zip(parts, shares, strict=True)
+        if share != 0
+    ]
+    rows = [w[i] for i in range(max(w.shape[0] for w in got)) for w in got if i < w.shape[0]]
+    return torch.stack(rows).contiguous()
 
 
 # --------------------------------------------------------------------------- images

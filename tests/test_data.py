@@ -224,6 +224,35 @@ def test_text_windows_matches_token_windows(minilm_tokenizer: Any) -> None:
     assert torch.equal(direct, combined)
 
 
+@pytest.mark.parametrize("n", [1, 4, 5])
+def test_mixture_interleaves_each_parts_own_windows(minilm_tokenizer: Any, n: int) -> None:
+    """A mixture's windows are exactly its parts' windows (same split and cut), in equal
+    shares (the first part gets the odd one) and interleaved a0, b0, a1, ..."""
+    mixed = data.text_windows("wiki+bbc", "heldout", minilm_tokenizer, 64, n)
+    wiki = data.text_windows("wiki", "heldout", minilm_tokenizer, 64, (n + 1) // 2)
+    bbc = data.text_windows("bbc", "heldout", minilm_tokenizer, 64, max(n // 2, 1))
+    expect = [wiki[i // 2] if i % 2 == 0 else bbc[i // 2] for i in range(n)]
+    assert mixed.shape == (n, 64)
+    assert torch.equal(mixed, torch.stack(expect))
+
+
+def test_mixture_later_samples_are_disjoint_and_mixed(minilm_tokenizer: Any) -> None:
+    """lm_task's offset takes windows [offset*n, (offset+1)*n) of the first (offset+1)*n: the
+    second sample of 4 is wiki windows 2-3 and bbc windows 2-3, none shared with the first."""
+    eight = data.text_windows("wiki+bbc", "calib", minilm_tokenizer, 64, 8)
+    wiki = data.text_windows("wiki", "calib", minilm_tokenizer, 64, 4)
+    bbc = data.text_windows("bbc", "calib", minilm_tokenizer, 64, 4)
+    assert torch.equal(eight[4:], torch.stack([wiki[2], bbc[2], wiki[3], bbc[3]]))
+    first = {tuple(r.tolist()) for r in eight[:4]}
+    assert not first & {tuple(r.tolist()) for r in eight[4:]}
+
+
+@pytest.mark.parametrize("bad", ["wiki+", "+bbc", "wiki+wiki", "wiki+imagenet"])
+def test_bad_mixture_names_the_fix(minilm_tokenizer: Any, bad: str) -> None:
+    with pytest.raises(MpqError, match=r"wiki\+bbc"):
+        data.text_windows(bad, "calib", minilm_tokenizer, 64, 2)
+
+
 # ------------------------------------------------------------------ images
 
 
