@@ -3,6 +3,7 @@ tolerance repair, and both backends on the same problems."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -98,16 +99,16 @@ def test_plan_over_budget_by_solver_tolerance_is_repaired(monkeypatch: pytest.Mo
     real = ilp._highs
     limits: list[float] = []
 
-    def sloppy(obj, dec, n, rows, *args):  # type: ignore[no-untyped-def]
-        coef, lim = rows["bits"]
+    def sloppy(model, *args):  # type: ignore[no-untyped-def]
+        coef, lim = model.rows["bits"]
         limits.append(lim)
         if len(limits) == 1:  # first answer: optimal for a budget 10% higher
-            return real(obj, dec, n, {"bits": (coef, lim * 1.1)}, *args)
-        return real(obj, dec, n, rows, *args)
+            return real(replace(model, rows={"bits": (coef, lim * 1.1)}), *args)
+        return real(model, *args)
 
     monkeypatch.setattr(ilp, "_highs", sloppy)
-    sloppy_plan = real(*_model(p, 1.1))
-    assert sloppy_plan.x @ _model(p, 1.0)[3]["bits"][0] > p.limits["bits"]  # it does overspend
+    sloppy_plan = real(_model(p, 1.1), None, 0.0)
+    assert sloppy_plan.x @ _model(p, 1.0).rows["bits"][0] > p.limits["bits"]  # it does overspend
     sol = solve_ilp(p)
     assert len(limits) == 2 and limits[1] < limits[0]
     assert sol.status == "feasible" and sol.stats["repairs"] == 1
@@ -119,11 +120,11 @@ def test_repair_that_finds_nothing_falls_back_to_greedy(monkeypatch: pytest.Monk
     real = ilp._highs
     calls: list[int] = []
 
-    def sloppy(obj, dec, n, rows, *args):  # type: ignore[no-untyped-def]
+    def sloppy(model, *args):  # type: ignore[no-untyped-def]
         calls.append(1)
-        coef, lim = rows["bits"]
+        coef, lim = model.rows["bits"]
         if len(calls) == 1:
-            return real(obj, dec, n, {"bits": (coef, lim * 1.1)}, *args)
+            return real(replace(model, rows={"bits": (coef, lim * 1.1)}), *args)
         return ilp._Result("infeasible", None, {})
 
     monkeypatch.setattr(ilp, "_highs", sloppy)
@@ -132,10 +133,10 @@ def test_repair_that_finds_nothing_falls_back_to_greedy(monkeypatch: pytest.Monk
     assert p.feasible(sol.choice)
 
 
-def _model(p: AllocationProblem, scale: float) -> tuple[Any, ...]:
+def _model(p: AllocationProblem, scale: float) -> ilp._Milp:
     dec, opt = np.nonzero(p.allowed)
     rows = {"bits": (p.costs["bits"][dec, opt], p.limits["bits"] * scale)}
-    return (p.distortion[dec, opt], dec, len(p.decisions), rows, None, 0.0)
+    return ilp._Milp(p.distortion[dec, opt], dec, len(p.decisions), rows)
 
 
 def test_no_incumbent_falls_back_to_greedy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -166,49 +166,9 @@ def fits(target: Target, fmt: QuantFormat) -> bool:
     return _fits(target.shape, fmt)
 
 
-@runtime_checkable
-class Estimator(Protocol):
-    """A sensitivity estimator (see the module docstring)."""
-
-    name: ClassVar[str]
-    requires_data: ClassVar[bool]
-    requires_grad: ClassVar[bool]
-    requires_hvp: ClassVar[bool]
-    kinds: ClassVar[frozenset[str]]
-    per_format: ClassVar[bool]
-    needs_all_targets: ClassVar[bool]
-
-    def params(self) -> dict[str, Any]: ...
-
-    def key_params(self) -> dict[str, Any]: ...
-
-    def label(self) -> str: ...
-
-    def group_size(self) -> int | None: ...
-
-    def uses_input_stats(self) -> bool: ...
-
-    def compute(self, ctx: Context, targets: Sequence[Target]) -> dict[str, TargetResult]: ...
-
-    def score(self, result: TargetResult, target: Target) -> float: ...
-
-    def score_stderr(self, result: TargetResult, target: Target) -> float | None: ...
-
-    def distortion_stderr(
-        self, result: TargetResult, target: Target, formats: Sequence[QuantFormat]
-    ) -> dict[str, float]: ...
-
-    def distortions(
-        self,
-        result: TargetResult,
-        target: Target,
-        weight: torch.Tensor,
-        formats: Sequence[QuantFormat],
-    ) -> dict[str, float]: ...
-
-
 class EstimatorBase:
-    """Defaults for the :class:`Estimator` protocol; subclasses are frozen dataclasses."""
+    """The estimator interface with its defaults (see the module docstring); every estimator
+    subclasses it as a frozen dataclass."""
 
     name: ClassVar[str] = ""
     requires_data: ClassVar[bool] = True
@@ -291,3 +251,7 @@ def positive(value: float, what: str, *, allow_zero: bool = False) -> None:
         raise MpqError(f"{what}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise MpqError(f"{what}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+#: The type every estimator has (one interface: :class:`EstimatorBase`).
+Estimator = EstimatorBase

@@ -42,7 +42,7 @@ import importlib
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -337,16 +337,7 @@ def solve_closed_form(problem: AllocationProblem) -> Solution:
     if not ok:
         sol = infeasible(problem, "closed_form", time.perf_counter() - t0)
         stats["reason"] = "the repair found no plan within every budget; use the ilp solver"
-        return Solution(
-            choice=sol.choice,
-            status=sol.status,
-            objective=sol.objective,
-            costs=sol.costs,
-            solver=sol.solver,
-            wall_time=sol.wall_time,
-            stats=stats,
-            min_feasible=sol.min_feasible,
-        )
+        return replace(sol, stats=stats)
     choice, fills = fill_upgrades(problem, choice, model.weights)
     stats["fills"] = fills
     stats.update(equal_loss(problem, model, relax, choice).stats())

@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +46,18 @@ from mpq.solvers.base import AllocationProblem, Solution, infeasible
 from mpq.solvers.validate import validate_problem
 
 Backend = Literal["highs", "cbc"]
+
+
+@dataclass(frozen=True)
+class _Milp:
+    """The model a backend solves: variable ``i`` is one option of decision ``dec[i]``
+    (``0 .. n_dec - 1``); minimize ``obj @ x`` with exactly one variable per decision at 1 and
+    ``coef @ x <= limit`` for each ``rows[resource] = (coef, limit)``."""
+
+    obj: np.ndarray
+    dec: np.ndarray
+    n_dec: int
+    rows: Mapping[str, tuple[np.ndarray, float]]
 
 
 class _Result:
@@ -79,18 +91,11 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def _highs(
-    obj: np.ndarray,
-    dec: np.ndarray,
-    n_dec: int,
-    rows: Mapping[str, tuple[np.ndarray, float]],
-    time_limit: float | None,
-    mip_gap: float,
-    integral: bool = True,
-) -> _Result:
+def _highs(model: _Milp, time_limit: float | None, mip_gap: float) -> _Result:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
 
+    obj, dec, n_dec, rows = model.obj, model.dec, model.n_dec, model.rows
     nv = len(obj)
     one_hot = csr_array((np.ones(nv), (dec, np.arange(nv))), shape=(n_dec, nv))
     cons = [LinearConstraint(one_hot, 1.0, 1.0)]
@@ -104,7 +109,7 @@ def _highs(
     with _quiet_stdout():
         res = milp(
             obj,
-            integrality=np.ones(nv) if integral else np.zeros(nv),
+            integrality=np.ones(nv),
             bounds=Bounds(0.0, 1.0),
             constraints=cons,
             options=options,
@@ -126,16 +131,11 @@ def _highs(
     raise RuntimeError(f"HiGHS failed on the allocation ILP: {res.message}")
 
 
-def _cbc(
-    obj: np.ndarray,
-    dec: np.ndarray,
-    n_dec: int,
-    rows: Mapping[str, tuple[np.ndarray, float]],
-    time_limit: float | None,
-    mip_gap: float,
-) -> _Result:
+def _cbc(model: _Milp, time_limit: float | None, mip_gap: float) -> _Result:
     # PuLP ships no type information; typed as Any rather than with an ignore comment.
     pulp: Any = importlib.import_module("pulp")
+
+    obj, dec, n_dec, rows = model.obj, model.dec, model.n_dec, model.rows
 
     prob = pulp.LpProblem("mpq_allocation", pulp.LpMinimize)
     xs = [prob.add_variable(f"x{i}", 0, 1, cat=pulp.LpBinary) for i in range(len(obj))]
@@ -212,10 +212,8 @@ def _solve_model(
     # tables whose distortions are 1e-9..1e-2 (single-layer KLs): the objective goes to them
     # in units of its geometric mean, so the absolute gap is negligible next to the optimum.
     unit = _objective_unit(obj)
-    if backend == "highs":
-        res = _highs(obj / unit, sub_dec, n_free, rows, time_limit, mip_gap)
-    else:
-        res = _cbc(obj / unit, sub_dec, n_free, rows, time_limit, mip_gap)
+    model = _Milp(obj / unit, sub_dec, n_free, rows)
+    res = (_highs if backend == "highs" else _cbc)(model, time_limit, mip_gap)
     if res.stats.get("dual_bound") is not None:
         res.stats["dual_bound"] = float(res.stats["dual_bound"]) * unit
     if res.x is not None:
