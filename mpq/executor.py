@@ -17,7 +17,7 @@ blocks are quantized *sequentially* as in the GPTQ paper (:mod:`mpq.sequential`,
 through the model whose earlier layers are already quantized; otherwise one pass of the
 unquantized model. GPTQ applies to Linear targets.
 Formats with ``act_bits < 16`` fake-quantize the layer input in both modes
-(:mod:`mpq.activations`; fake mode uses a forward pre-hook).
+(:mod:`mpq.quant.act_quant`; fake mode uses a forward pre-hook).
 
 :func:`load_packed` rebuilds a packed model from a state dict or a file written by
 :func:`mpq.export.safetensors.save_packed`, refusing tensors whose names, shapes, dtypes or
@@ -37,7 +37,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.errors import MpqError
 from mpq.formats import DATA_METHODS, KEEP_BITS, QuantFormat
 from mpq.gptq import GPTQConfig, gptq_quantize
@@ -45,6 +44,7 @@ from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
 from mpq.layerstats import InputStats, collect_input_stats, weighted_by_input
 from mpq.plan import BitPlan
+from mpq.quant.act_quant import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.quant.core import QuantizedTensor
 from mpq.quantize import dequantize, quantize
 from mpq.sequential import Need, block_index, find_blocks, run_sequential

@@ -47,7 +47,7 @@ def measured_frontier(
 ) -> tuple[MeasuredFrontier, list[FrontierRow]]:
     """The NSGA-II frontier on ``calib`` (mean KL to the fp model) and the table's frontier
     plans it was seeded with, as rows by effective bits."""
-    from mpq.measure import evaluator_measure
+    from mpq.calib_measure import evaluator_measure
 
     problem = build_problem(prep.cost, formats, LOOSEST, table)
     measure = evaluator_measure(Evaluator(prep, calib, progress=False), problem, formats,

@@ -14,7 +14,7 @@ decode); embedding tables on a lookup of ``batch`` ids. The table is JSON, versi
 
 ``ran`` is the backend the layer actually got (``cpu`` falls back to ``reference`` for formats
 it cannot fuse). GPTQ formats are timed on RTN codes (same stored layout, same kernels).
-``mpq bench-layers`` (:mod:`mpq.latency_cli`) measures a model's layers into such a file.
+``mpq bench-layers`` (:mod:`mpq.cli.bench_cmds`) measures a model's layers into such a file.
 
 :func:`latency_costs` turns a table into the ``[decisions, options]`` cost array of an
 allocation problem (same decision order as :func:`mpq.problem.build_problem`): a decision costs

@@ -130,14 +130,15 @@ def solve(
 
     The searches (``bayes``, ``evolution``, ``sac``) and ``guard=True`` measure plans on the
     calibration task ``calib`` (each plan's metrics cached on disk by an :class:`Evaluator`).
-    ``guard=True`` is the never-worse-than-uniform guarantee (:func:`mpq.guard.guard_uniform`):
-    when the mixed plan measures worse than the best uniform plan that fits the budget, the
-    uniform plan is returned; the plan's ``meta`` says which happened and why (``guard``,
-    ``guard_reason``, ``measured_mixed``, ``measured_uniform``). ``latency``: the
-    ``[decisions, formats]`` seconds of a latency table, for a ``latency=`` budget.
+    ``guard=True`` is the never-worse-than-uniform guarantee
+    (:func:`mpq.solvers.guard.guard_uniform`): when the mixed plan measures worse than the best
+    uniform plan that fits the budget, the uniform plan is returned; the plan's ``meta`` says
+    which happened and why (``guard``, ``guard_reason``, ``measured_mixed``,
+    ``measured_uniform``). ``latency``: the ``[decisions, formats]`` seconds of a latency table,
+    for a ``latency=`` budget.
     ``guard_task``: calibration tokens that neither the table nor the search used; with it the
     guard measures there (NLL where the task has labels, else the search metric) with
-    :func:`mpq.guard.guard_unseen`, and ``meta`` also gets the nearest uniform plans on both
+    :func:`mpq.solvers.guard.guard_unseen`, and ``meta`` also gets the nearest uniform plans on both
     sides of the budget and ``equal_quality`` / ``saved`` (the budget at which uniform
     quantization measures the same as the plan, in the budget's units, and the difference).
     ``stats_task``: the windows the plan's mse / gptq statistics come from, recorded in the plan
@@ -155,7 +156,7 @@ def solve(
                 f"solver {solver!r}{' with the uniform guard' if guard else ''} measures plans: "
                 f"give calibration data (calib=Task)"
             )
-        from mpq.measure import evaluator_measure
+        from mpq.calib_measure import evaluator_measure
 
         evaluator = Evaluator(prep, calib, progress=False)
         measure = evaluator_measure(
@@ -171,7 +172,7 @@ def solve(
     if solver in SEARCHES:
 
         def features(problem: AllocationProblem) -> np.ndarray:
-            from mpq.measure import decision_features
+            from mpq.calib_measure import decision_features
 
             return decision_features(problem, prep.targets, prep.loaded.model)
 
@@ -180,8 +181,8 @@ def solve(
         sol = SOLVERS.load(solver)(problem)
     reason = ""
     if guard and solver != "uniform" and guard_task is not None:
-        from mpq.guard import guard_unseen
-        from mpq.measure import evaluator_measure
+        from mpq.calib_measure import evaluator_measure
+        from mpq.solvers.guard import guard_unseen
 
         unseen = evaluator_measure(
             Evaluator(prep, guard_task, progress=False),
@@ -192,7 +193,7 @@ def solve(
         sol, reason = guard_unseen(problem, sol, unseen)
         sol = _equal_quality(sol, prep)
     elif guard and solver != "uniform":
-        from mpq.guard import guard_uniform
+        from mpq.solvers.guard import guard_uniform
 
         sol, reason = guard_uniform(problem, sol, measure)
     plan = solution_to_plan(

@@ -103,7 +103,7 @@ def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
     The uniform curve is interpolated linearly between adjacent uniform plans, in log of the
     metric for perplexity and KL (in the metric for accuracy); outside the curve's range the
     saving is not stated."""
-    from mpq.guard import UniformPoint, equal_quality_use
+    from mpq.solvers.guard import UniformPoint, equal_quality_use
 
     metric, lower = primary_metric(rows)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpq.solvers._measure import CachedMeasure
 from mpq.solvers.bayes import solve_bayes
+from mpq.solvers.measure import CachedMeasure
 from mpq.testing import random_problem
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mpq.guard import UniformPoint, equal_quality_use, guard_unseen, uniform_curve
 from mpq.solvers.base import AllocationProblem
+from mpq.solvers.guard import UniformPoint, equal_quality_use, guard_unseen, uniform_curve
 from mpq.solvers.ilp import solve_ilp
 
 # 4 decisions of 1 weight each (bits = the option's width), options 3 / 4 / 5 bits.

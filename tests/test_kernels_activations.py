@@ -9,12 +9,12 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from mpq.activations import ActQuant, fake_quant_act
 from mpq.errors import MpqError
 from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.kernels.modules import PackedWeight, QuantLinear
 from mpq.plan import BitPlan, uniform_plan
+from mpq.quant.act_quant import ActQuant, fake_quant_act
 from mpq.targets import discover
 
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from mpq.cli.bench_cmds import add_bench_layers_parser, check_formats, choose_backend
 from mpq.cost import RESOURCES, CostModel, build_cost_model
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.latency import LatencyEntry, LatencyTable, load_latency_costs, target_layers
-from mpq.latency_cli import add_bench_layers_parser, check_formats, choose_backend
 from mpq.pipeline import prepare
 from mpq.problem import build_problem, parse_budget
 from mpq.sensitivity.table import SensitivityTable

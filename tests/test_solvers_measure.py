@@ -1,4 +1,5 @@
-"""Measured quality on a real (tiny) model: `mpq.measure` feeding the searches and the guard."""
+"""Measured quality on a real (tiny) model: `mpq.calib_measure` feeding the searches and the
+guard."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from mpq.calib_measure import CalibrationMeasure, decision_features, plan_for_choice
 from mpq.cost import build_cost_model
 from mpq.errors import MpqError
 from mpq.evaluate import reference
 from mpq.formats import QuantFormat
-from mpq.guard import guard_uniform
-from mpq.measure import CalibrationMeasure, decision_features, plan_for_choice
 from mpq.problem import build_problem
 from mpq.sensitivity.table import SensitivityTable
 from mpq.solvers.evolution import solve_evolution
+from mpq.solvers.guard import guard_uniform
 from mpq.solvers.ilp import solve_ilp
 from mpq.solvers.sac import FEATURES, AllocationEpisode
 from mpq.targets import discover

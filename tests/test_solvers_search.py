@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 
 from mpq.errors import MpqError
-from mpq.guard import guard_uniform
-from mpq.solvers._measure import CachedMeasure, cached, ladders
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.bayes import bayes_frontier, fingerprint, open_storage, redact, solve_bayes
 from mpq.solvers.evolution import solve_evolution
 from mpq.solvers.greedy import solve_greedy
+from mpq.solvers.guard import guard_uniform
 from mpq.solvers.ilp import solve_ilp
+from mpq.solvers.measure import CachedMeasure, cached, ladders
 from mpq.solvers.uniform import solve_uniform
 from mpq.testing import SolverConformance, SolverSpec, brute_force, random_problem
 from mpq.testing.conformance import with_limits
@@ -309,7 +309,7 @@ def test_guard_without_a_fitting_uniform_plan_and_with_an_infeasible_mix() -> No
 def test_search_modules_import_neither_torch_nor_their_backends() -> None:
     code = (
         "import sys, mpq.solvers, mpq.solvers.bayes, mpq.solvers.evolution, mpq.solvers.sac, "
-        "mpq.guard\n"
+        "mpq.solvers.guard\n"
         "bad = [m for m in ('torch', 'scipy', 'optuna', 'gymnasium', 'stable_baselines3', "
         "'sqlalchemy', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad"

@@ -20,9 +20,9 @@ import time
 import torch
 
 from mpq.formats import QuantFormat
-from mpq.guard import UniformPoint, equal_quality_use
 from mpq.pipeline import Evaluator, prepare, sensitivity_table, solve, task_for, uniform_plans
 from mpq.sensitivity.gradient import Fisher
+from mpq.solvers.guard import UniformPoint, equal_quality_use
 
 FORMATS = "3:asym,4:asym,5:asym,6:asym,8:asym"
 BUDGETS = (3.5, 4.0, 4.5)

@@ -23,8 +23,8 @@ import time
 import numpy as np
 import torch
 
+from mpq.calib_measure import evaluator_measure
 from mpq.formats import QuantFormat
-from mpq.measure import evaluator_measure
 from mpq.pipeline import Evaluator, damage_table, prepare, sensitivity_table, task_for
 from mpq.problem import build_problem, solution_to_plan
 from mpq.sensitivity.gradient import Fisher

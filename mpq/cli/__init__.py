@@ -1,7 +1,7 @@
 """The ``mpq`` command: :func:`main` parses the arguments (:mod:`mpq.cli.main`), each command
 group lives in its own module (``model_cmds``, ``solve_cmds``, ``sensitivity_cmds``,
 ``compare_cmds``; ``export`` in :mod:`mpq.export.command`, ``bench-layers`` in
-:mod:`mpq.latency_cli`) and the argument builders they share in :mod:`mpq.cli.args`."""
+:mod:`mpq.cli.bench_cmds`) and the argument builders they share in :mod:`mpq.cli.args`."""
 
 from __future__ import annotations
 

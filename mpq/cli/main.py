@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bounds_parser(sub)
     add_compare_parser(sub)
 
+    from mpq.cli.bench_cmds import add_bench_layers_parser
     from mpq.export.command import add_export_parser
-    from mpq.latency_cli import add_bench_layers_parser
 
     add_export_parser(sub, SOLVER_NAMES)
     add_bench_layers_parser(sub, model_args)

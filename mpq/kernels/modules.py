@@ -14,7 +14,7 @@ reports it in ``backend`` (``kernel`` says which op). Backends may keep runtime-
 (non-persistent buffers, never in the state dict: the CPU int4 op's repacked codes); every
 module's :meth:`runtime_bytes` counts them. ``QuantConv2d`` and ``QuantEmbedding`` run the
 reference path. Layer inputs are fake-quantized first when the format has ``act_bits < 16``
-(:mod:`mpq.activations`).
+(:mod:`mpq.quant.act_quant`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.activations import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.dq import DoubleQuant, dequantize_dq, effective, n_supers, take_rows
 from mpq.errors import MpqError
 from mpq.formats import KEEP_BITS, QuantFormat
@@ -33,6 +32,7 @@ from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
 from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
 from mpq.kernels.reference import BACKEND as REFERENCE
+from mpq.quant.act_quant import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.quantize import (
     QuantizedTensor,
     dequantize_codes,

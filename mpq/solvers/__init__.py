@@ -5,11 +5,10 @@ importing this package stays numpy-only. So are optuna (``bayes``), stable-basel
 gymnasium and torch (``sac``).
 
 The searches on measured quality (``bayes``, ``evolution``, ``sac``) take a ``measure(choice)
--> float`` besides the problem (see :mod:`mpq.solvers._measure`; ``None`` = the table's own
+-> float`` besides the problem (see :mod:`mpq.solvers.measure`; ``None`` = the table's own
 distortion), so they are :class:`Search`-es rather than plain :class:`Solver`-s.
 """
 
-from mpq.solvers._measure import CachedMeasure, Measure, Search, table_measure
 from mpq.solvers.base import AllocationProblem, Solution
 from mpq.solvers.bayes import MeasuredFrontier, MeasuredPoint, bayes_frontier, solve_bayes
 from mpq.solvers.bounds import Headroom, headroom
@@ -17,6 +16,7 @@ from mpq.solvers.closed_form import solve_closed_form, solve_relaxation, solve_r
 from mpq.solvers.evolution import solve_evolution
 from mpq.solvers.greedy import solve_greedy
 from mpq.solvers.ilp import solve_ilp, solve_ilp_cbc
+from mpq.solvers.measure import CachedMeasure, Measure, Search, table_measure
 from mpq.solvers.pareto import ParetoFrontier, pareto_frontier, solve_pareto
 from mpq.solvers.sac import solve_sac, train_sac
 from mpq.solvers.uniform import solve_uniform

@@ -41,8 +41,8 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.solvers._common import done, over_min, repair_downgrades
-from mpq.solvers._measure import CachedMeasure, Measure, cached, start_plans, uniform_choices
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.measure import CachedMeasure, Measure, cached, start_plans, uniform_choices
 from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
 

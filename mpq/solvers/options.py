@@ -1,9 +1,9 @@
 """Settings of the searches on measured quality, and how a search is built from them (numpy only).
 
 A search is registered in :data:`mpq.registry.SEARCHES` as a :data:`SearchFactory`:
-``factory(options, features) -> Search``, where the :class:`~mpq.solvers._measure.Search` is then
+``factory(options, features) -> Search``, where the :class:`~mpq.solvers.measure.Search` is then
 called as ``search(problem, measure)``. ``features(problem)`` gives per-decision features computed
-on the torch side (RAMP's layer embedding, :func:`mpq.measure.decision_features`), only for a
+on the torch side (RAMP's layer embedding, :func:`mpq.calib_measure.decision_features`), only for a
 search that asks for them. Adding a search = one file with its ``from_options`` + one registry line.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpq.solvers._measure import Search
 from mpq.solvers.base import AllocationProblem
+from mpq.solvers.measure import Search
 
 __all__ = ["Features", "Search", "SearchFactory", "SearchOptions"]
 

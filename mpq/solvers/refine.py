@@ -8,7 +8,7 @@ options *with the rest of the current plan applied* and re-solves on those in-co
 1. **Start**: the ILP plan of the table (or a given feasible choice); measure it.
 2. **Probe**: for every decision (or the ``candidates`` whose table damage changes most per
    unit of cost), measure the plan with that decision one rung down and one rung up its ladder
-   (:func:`mpq.solvers._measure.ladders`; cached, so nothing is measured twice). Each probe's
+   (:func:`mpq.solvers.measure.ladders`; cached, so nothing is measured twice). Each probe's
    measured change is that move's damage in the context of the current plan.
 3. **Re-solve**: a problem with the same costs and budget whose options per decision are only
    stay (0), the measured one-rung-down and one-rung-up changes (shifted per decision so the
@@ -32,9 +32,9 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.solvers._common import done
-from mpq.solvers._measure import CachedMeasure, Measure, Search, cached, ladders, weighted_cost
 from mpq.solvers._start import start_choice
 from mpq.solvers.base import AllocationProblem, Solution
+from mpq.solvers.measure import CachedMeasure, Measure, Search, cached, ladders, weighted_cost
 from mpq.solvers.options import Features, SearchOptions
 from mpq.solvers.validate import validate_problem
 

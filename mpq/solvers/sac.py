@@ -58,7 +58,7 @@ budgets and problems:
 
 Per-decision features (kind, rows, cols, parameter count, weight std and kurtosis) come from
 ``features=`` or ``problem.meta["features"]`` (``[decisions, 6]``, NaN where unknown;
-:func:`mpq.measure.decision_features` builds it from a model's targets). Several budgeted
+:func:`mpq.calib_measure.decision_features` builds it from a model's targets). Several budgeted
 resources: one water level per resource, and the decision takes the cheapest of their answers;
 a plan that still ends over a budget is repaired by cheapest downgrades, and only if that fails
 the ILP says whether any plan fits (``stats["fallback"]``).
@@ -92,9 +92,9 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done, fill_upgrades, over_min, repair_downgrades
-from mpq.solvers._measure import CachedMeasure, Measure, cached, ladders
 from mpq.solvers._water import Level, WaterLevel
 from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.measure import CachedMeasure, Measure, cached, ladders
 from mpq.solvers.options import Features, Search, SearchOptions
 from mpq.solvers.validate import validate_problem
 

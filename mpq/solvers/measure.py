@@ -2,8 +2,8 @@
 
 A *measure* is a callable ``measure(choice) -> float`` that scores the plan a choice (one option
 index per decision) stands for; lower is better (e.g. the calibration KL of the quantized model,
-built on the torch side by :mod:`mpq.measure`). The searches (``bayes``, ``evolution``, ``sac``)
-and the uniform guard take one; ``None`` means the problem's own summed distortion
+built on the torch side by :mod:`mpq.calib_measure`). The searches (``bayes``, ``evolution``,
+``sac``) and the uniform guard take one; ``None`` means the problem's own summed distortion
 (:func:`table_measure`), which is what the conformance suite runs them on.
 
 :class:`CachedMeasure` wraps a measure so that no choice is measured twice (measured quality is

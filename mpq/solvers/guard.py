@@ -5,7 +5,7 @@ search on a measure); it can still measure worse than simply giving every decisi
 format. :func:`guard_uniform` measures both the mixed plan and the best uniform plan that fits
 the budget (best by the table, as :func:`mpq.solvers.uniform.solve_uniform` picks it) with the
 same ``measure`` (lower is better: the calibration KL of the quantized model, built by
-:mod:`mpq.measure`) and returns the uniform plan, with the reason and both numbers, when the
+:mod:`mpq.calib_measure`) and returns the uniform plan, with the reason and both numbers, when the
 mixed one is worse. Ties keep the mixed plan.
 
 :func:`guard_unseen` is the same guarantee measured where it can see overfitting: on
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from mpq.solvers._measure import Measure, cached, uniform_choices
 from mpq.solvers.base import AllocationProblem, Solution
+from mpq.solvers.measure import Measure, cached, uniform_choices
 from mpq.solvers.uniform import solve_uniform
 
 

@@ -1,11 +1,11 @@
 """Measured quality of plans for the search solvers (torch side).
 
 The searches of :mod:`mpq.solvers` (``bayes``, ``evolution``, ``sac``) and the uniform guard
-(:mod:`mpq.guard`) take a ``measure(choice) -> float`` (lower is better). Here it is built from
-a model: the choice becomes a :class:`~mpq.plan.BitPlan` (:func:`plan_for_choice`), the plan is
-applied with ``apply_plan(mode="fake")`` and evaluated against the fp reference on a
-calibration :class:`~mpq.tasks.Task` (:func:`mpq.evaluate.evaluate`); the metric (mean KL by
-default) is the value. Every measure here is a :class:`~mpq.solvers._measure.CachedMeasure`:
+(:mod:`mpq.solvers.guard`) take a ``measure(choice) -> float`` (lower is better). Here it is
+built from a model: the choice becomes a :class:`~mpq.plan.BitPlan` (:func:`plan_for_choice`),
+the plan is applied with ``apply_plan(mode="fake")`` and evaluated against the fp reference on
+a calibration :class:`~mpq.tasks.Task` (:func:`mpq.evaluate.evaluate`); the metric (mean KL by
+default) is the value. Every measure here is a :class:`~mpq.solvers.measure.CachedMeasure`:
 no choice is measured twice, and one measure can be shared by several searches and the guard.
 
 - :class:`CalibrationMeasure`: model + targets + task (+ reference). It applies each plan to
@@ -36,8 +36,8 @@ from mpq.executor import apply_plan
 from mpq.formats import KEEP_BITS, QuantFormat
 from mpq.plan import BitPlan
 from mpq.problem import check_options, plan_for_choice
-from mpq.solvers._measure import CachedMeasure
 from mpq.solvers.base import AllocationProblem
+from mpq.solvers.measure import CachedMeasure
 from mpq.solvers.sac import FEATURE_COLUMNS, KIND_CODES
 from mpq.targets import Target, decisions
 from mpq.tasks import Task
