@@ -69,12 +69,46 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 
 def data_args(
-    p: argparse.ArgumentParser, default: str, split: str, n: int, seq: int | None
+    p: argparse.ArgumentParser, default: str | None, split: str, n: int | None, seq: int | None
 ) -> None:
-    p.add_argument("--data", default=default, help="wiki | bbc (text), photos (CNN)")
+    """--data, --split, --n, --seq-len; a None default means the model's recipe
+    (:func:`fill_recipe`)."""
+    recipe = " (default: the model's recipe, mpq.recipes)"
+    p.add_argument(
+        "--data",
+        default=default,
+        help="wiki | bbc | a mixture such as wiki+bbc (text), photos (CNN)"
+        + ("" if default else recipe),
+    )
     p.add_argument("--split", default=split, help="calib | heldout")
-    p.add_argument("--n", type=int, default=n, help="windows / documents / images")
-    p.add_argument("--seq-len", type=int, default=seq, help="tokens per window")
+    p.add_argument(
+        "--n", type=int, default=n, help="windows / documents / images" + ("" if n else recipe)
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=seq, help="tokens per window" + ("" if seq else recipe)
+    )
+
+
+def fill_recipe(args: argparse.Namespace, formats: str | None = None) -> str:
+    """Fill what the command line left unset (None) from the model's recipe
+    (:mod:`mpq.recipes`) and return the candidate formats. ``--data``, ``--n``, ``--seq-len``
+    come from the recipe; its formats, ``--anchor`` and ``--stats`` are one package, used
+    when ``--formats`` is not given (``formats``: the default to use instead of the recipe's,
+    e.g. a container's). ``--anchor none`` / ``--stats none`` turn a choice off."""
+    from mpq.recipes import recipe_for
+
+    r = recipe_for(args.model)
+    for name in ("data", "n", "seq_len"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(r, name))
+    package = not args.formats and formats is None
+    for name in ("anchor", "stats"):
+        value = getattr(args, name, None)
+        if value is None:
+            setattr(args, name, getattr(r, name) if package else None)
+        elif str(value).lower() == "none":
+            setattr(args, name, None)
+    return str(args.formats or formats or r.formats)
 
 
 def precondition_arg(p: argparse.ArgumentParser) -> None:

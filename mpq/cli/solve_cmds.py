@@ -10,6 +10,7 @@ from mpq.cli.args import (
     SOLVER_NAMES,
     calib_spec,
     data_args,
+    fill_recipe,
     model_args,
     parse_formats,
     precondition_arg,
@@ -64,7 +65,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from mpq.solvers.options import SearchOptions
 
     _check_plan_out(Path(args.out))
-    formats = parse_formats(args.formats)
+    formats = parse_formats(fill_recipe(args))
     budget = parse_budget(args.budget)
     for name in ("trials", "generations", "rounds"):
         if getattr(args, name) < 1:
@@ -180,7 +181,12 @@ def add_solve_parser(sub: Any) -> None:
     model_args(p)
     p.add_argument("--solver", default="greedy", choices=SOLVER_NAMES)
     p.add_argument("--budget", required=True, help="e.g. 'bits=4.0', '4.0', 'bytes=80e6'")
-    p.add_argument("--formats", default="3,4,5,6,8", help="candidate formats, comma-separated")
+    p.add_argument(
+        "--formats",
+        default=None,
+        help="candidate formats, comma-separated (default: the model's recipe, mpq.recipes: "
+        "SmolLM2's importance-weighted k-quant palette, else 3,4,5,6,8)",
+    )
     p.add_argument("--out", required=True, help="where to write the plan JSON")
     p.add_argument(
         "--table",
@@ -218,13 +224,14 @@ def add_solve_parser(sub: Any) -> None:
     p.add_argument("--latency-backend", default="cpu", help="which backend's timings to use")
     p.add_argument("--latency-batch", type=int, default=1, help="which batch size's timings")
     precondition_arg(p)
-    data_args(p, "wiki", "calib", 2, 128)
+    data_args(p, None, "calib", None, None)
     p.add_argument(
         "--stats",
         default=None,
         metavar="DATA:SPLIT:NxLEN",
         help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
-        "wiki:calib:16x512 (one forward pass; default: the calibration windows)",
+        "wiki:calib:16x512 (one forward pass; default: the model's recipe, else the calibration "
+        "windows; 'none': the calibration windows)",
     )
     p.add_argument(
         "--anchor",
@@ -232,7 +239,7 @@ def add_solve_parser(sub: Any) -> None:
         metavar="FORMAT",
         help="measure each layer's damage at this format only and carry it to the other "
         "formats by the layer's output error (about one table column's cost; see "
-        "mpq.sensitivity.measured)",
+        "mpq.sensitivity.measured; default: the model's recipe; 'none': measure every format)",
     )
     p.set_defaults(func=cmd_solve)
 

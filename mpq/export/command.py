@@ -63,7 +63,8 @@ def add_export_parser(
     p.add_argument(
         "--formats",
         default=None,
-        help="candidate formats, comma-separated (default: what the --format container maps)",
+        help="candidate formats, comma-separated (default: the model's recipe, mpq.recipes, when "
+        "the --format container stores all of them, else the container's own default)",
     )
     p.add_argument("--format", dest="export_format", default="mpq", choices=list(EXPORTERS))
     p.add_argument("--out", required=True, help="output folder (refused if it exists)")
@@ -73,9 +74,16 @@ def add_export_parser(
         default=None,
         help="export this plan (JSON file or 'uniform:<spec>') instead of solving one",
     )
-    p.add_argument("--data", default="wiki", help="calibration data: wiki | bbc | photos")
-    p.add_argument("--n", type=int, default=2, help="calibration windows / documents / images")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    recipe = " (default: the model's recipe, mpq.recipes)"
+    p.add_argument(
+        "--data", default=None, help="calibration data: wiki | bbc | wiki+bbc | photos" + recipe
+    )
+    p.add_argument(
+        "--n", type=int, default=None, help="calibration windows / documents / images" + recipe
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per calibration window" + recipe
+    )
     p.add_argument("--no-guard", action="store_true",
                    help="skip the never-worse-than-uniform check on calibration KL")  # fmt: skip
     p.add_argument(
@@ -83,13 +91,15 @@ def add_export_parser(
         default=None,
         metavar="DATA:SPLIT:NxLEN",
         help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
-        "wiki:calib:16x512 (default: the calibration windows)",
+        "wiki:calib:16x512 (default: the model's recipe, else the calibration windows; 'none': "
+        "the calibration windows)",
     )
     p.add_argument(
         "--anchor",
         default=None,
         metavar="FORMAT",
-        help="measure each layer's damage at this format only (see `mpq solve --anchor`)",
+        help="measure each layer's damage at this format only (see `mpq solve --anchor`; "
+        "default: the model's recipe; 'none': measure every format)",
     )
     p.set_defaults(func=cmd_export)
     return p
@@ -239,11 +249,12 @@ def export(
 
 def run_export(args: argparse.Namespace) -> ExportReport:
     """The ``export`` command's work (see the module docstring); returns its report."""
-    from mpq.cli.args import parse_formats, stats_task
+    from mpq.cli.args import fill_recipe, parse_formats, stats_task
     from mpq.cost import parse_budget
     from mpq.export.common import check_output_folder
     from mpq.pipeline import damage_table, prepare, task_for
     from mpq.plan import parse_plan_arg
+    from mpq.recipes import recipe_for
 
     exporter: Exporter = EXPORTERS.load(args.export_format)
     out = Path(args.out)
@@ -252,7 +263,10 @@ def run_export(args: argparse.Namespace) -> ExportReport:
         raise MpqError("give --budget (e.g. bytes=60MB or avg-bits=4.0) or an existing --plan")
     budget = parse_budget(args.budget) if args.budget else {}
     solve_notes: list[str] = []
-    formats = parse_formats(args.formats or exporter.default_formats)
+    # The model's recipe when the container stores all of its formats, else its own default.
+    recipe = parse_formats(recipe_for(args.model).formats)
+    own = None if all(exporter.maps_format(f) for f in recipe) else exporter.default_formats
+    formats = parse_formats(fill_recipe(args, own))
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     if args.plan is not None:
         plan = parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)

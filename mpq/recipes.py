@@ -1,0 +1,48 @@
+"""What ``mpq solve`` and ``mpq export`` use when the command line does not say: per bundled
+model, the candidate formats, the anchor of the measured table, where the importance of
+``:mse`` formats comes from, and the table's calibration windows.
+
+The SmolLM2 recipe is the main job's (``experiments/configs/smollm2.toml``, measured in
+BENCHMARKS.md "Main job" and "Calibration that generalizes"): the importance-weighted k-quant
+palette, the table measured at one anchor format and carried to the others by each layer's
+output error, importance from 16 x 512 tokens. Every other model (MiniLM, MobileNetV2, a local
+Hugging Face folder) gets the generic recipe: per-channel rtn formats, which fit every layer
+shape, a fully measured table, no importance. Torch-free (read while parsing arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults of one model: ``formats`` (comma-separated specs), ``anchor`` (a format spec,
+    or None for a fully measured table), ``stats`` (``DATA:SPLIT:NxLEN``, or None: the
+    calibration windows), and the table's calibration ``data``, ``n`` windows of ``seq_len``."""
+
+    formats: str
+    anchor: str | None
+    stats: str | None
+    data: str
+    n: int
+    seq_len: int
+
+
+GENERIC = Recipe("3,4,5,6,8", None, None, "wiki", 2, 128)
+
+RECIPES: dict[str, Recipe] = {
+    "smollm2-135m": Recipe(
+        formats="3:g32:dq:mse,4:g32:nl:dq:mse,4:g32:asym:dq:mse,5:g32:dq:mse,6:g32:dq:mse,8:g32:dq",
+        anchor="4:g32:nl:dq:mse",
+        stats="wiki:calib:16x512",
+        data="wiki",
+        n=4,
+        seq_len=256,
+    ),
+}
+
+
+def recipe_for(model: str) -> Recipe:
+    """The recipe of a bundled model id, else :data:`GENERIC`."""
+    return RECIPES.get(model, GENERIC)
