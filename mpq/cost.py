@@ -34,18 +34,29 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from mpq.dq import n_supers
 from mpq.errors import MpqError
-from mpq.formats import KEEP, KEEP_BITS, SCALE_DTYPES, QuantFormat, matrix_shape, n_groups
-from mpq.kernels.packing import WORD_BITS, words_per_row
-from mpq.models import run_batch
+from mpq.formats import (
+    KEEP,
+    KEEP_BITS,
+    SCALE_DTYPES,
+    WORD_BITS,
+    QuantFormat,
+    matrix_shape,
+    n_groups,
+    n_supers,
+    words_per_row,
+)
 from mpq.plan import BitPlan
 from mpq.targets import Target
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# The budget arithmetic is torch-free; torch (and the model runner) are imported by the
+# functions that read a model's tensors or run it.
 
 RESOURCES = ("bits", "bytes", "bops", "latency")
 """Budget resources: ``bits`` (effective bits per target weight), ``bytes`` (the whole model),
@@ -355,6 +366,11 @@ class CostModel:
 
 def count_macs(model: nn.Module, names: Iterable[str], sample: Any) -> dict[str, int]:
     """MACs of each named module (Linear, Conv2d; Embedding = 0) on one forward of ``sample``."""
+    import torch
+    from torch import nn
+
+    from mpq.models import run_batch
+
     wanted = set(names)
     macs = {n: 0 for n in wanted}
     hooks = []
@@ -382,6 +398,8 @@ def target_tensor_keys(
     model: nn.Module, targets: Sequence[Target]
 ) -> set[tuple[int, tuple[int, ...], torch.dtype]]:
     """The :func:`tensor_key` of every target's weight (a tied weight appears once)."""
+    import torch
+
     keys = set()
     modules = dict(model.named_modules())
     for t in targets:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpq.formats import SUPER_BLOCK, QuantFormat
+from mpq.formats import SUPER_BLOCK, QuantFormat, n_supers
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ def take_rows(dq: DoubleQuant, rows: torch.Tensor) -> DoubleQuant:
     mins = None if dq.super_mins is None else dq.super_mins[rows]
     codes = None if dq.min_codes is None else dq.min_codes[rows]
     return DoubleQuant(dq.super_scales[rows], dq.scale_codes[rows], mins, codes)
-
-
-def n_supers(cols: int) -> int:
-    """Super-blocks per row: ``ceil(cols / 256)`` (the last one may be shorter)."""
-    return -(-cols // SUPER_BLOCK)
 
 
 def super_of_group(cols: int, fmt: QuantFormat) -> torch.Tensor:

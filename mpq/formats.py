@@ -225,6 +225,21 @@ def n_groups(cols: int, fmt: QuantFormat) -> int:
     return 1 if fmt.group_size is None else cols // fmt.group_size
 
 
+def n_supers(cols: int) -> int:
+    """Super-blocks per row of a ``:dq`` format: ``ceil(cols / 256)`` (the last one may be
+    shorter)."""
+    return -(-cols // SUPER_BLOCK)
+
+
+#: Codes are packed per row into words of this many bits (:mod:`mpq.kernels.packing`).
+WORD_BITS = 32
+
+
+def words_per_row(cols: int, bits: int) -> int:
+    """Number of 32-bit words that hold one packed row of ``cols`` codes."""
+    return -(-cols * bits // WORD_BITS)
+
+
 def check_format(shape: tuple[int, ...], fmt: QuantFormat, name: str = "weight") -> None:
     """Raise :class:`MpqError` when ``fmt`` cannot store a weight of ``shape``."""
     if fmt.keep:

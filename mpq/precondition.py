@@ -71,7 +71,7 @@ from mpq.formats import QuantFormat
 from mpq.models import run_batch
 from mpq.plan import BitPlan
 from mpq.quantize import fake_quantize
-from mpq.targets import KINDS, Target
+from mpq.targets import Target, module_kind
 from mpq.tasks import CalibSpec, Task
 
 METHODS = ("none", "scale_folding", "awq")
@@ -378,7 +378,7 @@ def plan_folds(
     covered = {n for g in found for n in g.layers}
     not_folded: list[tuple[str, str]] = []
     for name, m in modules.items():
-        kind = KINDS.get(type(m))
+        kind = module_kind(m)
         if kind is None or name in covered:
             continue
         if name in reasons:

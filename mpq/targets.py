@@ -11,16 +11,27 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mpq.errors import MpqError
 
-KINDS: dict[type[nn.Module], str] = {
-    nn.Linear: "linear",
-    nn.Conv2d: "conv2d",
-    nn.Embedding: "embedding",
-}
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported by the functions that read a model, so that plans, costs and problems
+# (which only name targets) load without it.
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The target kind of ``module`` by its exact type (Linear, Conv2d, Embedding), else None."""
+    from torch import nn
+
+    kinds: dict[type[nn.Module], str] = {
+        nn.Linear: "linear",
+        nn.Conv2d: "conv2d",
+        nn.Embedding: "embedding",
+    }
+    return kinds.get(type(module))
 
 
 @dataclass(frozen=True)
@@ -88,13 +99,14 @@ def discover(
     matches some include pattern (or none are given) and no exclude pattern. A weight shared by
     several modules is one target named after its first owner; the filters apply to that name.
     """
+    from torch import nn
+
     inc = _compile(include, "include")
     exc = _compile(exclude, "exclude")
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     order: list[int] = []
     for name, module in model.named_modules():
-        kind = KINDS.get(type(module))
-        if kind is None:
+        if module_kind(module) is None:
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter):
@@ -112,12 +124,12 @@ def discover(
         if any(p.search(name) for p in exc):
             continue
         tie = next((k for r in tie_rules if (k := r.match(name)) is not None), None)
-        weight = module.weight
-        assert isinstance(weight, nn.Parameter)
+        weight, kind = module.weight, module_kind(module)
+        assert isinstance(weight, nn.Parameter) and kind is not None
         targets.append(
             Target(
                 name=name,
-                kind=KINDS[type(module)],
+                kind=kind,
                 shape=tuple(weight.shape),
                 tie=tie,
                 aliases=tuple(n for n, _ in rest),

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mpq.cost import weight_bits
-from mpq.dq import DoubleQuant, dequantize_dq, n_supers, quantize_dq
+from mpq.dq import DoubleQuant, dequantize_dq, quantize_dq
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
+from mpq.formats import QuantFormat, n_supers
 from mpq.kernels.modules import PackedWeight, QuantLinear
 from mpq.quantize import dequantize, quantize
 

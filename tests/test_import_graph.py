@@ -5,6 +5,9 @@ here, so each module can be read, tested and replaced below the ones that use it
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -104,3 +107,15 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     mods = {"mpq.a": Path("a"), "mpq.b": Path("b"), "mpq.c": Path("c")}
     graph = {"mpq.a": {"mpq.b"}, "mpq.b": {"mpq.a"}, "mpq.c": {"mpq.a"}}
     assert _cycles(mods, graph) == [frozenset({"mpq.a", "mpq.b"})]
+
+
+def test_plans_costs_and_problems_load_without_torch() -> None:
+    """Formats, targets, plans, the cost model's arithmetic and the problem builder are integer
+    and numpy work: importing them must not import torch (or transformers)."""
+    code = (
+        "import sys, mpq.formats, mpq.targets, mpq.plan, mpq.cost, mpq.problem\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent, env=env)

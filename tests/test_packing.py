@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpq.kernels.packing import pack, unpack, words_per_row
+from mpq.formats import words_per_row
+from mpq.kernels.packing import pack, unpack
 
 
 def _reference_pack(row: list[int], bits: int) -> list[int]:

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.dq import DoubleQuant, dequantize_dq, effective, n_supers, take_rows
+from mpq.dq import DoubleQuant, dequantize_dq, effective, take_rows
 from mpq.errors import MpqError
-from mpq.formats import KEEP_BITS, QuantFormat
+from mpq.formats import KEEP_BITS, QuantFormat, n_supers
 from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
 from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes

@@ -31,12 +31,7 @@ import sys
 
 import torch
 
-WORD_BITS = 32
-
-
-def words_per_row(cols: int, bits: int) -> int:
-    """Number of 32-bit words that hold one packed row of ``cols`` codes."""
-    return -(-cols * bits // WORD_BITS)
+from mpq.formats import WORD_BITS, words_per_row
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
