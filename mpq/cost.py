@@ -4,7 +4,7 @@ Bits of a quantized weight = packed codes (rows padded to 32-bit words, see
 :mod:`mpq.kernels.packing`) + scales at their dtype + packed zero-points (asymmetric formats,
 one stream for the whole tensor). A ``:dq`` format stores instead of scales and zero-points,
 per scale (and per min when asymmetric), one packed stream of ``rows * groups`` ``dq_bits``-bit
-codes and ``rows * ceil(cols / 256)`` super-scales at the scale dtype (:mod:`mpq.dq`). A kept
+codes and ``rows * ceil(cols / 256)`` super-scales at the scale dtype (:mod:`mpq.quant.dq`). A kept
 weight (16) is stored as float16. Every other tensor of
 the model's state dict (norms, biases, BatchNorm statistics, excluded layers) is counted at its
 own dtype; a tensor shared by several modules is counted once. The sum equals the bytes of the

@@ -39,14 +39,14 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.formats import DATA_METHODS, KEEP_BITS, QuantFormat
-from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
 from mpq.layerstats import InputStats, collect_input_stats, weighted_by_input
 from mpq.plan import BitPlan
 from mpq.quant.act_quant import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
 from mpq.quant.core import QuantizedTensor
-from mpq.quantize import dequantize, quantize
+from mpq.quant.gptq import GPTQConfig, gptq_quantize
+from mpq.quant.quantize import dequantize, quantize
 from mpq.sequential import Need, block_index, find_blocks, run_sequential
 from mpq.targets import Target
 

@@ -9,11 +9,11 @@ Spec strings (CLI and configs): ``"4"``, ``"4:g128"``, ``"4:g128:asym"``, ``"3:a
 the bits, in any order: ``g<N>`` group size (default: one group per output channel),
 ``sym``/``asym``, ``fp16``/``bf16``/``fp32`` scale dtype, ``rtn``/``mse``/``gptq`` method,
 ``nl``/``nf4`` non-uniform 4-bit grid (symmetric only), ``a<N>`` activation bits,
-``dq``/``dq4``/``dq6``/``dq8`` double-quantized group scales (see :mod:`mpq.dq`: each group's
+``dq``/``dq4``/``dq6``/``dq8`` double-quantized group scales (see :mod:`mpq.quant.dq`: each group's
 scale, and min when asymmetric, is an N-bit code (``dq`` = 6) under one super-scale per 256
 weights of a row, stored at the scale dtype; needs a group size that divides 256).
 
-Methods (:mod:`mpq.quantize` dispatches): ``rtn`` round to nearest on the min/max grid;
+Methods (:mod:`mpq.quant.quantize` dispatches): ``rtn`` round to nearest on the min/max grid;
 ``mse`` a per-group search of the scale (and zero-point) that minimizes the reconstruction
 error, weighted per input channel by the layer's importance when calibration statistics are
 given; ``gptq`` GPTQ on the layer's input Hessian. Grids: ``int`` (uniform integers; the

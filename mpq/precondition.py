@@ -70,7 +70,7 @@ from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.models import run_batch
 from mpq.plan import BitPlan
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.targets import Target, module_kind
 from mpq.tasks import CalibSpec, Task
 

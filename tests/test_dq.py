@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mpq.cost import weight_bits
-from mpq.dq import DoubleQuant, dequantize_dq, quantize_dq
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat, n_supers
 from mpq.kernels.modules import PackedWeight, QuantLinear
-from mpq.quantize import dequantize, quantize
+from mpq.quant.dq import DoubleQuant, dequantize_dq, quantize_dq
+from mpq.quant.quantize import dequantize, quantize
 
 K_SPECS = {
     "2:g16:asym:dq4": "Q2_K",

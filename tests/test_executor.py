@@ -11,7 +11,7 @@ from mpq.executor import apply_plan, backends
 from mpq.formats import QuantFormat
 from mpq.kernels.modules import QuantEmbedding, QuantLinear
 from mpq.plan import BitPlan, uniform_plan
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.targets import discover
 
 

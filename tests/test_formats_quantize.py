@@ -7,7 +7,7 @@ import torch
 
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.quantize import dequantize, fake_quantize, quantize
+from mpq.quant.quantize import dequantize, fake_quantize, quantize
 
 
 @pytest.mark.parametrize(

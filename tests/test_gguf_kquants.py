@@ -11,7 +11,6 @@ import torch
 from conftest import cycled_plan
 
 from mpq.cost import build_cost_model
-from mpq.dq import DoubleQuant, dequantize_dq
 from mpq.errors import MpqError
 from mpq.executor import apply_plan
 from mpq.export.command import export as export_plan
@@ -22,7 +21,8 @@ from mpq.formats import QuantFormat
 from mpq.models import LoadedModel
 from mpq.pipeline import Prepared
 from mpq.plan import BitPlan
-from mpq.quantize import quantize
+from mpq.quant.dq import DoubleQuant, dequantize_dq
+from mpq.quant.quantize import quantize
 from mpq.targets import discover
 
 SPECS = {

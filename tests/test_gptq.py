@@ -10,10 +10,10 @@ from conftest import tiny_llama
 from mpq.errors import MpqError
 from mpq.executor import apply_plan, collect_hessians
 from mpq.formats import QuantFormat
-from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.kernels.modules import PackedWeight
 from mpq.plan import BitPlan
-from mpq.quantize import dequantize, fake_quantize, quantize
+from mpq.quant.gptq import GPTQConfig, gptq_quantize
+from mpq.quant.quantize import dequantize, fake_quantize, quantize
 from mpq.targets import discover
 
 

@@ -18,7 +18,7 @@ ALLOWED = {
     # gymnasium/stable-baselines3 load only when a SAC agent trains.
     frozenset({"mpq.solvers.sac", "mpq.solvers._sac_env"}),
     # double quantization of scales reuses the level tables (issue 15).
-    frozenset({"mpq.dq", "mpq.quant.core"}),
+    frozenset({"mpq.quant.dq", "mpq.quant.core"}),
 }
 
 

@@ -11,7 +11,7 @@ from mpq.cost import weight_bits
 from mpq.formats import QuantFormat, words_per_row
 from mpq.kernels.modules import PackedWeight, expected_buffers
 from mpq.kernels.packing import pack_codes, padding_is_zero, unpack, unpack_codes
-from mpq.quantize import dequantize, quantize
+from mpq.quant.quantize import dequantize, quantize
 
 GROUPS = [32, 64, 128, None]
 

@@ -13,7 +13,7 @@ from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.layerstats import cached_input_stats, collect_input_stats, merge_stats
 from mpq.plan import BitPlan
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.targets import discover
 
 

@@ -10,7 +10,7 @@ from conftest import TinyConvNet, tiny_llama
 
 from mpq.evaluate import evaluate, reference
 from mpq.formats import QuantFormat
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.sensitivity.measured import measured_damage
 from mpq.targets import discover
 from mpq.tasks import Task, lm_head

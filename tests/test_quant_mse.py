@@ -12,7 +12,7 @@ from mpq.kernels import backends as B
 from mpq.kernels.modules import PackedWeight
 from mpq.quant.core import IQ4_NL_LEVELS, levels
 from mpq.quant.mse import mse_quantize
-from mpq.quantize import dequantize, fake_quantize, quantize
+from mpq.quant.quantize import dequantize, fake_quantize, quantize
 
 
 def _err(fmt: QuantFormat, w: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mpq.formats import QuantFormat
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.sensitivity.activations import ActivationStats
 from mpq.sensitivity.correlation import Correlation, cca
 from mpq.sensitivity.gradient import Fisher, Taylor

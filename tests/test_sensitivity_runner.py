@@ -17,7 +17,7 @@ from mpq.cost import build_cost_model
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.problem import build_problem
-from mpq.quantize import quant_error
+from mpq.quant.quantize import quant_error
 from mpq.sensitivity.base import TargetResult
 from mpq.sensitivity.gradient import Fisher
 from mpq.sensitivity.hessian import HessianEigen, HessianTrace

@@ -13,10 +13,10 @@ from conftest import tiny_llama
 from mpq.errors import MpqError
 from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
-from mpq.gptq import GPTQConfig, gptq_quantize
 from mpq.layerstats import InputStats, collect_input_stats
 from mpq.plan import BitPlan
-from mpq.quantize import dequantize, fake_quantize
+from mpq.quant.gptq import GPTQConfig, gptq_quantize
+from mpq.quant.quantize import dequantize, fake_quantize
 from mpq.sequential import Need, find_blocks, run_sequential
 from mpq.targets import discover
 

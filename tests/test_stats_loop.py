@@ -15,7 +15,7 @@ from mpq.formats import QuantFormat
 from mpq.layerstats import collect_input_stats
 from mpq.plan import BitPlan, uniform_plan
 from mpq.planstats import META_KEY, digest_part, task_record, uses_stats, with_record
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.sensitivity.measured import measured_damage
 from mpq.sensitivity.runner import make_estimator, run_estimator
 from mpq.targets import discover

@@ -19,11 +19,11 @@ import time
 import torch
 
 from mpq.formats import QuantFormat
-from mpq.gptq import gptq_quantize
 from mpq.layerstats import cached_input_stats
 from mpq.models import cache_root
 from mpq.pipeline import prepare, task_for
-from mpq.quantize import dequantize, quantize
+from mpq.quant.gptq import gptq_quantize
+from mpq.quant.quantize import dequantize, quantize
 
 VARIANTS = {
     "mse+imp": None,

@@ -13,10 +13,10 @@ import torch
 
 from mpq.evaluate import evaluate, reference
 from mpq.formats import QuantFormat
-from mpq.gptq import gptq_quantize
 from mpq.layerstats import collect_input_stats
 from mpq.prepared import prepare
-from mpq.quantize import dequantize, fake_quantize
+from mpq.quant.gptq import gptq_quantize
+from mpq.quant.quantize import dequantize, fake_quantize
 from mpq.tasks import CalibSpec
 
 MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")

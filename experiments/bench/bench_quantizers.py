@@ -34,11 +34,11 @@ import torch
 from mpq.evaluate import Z95, EvalResult, evaluate, reference
 from mpq.executor import apply_plan, data_targets
 from mpq.formats import QuantFormat
-from mpq.gptq import GPTQConfig
 from mpq.layerstats import InputStats, cached_input_stats, merge_stats
 from mpq.models import cache_root
 from mpq.pipeline import prepare, task_for
 from mpq.plan import uniform_plan
+from mpq.quant.gptq import GPTQConfig
 
 VARIANTS = ("rtn", "mse", "mse+imp", "gptq", "gptq+mse", "gptqseq", "gptqseq+mse")
 

@@ -14,13 +14,14 @@ mpq format    GGUF type  block (32 weights)
 ``16``        F16        the kept fp16 weight
 ============  =========  =============================================================
 
-``:dq`` formats (double-quantized scales, :mod:`mpq.dq`) map to the k-quants (256-weight super-
-blocks, :mod:`mpq.export.kquants`): ``4:g32:asym:dq`` Q4_K, ``5:g32:asym:dq`` Q5_K, ``6:g16:dq8``
-Q6_K, ``3:g16:dq`` Q3_K, ``2:g16:asym:dq4`` Q2_K, ``4:g32:nl:dq`` IQ4_XS, all written bit-exact at
-exactly mpq's bytes. A k-quant needs rows of whole super-blocks: a ``:dq`` layer whose rows do not
-divide 256 (SmolLM2's 576-wide q/k/v/o/gate/up) has no GGUF type (mpq's own container stores
-the shorter last super-block): :func:`refuses` says so, ``mpq export`` then leaves that ``:dq``
-option out for those layers with a note, and a given ``--plan`` using it is refused by name.
+``:dq`` formats (double-quantized scales, :mod:`mpq.quant.dq`) map to the k-quants (256-weight
+super-blocks, :mod:`mpq.export.kquants`): ``4:g32:asym:dq`` Q4_K, ``5:g32:asym:dq`` Q5_K,
+``6:g16:dq8`` Q6_K, ``3:g16:dq`` Q3_K, ``2:g16:asym:dq4`` Q2_K, ``4:g32:nl:dq`` IQ4_XS, all
+written bit-exact at exactly mpq's bytes. A k-quant needs rows of whole super-blocks: a ``:dq``
+layer whose rows do not divide 256 (SmolLM2's 576-wide q/k/v/o/gate/up) has no GGUF type (mpq's
+own container stores the shorter last super-block): :func:`refuses` says so, ``mpq export`` then
+leaves that ``:dq`` option out for those layers with a note, and a given ``--plan`` using it is
+refused by name.
 
 ``u`` is mpq's unsigned code. The symmetric types store mpq's codes and scales unchanged, so
 gguf's dequantization reproduces mpq's dequantized weights bit for bit, at exactly mpq's bytes.
@@ -50,7 +51,6 @@ import torch
 from torch import nn
 
 from mpq.cost import target_tensor_keys, tensor_key, unique_tensors
-from mpq.dq import DoubleQuant, take_rows
 from mpq.errors import MpqError
 from mpq.export.common import (
     ContainerCost,
@@ -62,6 +62,7 @@ from mpq.export.common import (
 from mpq.export.kquants import K_MAPS, k_blocks, k_type_name
 from mpq.formats import KEEP_BITS, SUPER_BLOCK, QuantFormat, matrix_shape
 from mpq.plan import BitPlan, uniform_plan
+from mpq.quant.dq import DoubleQuant, take_rows
 from mpq.targets import Target
 
 GGUF_FILE = "model.gguf"

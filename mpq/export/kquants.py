@@ -1,7 +1,7 @@
 """GGML k-quant blocks (256 weights each) from mpq's ``:dq`` codes, byte for byte.
 
 Each packer inverts the matching ``gguf.quants`` dequantizer (the reference the tests check
-against: ``gguf.quants.dequantize(blocks) == mpq.dq.dequantize_dq(...)`` bit for bit).
+against: ``gguf.quants.dequantize(blocks) == mpq.quant.dq.dequantize_dq(...)`` bit for bit).
 
 =========  ======================  ====================================================
 GGML type  mpq format              block layout (bytes)
@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mpq.dq import DoubleQuant
 from mpq.formats import SUPER_BLOCK, QuantFormat
+from mpq.quant.dq import DoubleQuant
 
 # (bits, group size, symmetric, dq bits) -> GGML type, fp16 super-scales.
 K_TYPES: dict[tuple[int, int, bool, int], str] = {

@@ -22,7 +22,7 @@ Both ops cost about one weight pass per input row, so above ``FUSED_MAX_M`` rows
 layer dequantizes once and calls ``F.linear`` instead (measured on a 2-core AVX-512 EPYC: the
 fused ops win at 1 row, lose from about 8 rows on).
 
-4-bit ``:dq`` formats (:mod:`mpq.dq`) use the int4 op too, with their float32 group scales and
+4-bit ``:dq`` formats (:mod:`mpq.quant.dq`) use the int4 op too, with their float32 group scales and
 the offset ``0`` (symmetric) or ``8 * scale - min`` (asymmetric).
 
 Every other format (2, 3, 5, 6, 7 bits, grouped 8-bit, N not a multiple of 16, the ``nl`` and

@@ -4,7 +4,7 @@ Each quantized module stores exactly the tensors the cost model counts: ``qweigh
 one packed row per output channel, see :mod:`mpq.kernels.packing`), ``scales`` (``[rows, groups]``
 in the format's scale dtype) and, for asymmetric formats, ``qzeros`` (one packed stream of
 ``rows * groups`` zero-points). A weight kept at 16 bits is a float16 ``weight`` buffer. A ``:dq``
-format (:mod:`mpq.dq`) stores ``qscales`` (one packed stream of ``rows * groups`` scale codes)
+format (:mod:`mpq.quant.dq`) stores ``qscales`` (one packed stream of ``rows * groups`` scale codes)
 and ``super_scales`` (``[rows, ceil(cols / 256)]`` at the scale dtype) instead of ``scales``,
 plus ``qmins`` and ``super_mins`` when asymmetric; its float32 group scales are computed from
 them (:meth:`PackedWeight.group_scales`).
@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.dq import DoubleQuant, dequantize_dq, effective, take_rows
 from mpq.errors import MpqError
 from mpq.formats import KEEP_BITS, QuantFormat, n_supers
 from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
@@ -33,7 +32,8 @@ from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
 from mpq.kernels.reference import BACKEND as REFERENCE
 from mpq.quant.act_quant import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
-from mpq.quantize import (
+from mpq.quant.dq import DoubleQuant, dequantize_dq, effective, take_rows
+from mpq.quant.quantize import (
     QuantizedTensor,
     dequantize_codes,
     keep_weight,
@@ -160,7 +160,8 @@ class PackedWeight(nn.Module):
         return unpack(self.qzeros, self.fmt.bits, self.rows * groups).reshape(self.rows, groups)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Unsigned codes ``[rows, cols]`` (uint8), as :func:`mpq.quantize.quantize` gives them."""
+        """Unsigned codes ``[rows, cols]`` (uint8), as :func:`mpq.quant.quantize.quantize` gives
+        them."""
         qweight = self.qweight if rows is None else self.qweight[rows]
         return unpack_codes(qweight, self.fmt.bits, self.cols)
 

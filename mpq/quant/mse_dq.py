@@ -1,6 +1,6 @@
 """The ``mse`` method on double-quantized scales (``4:g32:nl:dq:mse``, ``4:g32:asym:dq:mse``).
 
-The k-quant layout (:mod:`mpq.dq`) stores each group's scale (and min) as a ``dq_bits`` code
+The k-quant layout (:mod:`mpq.quant.dq`) stores each group's scale (and min) as a ``dq_bits`` code
 under a super-scale per 256 weights of a row. Choosing those codes well is what llama.cpp's
 importance matrix buys on IQ4_XS / Q4_K; here, per row (rows are independent):
 
@@ -8,12 +8,12 @@ importance matrix buys on IQ4_XS / Q4_K; here, per row (rows are independent):
    :mod:`mpq.quant.mse` at the group level, the min of an asymmetric group being
    ``scale * zero``;
 2. the super-scales from those group scales (symmetric: the signed extreme on the most negative
-   scale code, as :func:`mpq.dq.quantize_dq`; asymmetric: the largest scale and min over the top
+   scale code, as :func:`.dq.quantize_dq`; asymmetric: the largest scale and min over the top
    code), rounded to the scale dtype;
 3. every group's scale code (and min code) chosen among its rounded value and the neighbouring
    codes (3 candidates, 3 x 3 asymmetric) by the weighted error of the group's weights
    re-rounded on each candidate grid: llama.cpp rounds this code and stops;
-4. per super-block, the round-to-nearest ``:dq`` result (:func:`mpq.dq.quantize_dq`) is kept
+4. per super-block, the round-to-nearest ``:dq`` result (:func:`mpq.quant.dq.quantize_dq`) is kept
    wherever it has the smaller weighted error, so ``mse`` never does worse than ``rtn`` on any
    super-block under the weights it was given.
 
@@ -27,7 +27,9 @@ from dataclasses import replace
 
 import torch
 
-from mpq.dq import (
+from mpq.formats import QuantFormat
+from mpq.quant.core import levels, nearest_codes
+from mpq.quant.dq import (
     DoubleQuant,
     _dtype,
     _round_scale,
@@ -38,8 +40,6 @@ from mpq.dq import (
     super_of_group,
     weight_codes,
 )
-from mpq.formats import QuantFormat
-from mpq.quant.core import levels, nearest_codes
 from mpq.quant.mse import MseOptions, importance_weights, mse_grid
 
 _ROW_CHUNK = 2048  # rows per batch: 9 candidate grids of a 2048 x 576 block stay near 40 MiB
@@ -177,7 +177,7 @@ def mse_quantize_dq(
     opts: MseOptions | None = None,
 ) -> tuple[torch.Tensor, DoubleQuant]:
     """Unsigned codes ``[rows, cols]`` and the double-quantized scales of ``w [rows, cols]``
-    chosen by the (importance-weighted) error, as :func:`mpq.dq.quantize_dq` returns them."""
+    chosen by the (importance-weighted) error, as :func:`mpq.quant.dq.quantize_dq` returns them."""
     assert fmt.dq_bits is not None and fmt.group_size is not None
     opts = opts or MseOptions()
     x = w.detach().float()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.sensitivity.base import (
     MATMUL_KINDS,
     Context,

@@ -23,7 +23,7 @@ import torch
 
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.sensitivity.base import (
     Context,
     EstimatorBase,

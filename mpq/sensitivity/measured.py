@@ -54,7 +54,7 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.evaluate import Reference, batch_stats, evaluate
 from mpq.formats import QuantFormat
-from mpq.quantize import fake_quantize
+from mpq.quant.quantize import fake_quantize
 from mpq.sensitivity.base import Context, EstimatorBase, TargetResult, choice, fits
 from mpq.sensitivity.blocks import MAX_ROWS, BlockCache, capture
 from mpq.sensitivity.loss import logits_loss

@@ -10,10 +10,10 @@ there):
   column by ``importance`` (the mean of x^2 over calibration inputs) when given
   (:mod:`mpq.quant.mse`);
 - ``gptq``: GPTQ under ``hessian``, the ``[cols, cols]`` second moment of the layer's inputs
-  (:mod:`mpq.gptq`).
+  (:mod:`mpq.quant.gptq`).
 
-``:dq`` formats (double-quantized scales) store and dequantize as :mod:`mpq.dq` says; their
-codes are round-to-nearest (:func:`mpq.dq.quantize_dq`) or, for ``mse``, chosen by the
+``:dq`` formats (double-quantized scales) store and dequantize as :mod:`mpq.quant.dq` says; their
+codes are round-to-nearest (:func:`mpq.quant.dq.quantize_dq`) or, for ``mse``, chosen by the
 importance-weighted error at both levels (:mod:`mpq.quant.mse_dq`). GPTQ does not take them.
 
 All are pure functions of their inputs; scales are rounded to the scale dtype before codes are
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from mpq.dq import dequantize_dq, effective, quantize_dq
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
-from mpq.gptq import gptq_quantize
 from mpq.quant.core import (
     QUANT_VERSION,
     QuantizedTensor,
@@ -39,6 +37,8 @@ from mpq.quant.core import (
     n_groups,
     scale_torch_dtype,
 )
+from mpq.quant.dq import dequantize_dq, effective, quantize_dq
+from mpq.quant.gptq import gptq_quantize
 from mpq.quant.mse import mse_quantize
 from mpq.quant.mse_dq import mse_quantize_dq
 from mpq.quant.rtn import rtn_quantize

@@ -24,7 +24,7 @@ is small. The usual details:
   weight (per channel: the row; grouped: each group's original columns), as in AutoGPTQ's
   ``static_groups``. Nothing extra is stored, and the packed result is an ordinary format.
 
-The result is a :class:`~mpq.quantize.QuantizedTensor` whose codes, scales and zero-points are
+The result is a :class:`~mpq.quant.quantize.QuantizedTensor` whose codes, scales and zero-points are
 exactly what :class:`~mpq.kernels.modules.PackedWeight` stores; its dequantization is the GPTQ
 weight (a test checks pack -> unpack -> dequantize).
 """
