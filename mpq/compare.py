@@ -35,7 +35,7 @@ from mpq.pipeline import (
     uniform_plans,
 )
 from mpq.plan import BitPlan, atomic_write_text
-from mpq.precondition import PreconditionSpec
+from mpq.precondition.spec import PreconditionSpec
 from mpq.report import PlanEntry, write_report
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.runner import make_estimator

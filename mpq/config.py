@@ -251,7 +251,7 @@ def _data(d: Any, where: str, default_split: str) -> DataSpec:
 
 
 def _preconditions(items: Any, source: str) -> tuple[str, ...]:
-    from mpq.precondition import PreconditionSpec
+    from mpq.precondition.spec import PreconditionSpec
 
     if not isinstance(items, list) or not items:
         raise MpqError(f'config {source}: preconditions must be a list, e.g. ["none", "awq"]')

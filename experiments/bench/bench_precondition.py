@@ -25,7 +25,7 @@ from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.pipeline import Prepared, prepare, task_for
 from mpq.plan import uniform_plan
-from mpq.precondition import PreconditionSpec
+from mpq.precondition.spec import PreconditionSpec
 from mpq.prepared import precondition
 
 
