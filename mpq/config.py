@@ -83,6 +83,19 @@ class FrontierSpec:
 
 
 @dataclass(frozen=True)
+class ReferencePoint:
+    """A ``[[reference]]`` entry: another tool's measured point (e.g. llama.cpp's IQ4_XS +
+    imatrix), drawn and tabled in the report next to this run's plans. ``ratios``: per data
+    set, its perplexity over *its own* fp32 perplexity, with an optional 95% half-width; that
+    ratio is what is comparable across evaluators, never the raw perplexity."""
+
+    label: str
+    bits: float
+    ratios: tuple[tuple[str, float, float | None], ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     name: str
     model: str
@@ -102,6 +115,7 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0,)
     preconditions: tuple[str, ...] = ("none",)
     frontier: FrontierSpec | None = None
+    references: tuple[ReferencePoint, ...] = ()
     source: str = field(default="", compare=False)
 
 
@@ -127,6 +141,7 @@ _TOP = {
     "seeds",
     "preconditions",
     "frontier",
+    "reference",
 }
 
 
@@ -143,6 +158,37 @@ def _frontier(obj: Any, source: str) -> FrontierSpec | None:
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise MpqError(f"config {source}: [frontier] {key} must be an integer >= {least}")
     return FrontierSpec(trials, population)
+
+
+def _references(items: Any, source: str) -> tuple[ReferencePoint, ...]:
+    where = f"config {source}: [[reference]]"
+    example = 'label = "llama.cpp IQ4_XS", bits = 4.44, ratio = {wiki = 1.07, bbc = 1.08}'
+    if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
+        raise MpqError(f"{where} must be tables, e.g. [[reference]] {example}")
+    out = []
+    for r in items:
+        _unknown(r, {"label", "bits", "ratio", "ci", "source"}, where)
+        label, bits, ratio, ci = r.get("label"), r.get("bits"), r.get("ratio"), r.get("ci", {})
+        ok = (
+            isinstance(label, str) and label
+            and isinstance(bits, int | float) and not isinstance(bits, bool) and bits > 0
+            and isinstance(ratio, dict) and ratio and isinstance(ci, dict)
+            and all(isinstance(v, int | float) and v > 0 for v in ratio.values())
+            and all(isinstance(v, int | float) and v >= 0 for v in ci.values())
+            and set(ci) <= set(ratio)
+            and isinstance(r.get("source", ""), str)
+        )  # fmt: skip
+        if not ok:
+            raise MpqError(
+                f"{where} {label!r}: needs a `label`, positive `bits`, `ratio` = a table of "
+                f"positive ppl ratios per data set, and optionally `ci` (95% half-widths of the "
+                f"same data sets) and `source`, e.g. {example}"
+            )
+        ratios = tuple(
+            (d, float(v), None if d not in ci else float(ci[d])) for d, v in ratio.items()
+        )
+        out.append(ReferencePoint(label, float(bits), ratios, str(r.get("source", ""))))
+    return tuple(out)
 
 
 def _unknown(keys: Any, allowed: set[str], where: str) -> None:
@@ -276,8 +322,10 @@ def _solve_spec(
         ok = isinstance(value, kind) and not isinstance(value, bool)
         least = 0 if key == "timesteps" else 1  # sac: 0 = the shipped policy, zero-shot
         if not ok or (kind is int and value < least):
-            what = ("a positive integer" if least else "an integer >= 0") if kind is int else (
-                "a string"
+            what = (
+                ("a positive integer" if least else "an integer >= 0")
+                if kind is int
+                else ("a string")
             )
             raise MpqError(f"config {source}: [[solve]] {solver!r}: {key} must be {what}")
         options.append((key, value))
@@ -368,6 +416,7 @@ def parse_config(obj: dict[str, Any], source: str = "") -> CompareConfig:
         seeds=tuple(seeds),
         preconditions=_preconditions(obj.get("preconditions", ["none"]), source),
         frontier=frontier,
+        references=_references(obj.get("reference", []), source),
         source=source,
     )
 

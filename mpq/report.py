@@ -22,7 +22,7 @@ from mpq.plan import BitPlan, atomic_write_text
 from mpq.sensitivity.table import SensitivityTable
 
 if TYPE_CHECKING:
-    from mpq.config import CompareConfig
+    from mpq.config import CompareConfig, ReferencePoint
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,53 @@ def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+def reference_table(
+    rows: Sequence[dict[str, Any]], references: Sequence[ReferencePoint]
+) -> list[str]:
+    """Markdown lines: each reference point of one data set against the best plan of this
+    run at equal or fewer bits, both as ppl ratios to their own fp32 model."""
+    data = rows[0]["data"] if rows else ""
+    fp = [r for r in rows if r["policy"] == "fp32"]
+    if not fp or primary_metric(rows)[0] != "ppl":
+        return []
+    base = fp[0]["ppl"]
+    plans = [r for r in rows if r["policy"] != "fp32"]
+    lines = []
+    for ref in references:
+        for d, ratio, ci in ref.ratios:
+            if d != data:
+                continue
+            fit = [r for r in plans if r["effective_bits"] <= ref.bits + 1e-9]
+            theirs = f"{ratio:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
+            if not fit:
+                lines.append(
+                    f"| {ref.label} | {ref.bits:.3f} | {theirs} | none at these bits | | | |"
+                )
+                continue
+            best = min(fit, key=lambda r: r["ppl"])
+            mine = best["ppl"] / base
+            lo, hi = best["ppl_lo"] / base, best["ppl_hi"] / base
+            verdict = "lower" if mine < ratio else "higher"
+            lines.append(
+                f"| {ref.label} | {ref.bits:.3f} | {theirs} | {best['plan']} | "
+                f"{best['effective_bits']:.3f} | {mine:.3f} [{lo:.3f}, {hi:.3f}] | {verdict} |"
+            )
+    if not lines:
+        return []
+    sources = "; ".join(dict.fromkeys(r.source for r in references if r.source))
+    return [
+        "Against other tools (config `[[reference]]`; each ratio is ppl over that evaluator's own "
+        "fp32 ppl on its own windows, so ratios compare, raw ppl do not; this run's interval is "
+        f"its ppl interval over the fp32 ppl){': ' + sources if sources else ''}:",
+        "",
+        "| reference | bits | its ratio | best plan here at <= its bits | bits | ratio [95% CI] | "
+        "mpq's ratio is |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     metric, _ = primary_metric(rows)
     head = ["plan", "plans", "eff. bits", "model bits", "MB", "BOPs"]
@@ -184,8 +231,11 @@ def _ppl_cap(rows: Sequence[dict[str, Any]]) -> float:
     return 4 * max(uniform) if uniform else math.inf
 
 
-def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Primary metric vs effective bits, one panel per dataset, one line per policy."""
+def plot_quality(
+    rows: Sequence[dict[str, Any]], path: Path, references: Sequence[ReferencePoint] = ()
+) -> Path:
+    """Primary metric vs effective bits, one panel per dataset, one line per policy; reference
+    points of other tools (perplexity only) drawn at their ratio times this run's fp32 ppl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +290,23 @@ def plot_quality(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         fp = [r for r in sub if r["policy"] == "fp32"]
         if fp:
             ax.axhline(fp[0][metric], color="gray", ls=":", label="fp32")
+        if fp and metric == "ppl":
+            first = True
+            for ref in references:
+                for d, ratio, _ in ref.ratios:
+                    if d != data:
+                        continue
+                    y = ratio * fp[0]["ppl"]
+                    ax.plot(
+                        [ref.bits],
+                        [y],
+                        "r*",
+                        ms=10,
+                        label="other tools (their ppl ratio x this fp32)" if first else None,
+                    )
+                    ax.annotate(ref.label, (ref.bits, y), textcoords="offset points",
+                                xytext=(5, -10), fontsize=7, color="darkred")  # fmt: skip
+                    first = False
         if metric == "ppl":
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
@@ -482,7 +549,7 @@ def write_report(
         table.save(folder / "sensitivity" / f"{_file_label(label)}~seed{seed}.json")
     atomic_write_text(folder / "results.csv", _csv(rows))
     atomic_write_text(folder / "results_by_seed.csv", _csv(seed_rows))
-    plot_quality(rows, folder / "quality_vs_bits.png")
+    plot_quality(rows, folder / "quality_vs_bits.png", cfg.references)
     bits_png = plot_bits(entries, folder / "plan_bits.png")
     e = cfg.evaluation
     c = cfg.calibration
@@ -516,6 +583,7 @@ def write_report(
         sub = [r for r in rows if r["data"] == data]
         md += ["", f"## {data}", "", _table(sub), ""]
         md += bits_saved(sub)
+        md += reference_table(sub, cfg.references)
         v = verdicts(sub)
         if v:
             md += ["Mixed vs uniform:", "", *v]

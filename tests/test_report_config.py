@@ -157,6 +157,9 @@ def test_a_report_folder_is_never_shared_by_two_configs(tmp_path: Path) -> None:
     assert (folder / CONFIG_FILE).is_file()
     claim_folder(folder, parse_config({**_base(), "solve": [{"solver": "ilp",
                  "budgets": ["bits=4"]}]}, "renamed.toml"))  # fmt: skip
+    # Reference points of other tools are drawn, not computed: adding one re-renders the report.
+    claim_folder(folder, parse_config({**_base(), "solve": [{"solver": "ilp",
+                 "budgets": ["bits=4"]}], "reference": [REF]}, "a"))  # fmt: skip
     other = parse_config({**_base(), "solve": [{"solver": "ilp", "budgets": ["bits=5"]}]}, "b")
     with pytest.raises(MpqError, match=r"another config \(differs in \['solves'\]\)"):
         claim_folder(folder, other)
@@ -180,4 +183,65 @@ def test_quality_plot_caps_the_axis_at_four_times_the_worst_uniform_plan(tmp_pat
     assert _ppl_cap(rows) == 2000.0
     assert _ppl_cap([row("ilp", 3.5, 60.0)]) == float("inf")
     out = plot_quality(rows, tmp_path / "q.png")
+    assert out.stat().st_size > 1000
+
+
+REF = {"label": "llama.cpp IQ4_XS + imatrix", "bits": 4.44, "ratio": {"wiki": 1.073, "bbc": 1.08},
+       "ci": {"wiki": 0.03}, "source": "bench_llamacpp.py"}  # fmt: skip
+
+
+def test_reference_points_parse() -> None:
+    cfg = parse_config({**_base(), "reference": [REF]}, "t")
+    (ref,) = cfg.references
+    assert (ref.label, ref.bits, ref.source) == (REF["label"], 4.44, "bench_llamacpp.py")
+    assert ref.ratios == (("wiki", 1.073, 0.03), ("bbc", 1.08, None))
+    assert parse_config(_base(), "t").references == ()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"bits": -1},
+        {"ratio": {}},
+        {"ratio": {"wiki": 0}},
+        {"ci": {"imagenet": 0.1}},  # an interval for a data set with no ratio
+        {"label": ""},
+        {"colour": "red"},
+    ],
+)
+def test_bad_reference_points_name_the_fix(bad: dict) -> None:
+    with pytest.raises(MpqError, match=r"\[\[reference\]\]"):
+        parse_config({**_base(), "reference": [{**REF, **bad}]}, "t")
+
+
+def test_reference_table_takes_the_best_plan_within_the_references_bits(tmp_path: Path) -> None:
+    """Each reference is set against this run's best plan at equal or fewer bits, in ratio to
+    this run's fp32 (the only comparable quantity across evaluators)."""
+    from mpq.config import ReferencePoint
+    from mpq.report import plot_quality, reference_table
+
+    def row(plan: str, policy: str, bits: float, ppl: float) -> dict:
+        return {"data": "wiki", "plan": plan, "policy": policy, "effective_bits": bits,
+                "ppl": ppl, "ppl_lo": ppl * 0.9, "ppl_hi": ppl * 1.1, "kl": 0.1}  # fmt: skip
+
+    rows = [row("fp32", "fp32", 32, 20.0), row("uniform:4", "uniform", 4.0, 22.0),
+            row("ilp@4.5", "ilp", 4.5, 21.0), row("ilp@4.2", "ilp", 4.2, 23.0)]  # fmt: skip
+    refs = [
+        ReferencePoint("A", 4.44, (("wiki", 1.073, 0.03), ("bbc", 1.0, None))),
+        ReferencePoint("B", 4.6, (("wiki", 1.073, None),)),
+        ReferencePoint("C", 3.0, (("wiki", 1.5, None),)),
+        ReferencePoint("D", 4.6, (("bbc", 1.0, None),)),  # no wiki figure: no line
+    ]
+    lines = reference_table(rows, refs)
+    by_ref = {
+        ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| ") and "---" not in ln
+    }
+    # A: at <= 4.44 bits the best plan is uniform:4 (22/20 = 1.100 > 1.073)
+    assert "| uniform:4 | 4.000 | 1.100 [0.990, 1.210] | higher |" in by_ref["A"]
+    assert "1.073 ± 0.030" in by_ref["A"]
+    # B: at <= 4.6 bits, ilp@4.5 (1.050 < 1.073)
+    assert "| ilp@4.5 | 4.500 | 1.050 [0.945, 1.155] | lower |" in by_ref["B"]
+    assert "none at these bits" in by_ref["C"]
+    assert "D" not in by_ref
+    out = plot_quality(rows, tmp_path / "q.png", refs)
     assert out.stat().st_size > 1000
