@@ -147,6 +147,8 @@ def reference_table(
 ) -> list[str]:
     """Markdown lines: each reference point of one data set against the best plan of this
     run at equal or fewer bits, both as ppl ratios to their own fp32 model."""
+    from mpq.evaluate import Z95
+
     data = rows[0]["data"] if rows else ""
     fp = [r for r in rows if r["policy"] == "fp32"]
     if not fp or primary_metric(rows)[0] != "ppl":
@@ -162,28 +164,29 @@ def reference_table(
             theirs = f"{ratio:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
             if not fit:
                 lines.append(
-                    f"| {ref.label} | {ref.bits:.3f} | {theirs} | none at these bits | | | |"
+                    f"| {ref.label} | {ref.bits:.3f} | {theirs} | none at these bits | | | | |"
                 )
                 continue
             best = min(fit, key=lambda r: r["ppl"])
             mine = best["ppl"] / base
-            lo, hi = best["ppl_lo"] / base, best["ppl_hi"] / base
+            kl = f"{best['kl']:.4f} ± {Z95 * best.get('kl_se', 0.0):.4f}"
             verdict = "lower" if mine < ratio else "higher"
             lines.append(
                 f"| {ref.label} | {ref.bits:.3f} | {theirs} | {best['plan']} | "
-                f"{best['effective_bits']:.3f} | {mine:.3f} [{lo:.3f}, {hi:.3f}] | {verdict} |"
+                f"{best['effective_bits']:.3f} | {mine:.3f} | {kl} | {verdict} |"
             )
     if not lines:
         return []
     sources = "; ".join(dict.fromkeys(r.source for r in references if r.source))
     return [
         "Against other tools (config `[[reference]]`; each ratio is ppl over that evaluator's own "
-        "fp32 ppl on its own windows, so ratios compare, raw ppl do not; this run's interval is "
-        f"its ppl interval over the fp32 ppl){': ' + sources if sources else ''}:",
+        "fp32 ppl on its own windows, so ratios compare, raw ppl do not; a plan here is scored "
+        "on the same windows as the fp32 model, so its paired uncertainty is the KL's, per "
+        f"position){': ' + sources if sources else ''}:",
         "",
-        "| reference | bits | its ratio | best plan here at <= its bits | bits | ratio [95% CI] | "
-        "mpq's ratio is |",
-        "|---|---|---|---|---|---|---|",
+        "| reference | bits | its ratio | best plan here at <= its bits | bits | ratio | "
+        "KL ± 1.96 se | mpq's ratio is |",
+        "|---|---|---|---|---|---|---|---|",
         *lines,
         "",
     ]

@@ -222,7 +222,8 @@ def test_reference_table_takes_the_best_plan_within_the_references_bits(tmp_path
 
     def row(plan: str, policy: str, bits: float, ppl: float) -> dict:
         return {"data": "wiki", "plan": plan, "policy": policy, "effective_bits": bits,
-                "ppl": ppl, "ppl_lo": ppl * 0.9, "ppl_hi": ppl * 1.1, "kl": 0.1}  # fmt: skip
+                "ppl": ppl, "ppl_lo": ppl * 0.9, "ppl_hi": ppl * 1.1, "kl": 0.1,
+                "kl_se": 0.01}  # fmt: skip
 
     rows = [row("fp32", "fp32", 32, 20.0), row("uniform:4", "uniform", 4.0, 22.0),
             row("ilp@4.5", "ilp", 4.5, 21.0), row("ilp@4.2", "ilp", 4.2, 23.0)]  # fmt: skip
@@ -237,10 +238,10 @@ def test_reference_table_takes_the_best_plan_within_the_references_bits(tmp_path
         ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| ") and "---" not in ln
     }
     # A: at <= 4.44 bits the best plan is uniform:4 (22/20 = 1.100 > 1.073)
-    assert "| uniform:4 | 4.000 | 1.100 [0.990, 1.210] | higher |" in by_ref["A"]
+    assert "| uniform:4 | 4.000 | 1.100 | 0.1000 ± 0.0196 | higher |" in by_ref["A"]
     assert "1.073 ± 0.030" in by_ref["A"]
     # B: at <= 4.6 bits, ilp@4.5 (1.050 < 1.073)
-    assert "| ilp@4.5 | 4.500 | 1.050 [0.945, 1.155] | lower |" in by_ref["B"]
+    assert "| ilp@4.5 | 4.500 | 1.050 | 0.1000 ± 0.0196 | lower |" in by_ref["B"]
     assert "none at these bits" in by_ref["C"]
     assert "D" not in by_ref
     out = plot_quality(rows, tmp_path / "q.png", refs)
