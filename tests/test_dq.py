@@ -10,7 +10,8 @@ from mpq.cost import weight_bits
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat, n_supers
 from mpq.kernels.modules import PackedWeight, QuantLinear
-from mpq.quant.dq import DoubleQuant, dequantize_dq, quantize_dq
+from mpq.quant.core import DoubleQuant
+from mpq.quant.dq import dequantize_dq, quantize_dq
 from mpq.quant.quantize import dequantize, quantize
 
 K_SPECS = {

@@ -21,7 +21,8 @@ from mpq.formats import QuantFormat
 from mpq.models import LoadedModel
 from mpq.pipeline import Prepared
 from mpq.plan import BitPlan
-from mpq.quant.dq import DoubleQuant, dequantize_dq
+from mpq.quant.core import DoubleQuant
+from mpq.quant.dq import dequantize_dq
 from mpq.quant.quantize import quantize
 from mpq.targets import discover
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from mpq.errors import MpqError
-from mpq.solvers.base import AllocationProblem
+from mpq.solvers.base import AllocationProblem, validate_problem
 from mpq.solvers.closed_form import solve_closed_form
 from mpq.solvers.ilp import solve_ilp
 from mpq.solvers.pareto import solve_pareto
-from mpq.solvers.validate import check_problem_data, validate_problem
+from mpq.solvers.validate import check_problem_data
 
 DEC = ("a", "b")
 OPT = ("4", "8")

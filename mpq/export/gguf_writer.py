@@ -62,7 +62,8 @@ from mpq.export.common import (
 from mpq.export.kquants import K_MAPS, k_blocks, k_type_name
 from mpq.formats import KEEP_BITS, SUPER_BLOCK, QuantFormat, matrix_shape
 from mpq.plan import BitPlan, uniform_plan
-from mpq.quant.dq import DoubleQuant, take_rows
+from mpq.quant.core import DoubleQuant
+from mpq.quant.dq import take_rows
 from mpq.targets import Target
 
 GGUF_FILE = "model.gguf"

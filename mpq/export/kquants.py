@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mpq.formats import SUPER_BLOCK, QuantFormat
-from mpq.quant.dq import DoubleQuant
+from mpq.quant.core import DoubleQuant
 
 # (bits, group size, symmetric, dq bits) -> GGML type, fp16 super-scales.
 K_TYPES: dict[tuple[int, int, bool, int], str] = {

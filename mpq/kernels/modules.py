@@ -32,7 +32,8 @@ from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
 from mpq.kernels.reference import BACKEND as REFERENCE
 from mpq.quant.act_quant import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
-from mpq.quant.dq import DoubleQuant, dequantize_dq, effective, take_rows
+from mpq.quant.core import DoubleQuant
+from mpq.quant.dq import dequantize_dq, effective, take_rows
 from mpq.quant.quantize import (
     QuantizedTensor,
     dequantize_codes,

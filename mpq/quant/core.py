@@ -28,7 +28,6 @@ from mpq.formats import QuantFormat, matrix_shape, n_groups
 # Shape helpers live in mpq.formats (torch-free); re-exported for the quantizers.
 from mpq.formats import check_format as check_format
 from mpq.formats import fits as fits
-from mpq.quant.dq import DoubleQuant
 
 QUANT_VERSION = 2
 """1: symmetric absmax/(2^(b-1)-1); 2: full signed range, mse, non-uniform grids."""
@@ -48,6 +47,18 @@ NF4_LEVELS = (
 
 def scale_torch_dtype(fmt: QuantFormat) -> torch.dtype:
     return _DTYPES[fmt.scale_dtype]
+
+
+@dataclass(frozen=True)
+class DoubleQuant:
+    """The stored scale side of a ``:dq`` weight: ``super_scales [rows, supers]`` (scale dtype),
+    ``scale_codes [rows, groups]`` (uint8, unsigned k-bit codes; signed for symmetric formats
+    as ``code - 2^(k-1)``), and for asymmetric formats ``super_mins`` and ``min_codes``."""
+
+    super_scales: torch.Tensor
+    scale_codes: torch.Tensor
+    super_mins: torch.Tensor | None = None
+    min_codes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

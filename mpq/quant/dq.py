@@ -30,23 +30,10 @@ scale dtype, group codes from that, then the weight codes from the effective sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mpq.formats import SUPER_BLOCK, QuantFormat, n_supers
-
-
-@dataclass(frozen=True)
-class DoubleQuant:
-    """The stored scale side of a ``:dq`` weight: ``super_scales [rows, supers]`` (scale dtype),
-    ``scale_codes [rows, groups]`` (uint8, unsigned k-bit codes; signed for symmetric formats
-    as ``code - 2^(k-1)``), and for asymmetric formats ``super_mins`` and ``min_codes``."""
-
-    super_scales: torch.Tensor
-    scale_codes: torch.Tensor
-    super_mins: torch.Tensor | None = None
-    min_codes: torch.Tensor | None = None
+from mpq.quant.core import DoubleQuant, levels, nearest_codes
 
 
 def take_rows(dq: DoubleQuant, rows: torch.Tensor) -> DoubleQuant:
@@ -118,8 +105,6 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
     supers = n_supers(cols)
     k = fmt.dq_bits
     if fmt.symmetric:
-        from mpq.quant.core import levels
-
         table = levels(fmt)
         s = _signed_extreme(x, 2) / table[0]  # the signed extreme lands on the lowest level
         kmin, kmax = -(1 << (k - 1)), (1 << (k - 1)) - 1
@@ -147,8 +132,6 @@ def weight_codes(x: torch.Tensor, dq: DoubleQuant, fmt: QuantFormat) -> torch.Te
     ``dq``: the nearest level of ``x / s`` (symmetric) or ``clamp(round((x + m) / s))``."""
     scale, mins = effective(dq, fmt)
     if mins is None:
-        from mpq.quant.core import levels, nearest_codes
-
         codes = nearest_codes(_safe_div(x, scale[..., None]), levels(fmt))
         return codes.to(torch.uint8)
     q = torch.round(_safe_div(x + mins[..., None], scale[..., None].expand_as(x)))
@@ -162,8 +145,6 @@ def dequantize_dq(codes: torch.Tensor, dq: DoubleQuant, fmt: QuantFormat) -> tor
     groups = scale.shape[1]
     u = codes.float().reshape(rows, groups, cols // groups)
     if mins is None:
-        from mpq.quant.core import levels
-
         w = scale[..., None] * levels(fmt)[codes.long()].reshape(rows, groups, cols // groups)
     else:
         w = scale[..., None] * u - mins[..., None]

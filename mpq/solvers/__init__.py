@@ -9,7 +9,7 @@ The searches on measured quality (``bayes``, ``evolution``, ``sac``) take a ``me
 distortion), so they are :class:`Search`-es rather than plain :class:`Solver`-s.
 """
 
-from mpq.solvers.base import AllocationProblem, Solution
+from mpq.solvers.base import AllocationProblem, Solution, validate_problem
 from mpq.solvers.bayes import MeasuredFrontier, MeasuredPoint, bayes_frontier, solve_bayes
 from mpq.solvers.bounds import Headroom, headroom
 from mpq.solvers.closed_form import solve_closed_form, solve_relaxation, solve_relaxation_cvxpy
@@ -20,7 +20,7 @@ from mpq.solvers.measure import CachedMeasure, Measure, Search, table_measure
 from mpq.solvers.pareto import ParetoFrontier, pareto_frontier, solve_pareto
 from mpq.solvers.sac import solve_sac, train_sac
 from mpq.solvers.uniform import solve_uniform
-from mpq.solvers.validate import check_problem_data, validate_problem
+from mpq.solvers.validate import check_problem_data
 
 __all__ = [
     "AllocationProblem",

@@ -88,3 +88,12 @@ def infeasible(problem: AllocationProblem, solver: str, wall: float) -> Solution
         wall_time=wall,
         min_feasible=problem.min_costs(),
     )
+
+
+def validate_problem(problem: AllocationProblem) -> AllocationProblem:
+    """Check a built problem (:func:`mpq.solvers.validate.check_problem_data`); returns it
+    unchanged. Every solver calls it first."""
+    check_problem_data(
+        problem.decisions, problem.options, problem.distortion, problem.costs, problem.limits
+    )
+    return problem

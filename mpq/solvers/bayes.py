@@ -41,10 +41,9 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.solvers._common import done, over_min, repair_downgrades
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.base import AllocationProblem, Solution, infeasible, validate_problem
 from mpq.solvers.measure import CachedMeasure, Measure, cached, start_plans, uniform_choices
 from mpq.solvers.options import Features, Search, SearchOptions
-from mpq.solvers.validate import validate_problem
 
 OverBudget = Literal["repair", "prune"]
 

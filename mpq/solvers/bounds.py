@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpq.solvers._common import RTOL, allowed_pairs
-from mpq.solvers.base import AllocationProblem
+from mpq.solvers.base import AllocationProblem, validate_problem
 from mpq.solvers.pareto import HullPath, hull_path, single_resource
-from mpq.solvers.validate import validate_problem
 
 Unit = Callable[[str, float], float]
 

@@ -49,8 +49,7 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.solvers._common import done, fill_upgrades, over_min, repair_downgrades
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
-from mpq.solvers.validate import validate_problem
+from mpq.solvers.base import AllocationProblem, Solution, infeasible, validate_problem
 
 LN2x2 = 2.0 * math.log(2.0)
 

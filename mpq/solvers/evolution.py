@@ -37,10 +37,9 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done
 from mpq.solvers._start import start_choice
-from mpq.solvers.base import AllocationProblem, Solution
+from mpq.solvers.base import AllocationProblem, Solution, validate_problem
 from mpq.solvers.measure import Measure, cached, ladders
 from mpq.solvers.options import Features, Search, SearchOptions
-from mpq.solvers.validate import validate_problem
 
 
 class _Mutator:

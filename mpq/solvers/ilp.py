@@ -42,8 +42,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done, excess, over_min
 from mpq.solvers._reduce import core_delta, dominated, lagrange_bound
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
-from mpq.solvers.validate import validate_problem
+from mpq.solvers.base import AllocationProblem, Solution, infeasible, validate_problem
 
 Backend = Literal["highs", "cbc"]
 

@@ -48,8 +48,7 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done, over_min
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
-from mpq.solvers.validate import validate_problem
+from mpq.solvers.base import AllocationProblem, Solution, infeasible, validate_problem
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,9 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.solvers._common import done
 from mpq.solvers._start import start_choice
-from mpq.solvers.base import AllocationProblem, Solution
+from mpq.solvers.base import AllocationProblem, Solution, validate_problem
 from mpq.solvers.measure import CachedMeasure, Measure, Search, cached, ladders, weighted_cost
 from mpq.solvers.options import Features, SearchOptions
-from mpq.solvers.validate import validate_problem
 
 
 def _neighbours(lad: list[np.ndarray], rung: np.ndarray, choice: np.ndarray, d: int) -> list[int]:

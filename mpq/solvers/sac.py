@@ -93,10 +93,9 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.solvers._common import RTOL, done, fill_upgrades, over_min, repair_downgrades
 from mpq.solvers._water import Level, WaterLevel
-from mpq.solvers.base import AllocationProblem, Solution, infeasible
+from mpq.solvers.base import AllocationProblem, Solution, infeasible, validate_problem
 from mpq.solvers.measure import CachedMeasure, Measure, cached, ladders
 from mpq.solvers.options import Features, Search, SearchOptions
-from mpq.solvers.validate import validate_problem
 
 FEATURES = (
     "depth",

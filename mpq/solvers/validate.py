@@ -2,10 +2,10 @@
 
 :func:`check_problem_data` works on the raw pieces, so it can run before an `AllocationProblem`
 is constructed (the constructor itself refuses some bad input, e.g. NaN distortions, with a
-terse message); :func:`validate_problem` runs it on a built problem. Every solver of this
-package calls :func:`validate_problem` first. All errors are :class:`~mpq.errors.MpqError`,
-a ``ValueError``. This module does not import ``base`` at run time, so
-``AllocationProblem.__post_init__`` can call :func:`check_problem_data` itself.
+terse message); :func:`mpq.solvers.base.validate_problem` runs it on a built problem. Every
+solver of this package calls that first. All errors are :class:`~mpq.errors.MpqError`, a
+``ValueError``. This module does not know ``base``, so ``AllocationProblem.__post_init__``
+can call :func:`check_problem_data` itself.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpq.errors import MpqError
-
-if TYPE_CHECKING:  # base.py may import this module: no runtime import back
-    from mpq.solvers.base import AllocationProblem
 
 
 def _dupes(names: Sequence[str]) -> list[str]:
@@ -123,11 +119,3 @@ def check_problem_data(
                 f"budget {r}={lim!r} is not a finite number; drop {r!r} from the limits to "
                 f"leave it unbudgeted"
             )
-
-
-def validate_problem(problem: AllocationProblem) -> AllocationProblem:
-    """Check a built problem (see :func:`check_problem_data`); returns it unchanged."""
-    check_problem_data(
-        problem.decisions, problem.options, problem.distortion, problem.costs, problem.limits
-    )
-    return problem
