@@ -146,8 +146,8 @@ def check_formats(
 ) -> None:
     """Raise :class:`MpqError` for formats that fit none of the layers, or that ``backend`` cannot
     run on a layer they fit (listing every such case and the backends that can)."""
+    from mpq.formats import fits
     from mpq.kernels.backends import check_layer
-    from mpq.latency import fits
 
     problems = []
     for fmt in formats:
@@ -220,7 +220,8 @@ def summary(
 ) -> str:
     """The lines ``bench-layers`` prints: setup, shapes, per format where it ran and what the
     model's target layers cost at that format (uniform plan), total time."""
-    from mpq.latency import fits, latency_costs
+    from mpq.formats import fits
+    from mpq.latency import latency_costs
 
     shapes = sorted({(e.kind, e.shape) for e in table.entries})
     asked = f" (asked: {requested})" if requested != backend else ""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.formats import KEEP_BITS, QuantFormat, n_supers
+from mpq.formats import KEEP_BITS, QuantFormat, matrix_shape, n_groups, n_supers
 from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
 from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
@@ -38,8 +38,6 @@ from mpq.quant.quantize import (
     QuantizedTensor,
     dequantize_codes,
     keep_weight,
-    matrix_shape,
-    n_groups,
     quantize,
     scale_torch_dtype,
 )

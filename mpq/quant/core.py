@@ -25,10 +25,6 @@ import torch
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat, matrix_shape, n_groups
 
-# Shape helpers live in mpq.formats (torch-free); re-exported for the quantizers.
-from mpq.formats import check_format as check_format
-from mpq.formats import fits as fits
-
 QUANT_VERSION = 2
 """1: symmetric absmax/(2^(b-1)-1); 2: full signed range, mse, non-uniform grids."""
 

@@ -36,14 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
+from mpq.formats import QuantFormat, check_format, matrix_shape, n_groups
 from mpq.quant.core import (
     QuantizedTensor,
-    check_format,
     grid_values,
     levels,
-    matrix_shape,
-    n_groups,
     scale_torch_dtype,
 )
 from mpq.quant.mse import mse_grid

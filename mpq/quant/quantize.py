@@ -25,16 +25,12 @@ from __future__ import annotations
 import torch
 
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
+from mpq.formats import QuantFormat, check_format, fits, matrix_shape, n_groups
 from mpq.quant.core import (
     QUANT_VERSION,
     QuantizedTensor,
-    check_format,
     dequantize_codes,
-    fits,
     levels,
-    matrix_shape,
-    n_groups,
     scale_torch_dtype,
 )
 from mpq.quant.dq import dequantize_dq, effective, quantize_dq

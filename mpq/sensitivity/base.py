@@ -43,9 +43,9 @@ from tqdm.auto import tqdm
 from mpq.errors import MpqError
 from mpq.evaluate import Reference, reference
 from mpq.formats import QuantFormat
+from mpq.formats import fits as _fits
 from mpq.layerstats import InputStats
 from mpq.quant.quantize import fake_quantize, quant_error
-from mpq.quant.quantize import fits as _fits
 from mpq.sensitivity.loss import Calibration
 from mpq.targets import Target
 from mpq.tasks import Task
