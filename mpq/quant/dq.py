@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from mpq.formats import SUPER_BLOCK, QuantFormat, n_supers
-from mpq.quant.core import DoubleQuant, levels, nearest_codes
+from mpq.quant.core import DoubleQuant, levels, nearest_codes, scale_torch_dtype
 
 
 def take_rows(dq: DoubleQuant, rows: torch.Tensor) -> DoubleQuant:
@@ -50,19 +50,13 @@ def super_of_group(cols: int, fmt: QuantFormat) -> torch.Tensor:
     return torch.arange(groups) // (SUPER_BLOCK // fmt.group_size)
 
 
-def _dtype(fmt: QuantFormat) -> torch.dtype:
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
-        fmt.scale_dtype
-    ]
-
-
 def _signed_extreme(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The entry of largest magnitude along ``dim``, with its sign."""
     idx = x.abs().argmax(dim=dim, keepdim=True)
     return x.gather(dim, idx).squeeze(dim)
 
 
-def _super_reduce(x: torch.Tensor, sup: torch.Tensor, supers: int, signed: bool) -> torch.Tensor:
+def super_reduce(x: torch.Tensor, sup: torch.Tensor, supers: int, signed: bool) -> torch.Tensor:
     """Per super-block extreme of ``x [rows, groups]``: signed extreme or plain max."""
     rows = x.shape[0]
     out = torch.zeros(rows, supers, dtype=x.dtype)
@@ -72,8 +66,9 @@ def _super_reduce(x: torch.Tensor, sup: torch.Tensor, supers: int, signed: bool)
     return out
 
 
-def _round_scale(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    return x.to(_dtype(fmt)).float()
+def cast_scale(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """``x`` cast to the format's scale dtype (float32 values; zeros stay zero)."""
+    return x.to(scale_torch_dtype(fmt)).float()
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -108,21 +103,24 @@ def quantize_dq(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, Double
         table = levels(fmt)
         s = _signed_extreme(x, 2) / table[0]  # the signed extreme lands on the lowest level
         kmin, kmax = -(1 << (k - 1)), (1 << (k - 1)) - 1
-        d = _round_scale(_super_reduce(s, sup, supers, signed=True) / kmin, fmt)
+        d = cast_scale(super_reduce(s, sup, supers, signed=True) / kmin, fmt)
         c = torch.clamp(torch.round(_safe_div(s, d[:, sup])), kmin, kmax)
-        dq = DoubleQuant(d.to(_dtype(fmt)), (c - kmin).to(torch.uint8))
+        dq = DoubleQuant(d.to(scale_torch_dtype(fmt)), (c - kmin).to(torch.uint8))
     else:
         cmax = (1 << k) - 1
         lo = x.amin(dim=2).clamp_max(0.0)
         hi = x.amax(dim=2).clamp_min(0.0)
         s = (hi - lo) / fmt.qmax
         m = -lo
-        d = _round_scale(_super_reduce(s, sup, supers, signed=False) / cmax, fmt)
-        dm = _round_scale(_super_reduce(m, sup, supers, signed=False) / cmax, fmt)
+        d = cast_scale(super_reduce(s, sup, supers, signed=False) / cmax, fmt)
+        dm = cast_scale(super_reduce(m, sup, supers, signed=False) / cmax, fmt)
         c = torch.clamp(torch.round(_safe_div(s, d[:, sup])), 0, cmax)
         cm = torch.clamp(torch.round(_safe_div(m, dm[:, sup])), 0, cmax)
         dq = DoubleQuant(
-            d.to(_dtype(fmt)), c.to(torch.uint8), dm.to(_dtype(fmt)), cm.to(torch.uint8)
+            d.to(scale_torch_dtype(fmt)),
+            c.to(torch.uint8),
+            dm.to(scale_torch_dtype(fmt)),
+            cm.to(torch.uint8),
         )
     return weight_codes(x, dq, fmt).reshape(rows, cols), dq
 

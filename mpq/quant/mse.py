@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from mpq.errors import MpqError
-from mpq.formats import QuantFormat
+from mpq.formats import QuantFormat, matrix_shape
 from mpq.quant.core import (
     QuantizedTensor,
     grid_values,
     grouped,
     levels,
-    matrix_shape,
     pack_result,
     round_scale,
     symmetric_values,

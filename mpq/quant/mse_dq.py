@@ -27,17 +27,14 @@ from dataclasses import replace
 
 import torch
 
-from mpq.formats import QuantFormat
-from mpq.quant.core import levels, nearest_codes
+from mpq.formats import QuantFormat, n_supers
+from mpq.quant.core import DoubleQuant, levels, nearest_codes, scale_torch_dtype
 from mpq.quant.dq import (
-    DoubleQuant,
-    _dtype,
-    _round_scale,
-    _super_reduce,
+    cast_scale,
     dequantize_dq,
-    n_supers,
     quantize_dq,
     super_of_group,
+    super_reduce,
     weight_codes,
 )
 from mpq.quant.mse import MseOptions, importance_weights, mse_grid
@@ -75,7 +72,7 @@ def _pick_sym(
     cols = groups * fmt.group_size
     sup = super_of_group(cols, fmt)
     kmin, kmax = -(1 << (fmt.dq_bits - 1)), (1 << (fmt.dq_bits - 1)) - 1
-    d = _round_scale(_super_reduce(s, sup, n_supers(cols), signed=True) / kmin, fmt)
+    d = cast_scale(super_reduce(s, sup, n_supers(cols), signed=True) / kmin, fmt)
     dg = d[:, sup]
     safe = torch.where(dg == 0, torch.ones_like(dg), dg)
     c0 = torch.clamp(torch.round(s / safe), kmin, kmax)
@@ -87,7 +84,7 @@ def _pick_sym(
         better = e < best_e
         best_c = torch.where(better, c, best_c)
         best_e = torch.where(better, e, best_e)
-    return DoubleQuant(d.to(_dtype(fmt)), (best_c - kmin).to(torch.uint8))
+    return DoubleQuant(d.to(scale_torch_dtype(fmt)), (best_c - kmin).to(torch.uint8))
 
 
 def _pick_asym(
@@ -103,8 +100,8 @@ def _pick_asym(
     sup = super_of_group(cols, fmt)
     supers = n_supers(cols)
     cmax = (1 << fmt.dq_bits) - 1
-    d = _round_scale(_super_reduce(s, sup, supers, signed=False) / cmax, fmt)
-    dm = _round_scale(_super_reduce(m, sup, supers, signed=False) / cmax, fmt)
+    d = cast_scale(super_reduce(s, sup, supers, signed=False) / cmax, fmt)
+    dm = cast_scale(super_reduce(m, sup, supers, signed=False) / cmax, fmt)
     dg, dmg = d[:, sup], dm[:, sup]
     c0 = torch.clamp(torch.round(s / torch.where(dg == 0, 1.0, dg)), 0, cmax)
     cm0 = torch.clamp(torch.round(m / torch.where(dmg == 0, 1.0, dmg)), 0, cmax)
@@ -120,7 +117,10 @@ def _pick_asym(
             best_cm = torch.where(better, cm, best_cm)
             best_e = torch.where(better, e, best_e)
     return DoubleQuant(
-        d.to(_dtype(fmt)), best_c.to(torch.uint8), dm.to(_dtype(fmt)), best_cm.to(torch.uint8)
+        d.to(scale_torch_dtype(fmt)),
+        best_c.to(torch.uint8),
+        dm.to(scale_torch_dtype(fmt)),
+        best_cm.to(torch.uint8),
     )
 
 
