@@ -35,8 +35,8 @@ RECIPES: dict[str, Recipe] = {
     "smollm2-135m": Recipe(
         formats="3:g32:dq:mse,4:g32:nl:dq:mse,4:g32:asym:dq:mse,5:g32:dq:mse,6:g32:dq:mse,8:g32:dq",
         anchor="4:g32:nl:dq:mse",
-        stats="wiki:calib:16x512",
-        data="wiki",
+        stats="wiki+bbc:calib:16x512",
+        data="wiki+bbc",
         n=4,
         seq_len=256,
     ),
