@@ -73,7 +73,7 @@ def data_args(
 ) -> None:
     """--data, --split, --n, --seq-len; a None default means the model's recipe
     (:func:`fill_recipe`)."""
-    recipe = " (default: the model's recipe, mpq.recipes)"
+    recipe = RECIPE_DEFAULT
     p.add_argument(
         "--data",
         default=default,
@@ -86,6 +86,31 @@ def data_args(
     )
     p.add_argument(
         "--seq-len", type=int, default=seq, help="tokens per window" + ("" if seq else recipe)
+    )
+
+
+RECIPE_DEFAULT = " (default: the model's recipe, mpq.recipes)"
+
+
+def table_data_args(p: argparse.ArgumentParser) -> None:
+    """--stats and --anchor (``solve`` and ``export``): where the importance of mse / gptq
+    formats comes from, and the anchor of the measured table; both default to the model's
+    recipe (:func:`fill_recipe`)."""
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="DATA:SPLIT:NxLEN",
+        help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
+        "wiki:calib:16x512 (one forward pass; default: the model's recipe, else the calibration "
+        "windows; 'none': the calibration windows)",
+    )
+    p.add_argument(
+        "--anchor",
+        default=None,
+        metavar="FORMAT",
+        help="measure each layer's damage at this format only and carry it to the other "
+        "formats by the layer's output error (about one table column's cost; see "
+        "mpq.sensitivity.measured; default: the model's recipe; 'none': measure every format)",
     )
 
 

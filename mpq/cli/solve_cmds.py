@@ -15,6 +15,7 @@ from mpq.cli.args import (
     parse_formats,
     precondition_arg,
     stats_task,
+    table_data_args,
 )
 from mpq.errors import MpqError
 from mpq.files import check_writable
@@ -225,22 +226,7 @@ def add_solve_parser(sub: Any) -> None:
     p.add_argument("--latency-batch", type=int, default=1, help="which batch size's timings")
     precondition_arg(p)
     data_args(p, None, "calib", None, None)
-    p.add_argument(
-        "--stats",
-        default=None,
-        metavar="DATA:SPLIT:NxLEN",
-        help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
-        "wiki:calib:16x512 (one forward pass; default: the model's recipe, else the calibration "
-        "windows; 'none': the calibration windows)",
-    )
-    p.add_argument(
-        "--anchor",
-        default=None,
-        metavar="FORMAT",
-        help="measure each layer's damage at this format only and carry it to the other "
-        "formats by the layer's output error (about one table column's cost; see "
-        "mpq.sensitivity.measured; default: the model's recipe; 'none': measure every format)",
-    )
+    table_data_args(p)
     p.set_defaults(func=cmd_solve)
 
 

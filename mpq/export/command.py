@@ -74,7 +74,9 @@ def add_export_parser(
         default=None,
         help="export this plan (JSON file or 'uniform:<spec>') instead of solving one",
     )
-    recipe = " (default: the model's recipe, mpq.recipes)"
+    from mpq.cli.args import RECIPE_DEFAULT as recipe
+    from mpq.cli.args import table_data_args
+
     p.add_argument(
         "--data", default=None, help="calibration data: wiki | bbc | wiki+bbc | photos" + recipe
     )
@@ -86,21 +88,7 @@ def add_export_parser(
     )
     p.add_argument("--no-guard", action="store_true",
                    help="skip the never-worse-than-uniform check on calibration KL")  # fmt: skip
-    p.add_argument(
-        "--stats",
-        default=None,
-        metavar="DATA:SPLIT:NxLEN",
-        help="calibration data of mse/gptq formats' importance and Hessians, e.g. "
-        "wiki:calib:16x512 (default: the model's recipe, else the calibration windows; 'none': "
-        "the calibration windows)",
-    )
-    p.add_argument(
-        "--anchor",
-        default=None,
-        metavar="FORMAT",
-        help="measure each layer's damage at this format only (see `mpq solve --anchor`; "
-        "default: the model's recipe; 'none': measure every format)",
-    )
+    table_data_args(p)
     p.set_defaults(func=cmd_export)
     return p
 
