@@ -94,6 +94,10 @@ class ReferencePoint:
     ratios: tuple[tuple[str, float, float | None], ...]
     source: str = ""
 
+    def on(self, data: str) -> tuple[float, float | None] | None:
+        """(ratio, 95% half-width or None) on data set ``data``; None when not measured."""
+        return next(((r, ci) for d, r, ci in self.ratios if d == data), None)
+
 
 @dataclass(frozen=True)
 class CompareConfig:

@@ -157,24 +157,25 @@ def reference_table(
     plans = [r for r in rows if r["policy"] != "fp32"]
     lines = []
     for ref in references:
-        for d, ratio, ci in ref.ratios:
-            if d != data:
-                continue
-            fit = [r for r in plans if r["effective_bits"] <= ref.bits + 1e-9]
-            theirs = f"{ratio:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
-            if not fit:
-                lines.append(
-                    f"| {ref.label} | {ref.bits:.3f} | {theirs} | none at these bits | | | | |"
-                )
-                continue
-            best = min(fit, key=lambda r: r["ppl"])
-            mine = best["ppl"] / base
-            kl = f"{best['kl']:.4f} ± {Z95 * best.get('kl_se', 0.0):.4f}"
-            verdict = "lower" if mine < ratio else "higher"
+        got = ref.on(data)
+        if got is None:
+            continue
+        ratio, ci = got
+        fit = [r for r in plans if r["effective_bits"] <= ref.bits + 1e-9]
+        theirs = f"{ratio:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
+        if not fit:
             lines.append(
-                f"| {ref.label} | {ref.bits:.3f} | {theirs} | {best['plan']} | "
-                f"{best['effective_bits']:.3f} | {mine:.3f} | {kl} | {verdict} |"
+                f"| {ref.label} | {ref.bits:.3f} | {theirs} | none at these bits | | | | |"
             )
+            continue
+        best = min(fit, key=lambda r: r["ppl"])
+        mine = best["ppl"] / base
+        kl = f"{best['kl']:.4f} ± {Z95 * best.get('kl_se', 0.0):.4f}"
+        verdict = "lower" if mine < ratio else "higher"
+        lines.append(
+            f"| {ref.label} | {ref.bits:.3f} | {theirs} | {best['plan']} | "
+            f"{best['effective_bits']:.3f} | {mine:.3f} | {kl} | {verdict} |"
+        )
     if not lines:
         return []
     sources = "; ".join(dict.fromkeys(r.source for r in references if r.source))
@@ -294,22 +295,13 @@ def plot_quality(
         if fp:
             ax.axhline(fp[0][metric], color="gray", ls=":", label="fp32")
         if fp and metric == "ppl":
-            first = True
-            for ref in references:
-                for d, ratio, _ in ref.ratios:
-                    if d != data:
-                        continue
-                    y = ratio * fp[0]["ppl"]
-                    ax.plot(
-                        [ref.bits],
-                        [y],
-                        "r*",
-                        ms=10,
-                        label="other tools (their ppl ratio x this fp32)" if first else None,
-                    )
-                    ax.annotate(ref.label, (ref.bits, y), textcoords="offset points",
-                                xytext=(5, -10), fontsize=7, color="darkred")  # fmt: skip
-                    first = False
+            drawn = [(ref, got[0]) for ref in references if (got := ref.on(data)) is not None]
+            for i, (ref, ratio) in enumerate(drawn):
+                y = ratio * fp[0]["ppl"]
+                label = "other tools (their ppl ratio x this fp32)" if i == 0 else None
+                ax.plot([ref.bits], [y], "r*", ms=10, label=label)
+                ax.annotate(ref.label, (ref.bits, y), textcoords="offset points",
+                            xytext=(5, -10), fontsize=7, color="darkred")  # fmt: skip
         if metric == "ppl":
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
