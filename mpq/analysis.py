@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mpq.formats import QuantFormat
 from mpq.sensitivity.table import SensitivityTable
 
 _DEPTH = re.compile(r"\.(\d+)\.")
@@ -96,3 +97,19 @@ def depth_profile(table: SensitivityTable, spec: str, edge: float = 0.3) -> dict
 def agreement_table(tables: Mapping[str, SensitivityTable], ref_label: str) -> dict[str, Agreement]:
     ref = tables[ref_label]
     return {label: spearman(t, ref) for label, t in tables.items() if label != ref_label}
+
+
+def additive_prediction(table: SensitivityTable, formats: Mapping[str, QuantFormat]) -> float:
+    """The table's prediction for a whole plan: the sum of its single-layer distortions (what
+    the solvers minimize), over the plan's targets the table scores; targets kept in high
+    precision add 0. ``nan`` when the table lacks one of the plan's (target, format) pairs
+    (e.g. a uniform format outside the candidates)."""
+    total = 0.0
+    for name, fmt in formats.items():
+        if fmt.keep or name not in table.distortions:
+            continue
+        row = table.distortions[name]
+        if fmt.spec() not in row:
+            return math.nan
+        total += row[fmt.spec()]
+    return total

@@ -100,9 +100,9 @@ def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Per mixed plan: the effective bits at which the uniform curve reaches its quality and the
     bits it saves (that minus its own bits; negative: uniform is better at equal bits).
 
-    The uniform curve is interpolated linearly between adjacent uniform plans, in log of the
-    metric for perplexity and KL (in the metric for accuracy); outside the curve's range the
-    saving is not stated."""
+    The uniform curve is interpolated linearly between adjacent uniform plans of its envelope
+    (a uniform plan that a cheaper one beats is left out), in log of the metric for perplexity
+    and KL (in the metric for accuracy); outside the curve's range the saving is not stated."""
     from mpq.solvers.guard import UniformPoint, equal_quality_use
 
     metric, lower = primary_metric(rows)
@@ -133,7 +133,8 @@ def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
     how = f"log {metric}" if metric in ("ppl", "kl") else metric
     return [
         f"Bits saved: the uniform bits that reach each plan's {metric} (uniform curve "
-        f"interpolated in {how}), minus the plan's bits.",
+        f"interpolated in {how}, over the uniform plans that beat every cheaper one), minus "
+        f"the plan's bits.",
         "",
         f"| plan | bits | {metric} | uniform bits at equal {metric} | bits saved |",
         "|---|---|---|---|---|",
@@ -586,5 +587,73 @@ def write_report(
     md += _equal_loss(entries)
     lowest = min(cfg.formats, key=lambda f: f.bits).spec()
     md += science(tables, folder, lowest)
+    md += additive_section(tables, entries, seed_rows)
     atomic_write_text(folder / "report.md", "\n".join(md) + "\n")
     return folder
+
+
+def additive_section(
+    tables: Mapping[tuple[str, int], SensitivityTable],
+    entries: Sequence[PlanEntry],
+    seed_rows: Sequence[dict[str, Any]],
+) -> list[str]:
+    """Per table: every plan made from it (and every uniform plan) with the table's additive
+    prediction (:func:`mpq.analysis.additive_prediction`) next to the measured held-out KL on
+    each dataset: how far the sum of single-layer damages is from the damage of the whole
+    plan (interactions, and calibration vs held-out text)."""
+    from mpq.analysis import additive_prediction
+
+    datas = list(dict.fromkeys(str(r["data"]) for r in seed_rows if "kl" in r))
+    if not tables or not datas:
+        return []
+    measured = {
+        (str(r["plan"]), str(r["seeds"]), str(r["data"])): (float(r["kl"]), float(r["kl_se"]))
+        for r in seed_rows
+        if "kl" in r and "kl_se" in r
+    }
+    md: list[str] = []
+    for (label, seed), table in tables.items():
+        kl_units = table.estimator.startswith("measured")
+        lines = []
+        for e in entries:
+            if e.plan is None or not (
+                e.policy.startswith("uniform")
+                or (e.policy.endswith("/" + label) and e.seed == seed)
+            ):
+                continue
+            pred = additive_prediction(table, e.plan.formats)
+            if not math.isfinite(pred):
+                continue
+            tag = "" if e.seed is None else str(e.seed)
+            cells = [e.name, _fmt(pred)]
+            for d in datas:
+                kl, se = measured.get((e.name, tag, d), (math.nan, math.nan))
+                cells.append(f"{_fmt(kl)} ± {_fmt(1.96 * se, 2)}")
+                if kl_units:
+                    cells.append(_fmt(kl / pred, 3) if pred > 0 else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        if not lines:
+            continue
+        head = ["plan", "table sum"]
+        for d in datas:
+            head += [f"{d} KL ± 1.96 se"] + (["measured / sum"] if kl_units else [])
+        md += [
+            "",
+            f"### Additive prediction against measured KL: `{label}`, seed {seed}",
+            "",
+            "The table's prediction of each plan is the sum of its single-layer damages (what "
+            "the solvers minimize"
+            + (", a KL on calibration text" if kl_units else ", in the estimator's own units")
+            + "); the measured KL is the whole plan's on held-out text"
+            + (
+                ". A ratio above 1: layers' errors add up to more than their sum (or the "
+                "held-out text is harder than the calibration text); below 1: they partly cancel."
+                if kl_units
+                else "."
+            ),
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+            *lines,
+        ]
+    return md

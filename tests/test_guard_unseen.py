@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from mpq.solvers.base import AllocationProblem
-from mpq.solvers.guard import UniformPoint, equal_quality_use, guard_unseen, uniform_curve
+from mpq.solvers.guard import (
+    UniformPoint,
+    envelope,
+    equal_quality_use,
+    guard_unseen,
+    uniform_curve,
+)
 from mpq.solvers.ilp import solve_ilp
 
 # 4 decisions of 1 weight each (bits = the option's width), options 3 / 4 / 5 bits.
@@ -31,6 +37,24 @@ def test_equal_quality_use_interpolates_between_the_bracketing_points() -> None:
     assert equal_quality_use(list(reversed(pts)), 0.6) == pytest.approx(4.8)
     assert math.isnan(equal_quality_use(pts, 3.0))  # worse than the cheapest uniform plan
     assert math.isnan(equal_quality_use(pts, 0.1))  # better than the dearest
+
+
+def test_equal_quality_use_follows_the_envelope_not_a_dominated_point() -> None:
+    # "5" costs more than "4a" and is worse: no uniform user reaches a quality through it, so
+    # the curve goes 3 -> 4a -> 6 (a naive walk would bracket 0.7 between 5 and 6: 5.6)
+    pts = [
+        UniformPoint("3", 3.0, 2.0),
+        UniformPoint("4a", 4.5, 0.8),
+        UniformPoint("5", 5.0, 1.2),
+        UniformPoint("6", 6.0, 0.6),
+    ]
+    assert [p.option for p in envelope(pts)] == ["3", "4a", "6"]
+    assert equal_quality_use(pts, 0.7) == pytest.approx(4.5 + 1.5 * 0.5)
+    assert equal_quality_use(pts, 1.4) == pytest.approx(3.0 + 1.5 * 0.5)
+    assert equal_quality_use(pts, 2.0) == pytest.approx(3.0)
+    assert math.isnan(equal_quality_use(pts, 0.5))
+    # equal values: the cheaper point is the curve
+    assert equal_quality_use([UniformPoint("a", 1.0, 1.0), UniformPoint("b", 2.0, 1.0)], 1.0) == 1.0
 
 
 def test_guard_unseen_reports_both_neighbours_and_the_bits_at_equal_quality() -> None:

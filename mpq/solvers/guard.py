@@ -94,21 +94,30 @@ class UniformPoint:
     value: float
 
 
+def envelope(points: Sequence[UniformPoint]) -> list[UniformPoint]:
+    """The uniform curve a user can actually buy: the points by use, each kept only when it is
+    better (lower) than every cheaper one. A uniform format that a cheaper one beats is never
+    the way to reach a quality (e.g. symmetric 5-bit after an asymmetric 4-bit that rides on a
+    checkpoint's own grid), so it does not bend the curve."""
+    out: list[UniformPoint] = []
+    for p in sorted(points, key=lambda p: (p.use, p.value)):
+        if not out or p.value < out[-1].value:
+            out.append(p)
+    return out
+
+
 def equal_quality_use(points: Sequence[UniformPoint], value: float) -> float:
     """The resource use at which the uniform curve reaches ``value`` (lower is better).
 
-    Points are sorted by use; the first adjacent pair whose values bracket ``value`` (from the
-    cheap side) is interpolated linearly in the value. ``nan`` when ``value`` is outside the
-    curve's range (worse than the cheapest uniform plan, or better than the best).
+    The curve is the :func:`envelope` of the points; the adjacent pair of it whose values
+    bracket ``value`` is interpolated linearly in the value. ``nan`` when ``value`` is outside
+    the curve's range (worse than the cheapest uniform plan, or better than the best).
     """
-    pts = sorted(points, key=lambda p: (p.use, p.value))
+    pts = envelope(points)
     for a, b in zip(pts, pts[1:], strict=False):
-        lo, hi = min(a.value, b.value), max(a.value, b.value)
-        if lo <= value <= hi:
-            if a.value == b.value:
-                return a.use
+        if b.value <= value <= a.value:
             return a.use + (b.use - a.use) * (a.value - value) / (a.value - b.value)
-    if len(pts) == 1 and pts[0].value == value:
+    if pts and pts[0].value == value:
         return pts[0].use
     return math.nan
 
