@@ -127,7 +127,7 @@ class CompareConfig:
 SOLVERS = tuple(solver_names())
 # Search settings a [[solve]] entry may set (SearchOptions fields; the seed is the config's).
 SOLVE_OPTIONS = {"trials": int, "generations": int, "offspring": int, "timesteps": int,
-                 "rounds": int, "metric": str}  # fmt: skip
+                 "rounds": int, "probes": int, "metric": str}  # fmt: skip
 _TOP = {
     "name",
     "model",

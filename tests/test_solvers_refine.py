@@ -78,3 +78,14 @@ def test_refine_bad_input() -> None:
     # candidates limits the probes: 2 decisions x at most 2 neighbours + the start.
     sol = solve_refine(p, rounds=1, candidates=2)
     assert sol.stats["evaluations"] <= 1 + 4 + 1 + 3
+
+
+def test_the_search_factory_passes_probes_and_rounds() -> None:
+    from mpq.solvers.options import SearchOptions
+    from mpq.solvers.refine import from_options
+
+    p = mid_problem(3)
+    few = from_options(SearchOptions(rounds=1, probes=2), lambda _: None)(p)
+    every = from_options(SearchOptions(rounds=1), lambda _: None)(p)
+    assert few.stats["evaluations"] <= 1 + 4 + 1 + 3  # as solve_refine(candidates=2)
+    assert every.stats["evaluations"] > few.stats["evaluations"]

@@ -73,6 +73,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
             raise MpqError(f"--{name} {getattr(args, name)} must be at least 1")
     if args.timesteps < 0:
         raise MpqError(f"--timesteps {args.timesteps} must be 0 (zero-shot) or more")
+    if args.probes is not None and args.probes < 1:
+        raise MpqError(f"--probes {args.probes} must be at least 1 (or left out: every decision)")
     prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
     prep = preconditioned(prep, args.precondition, calib_spec(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
@@ -101,6 +103,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         generations=args.generations,
         timesteps=args.timesteps,
         rounds=args.rounds,
+        probes=args.probes,
         storage=storage,
         study=args.study,
     )
@@ -211,6 +214,13 @@ def add_solve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--rounds", type=int, default=2, help="refine: rounds of coordinate descent on measured KL"
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=None,
+        help="refine: probe only the N decisions whose table damage changes most per unit of "
+        "cost (default: every decision; two measured plans per probe and round)",
     )
     p.add_argument(
         "--storage",

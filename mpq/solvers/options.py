@@ -31,8 +31,10 @@ class SearchOptions:
     ``evolution`` runs ``generations`` x ``offspring`` measured mutants from the ILP plan.
     ``sac`` uses the shipped policy zero-shot (``timesteps=0``) or fine-tunes it for
     ``timesteps`` steps. ``refine`` runs ``rounds`` rounds of coordinate descent on measured
-    quality from the ILP plan (:mod:`mpq.solvers.refine`). ``metric``: what is minimized, a key
-    of the calibration task's metrics (``kl``: mean KL to the fp model)."""
+    quality from the ILP plan (:mod:`mpq.solvers.refine`), probing every decision, or only the
+    ``probes`` decisions whose table damage changes most per unit of cost (two measured plans
+    per probed decision and round: the cost knob on a large model). ``metric``: what is
+    minimized, a key of the calibration task's metrics (``kl``: mean KL to the fp model)."""
 
     seed: int = 0
     trials: int = 40
@@ -40,6 +42,7 @@ class SearchOptions:
     offspring: int = 8
     timesteps: int = 0
     rounds: int = 2
+    probes: int | None = None
     storage: str | None = None
     study: str | None = None
     metric: str = "kl"

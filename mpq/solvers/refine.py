@@ -183,9 +183,10 @@ def solve_refine(
 
 
 def from_options(opts: SearchOptions, features: Features) -> Search:
-    """The ``refine`` search of :data:`mpq.registry.SEARCHES`: ``opts.rounds`` rounds."""
+    """The ``refine`` search of :data:`mpq.registry.SEARCHES`: ``opts.rounds`` rounds probing
+    ``opts.probes`` decisions (all when None)."""
 
     def search(problem: AllocationProblem, measure: Measure | None = None) -> Solution:
-        return solve_refine(problem, measure, rounds=opts.rounds)
+        return solve_refine(problem, measure, rounds=opts.rounds, candidates=opts.probes)
 
     return search
