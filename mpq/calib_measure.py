@@ -114,6 +114,9 @@ class CalibrationMeasure(CachedMeasure):
                 if self.inplace
                 else {}
             )
+        # Each (target, format) is quantized once over all the plans measured (apply_plan's
+        # memo): the weights it quantizes from are restored to the originals after each plan.
+        self._memo: dict[tuple[str, str], Any] = {}
         super().__init__(self._measure, len(problem.decisions))
 
     def plan(self, choice: np.ndarray) -> BitPlan:
@@ -124,11 +127,16 @@ class CalibrationMeasure(CachedMeasure):
     def _measure(self, choice: np.ndarray) -> float:
         plan = self.plan(choice)
         if not self.inplace:
-            fresh = apply_plan(self.model, plan, self.targets, mode="fake", calib=self.calib)
+            fresh = apply_plan(
+                self.model, plan, self.targets, mode="fake", calib=self.calib, memo=self._memo
+            )
             result = evaluate(self.task, fresh, self.ref)
             return self._value(result.metrics)
         try:
-            apply_plan(self.model, plan, self.targets, mode="fake", inplace=True, calib=self.calib)
+            apply_plan(
+                self.model, plan, self.targets, mode="fake", inplace=True, calib=self.calib,
+                memo=self._memo,
+            )  # fmt: skip
             result = evaluate(self.task, self.model, self.ref)
         finally:
             with torch.no_grad():

@@ -26,6 +26,7 @@ from mpq.evaluate import EvalResult, pool
 from mpq.pipeline import (
     Evaluator,
     Prepared,
+    QuantMemo,
     SearchOptions,
     plan_digest,
     preconditioned,
@@ -162,11 +163,12 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
     rows: list[dict[str, Any]] = []
     seed_rows: list[dict[str, Any]] = []
     e = cfg.evaluation
+    memos: list[QuantMemo] = [{} for _ in runs]  # each (target, format) quantized once per run
     for data_id in e.data:
         task = e.spec(data_id).task(base.loaded)
         groups: dict[str, list[tuple[PlanEntry, EvalResult, float]]] = defaultdict(list)
-        for prep, entries in runs:
-            evaluator = Evaluator(prep, task, progress=progress)
+        for (prep, entries), memo in zip(runs, memos, strict=True):
+            evaluator = Evaluator(prep, task, progress=progress, memo=memo)
             for entry in tqdm(entries, desc=f"evaluate on {data_id}", disable=not progress):
                 result, eval_s = evaluator(entry.plan, label=entry.name)
                 groups[entry.name].append((entry, result, eval_s))

@@ -30,7 +30,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,6 +135,7 @@ def apply_plan(
     gptq: GPTQConfig | None = None,
     act: ActQuant = DEFAULT_ACT_QUANT,
     stats: Mapping[str, InputStats] | None = None,
+    memo: MutableMapping[tuple[str, str], QuantizedTensor | None] | None = None,
 ) -> nn.Module:
     """The model with ``plan`` applied (a copy unless ``inplace``).
 
@@ -146,9 +147,16 @@ def apply_plan(
     given and the plain squared error otherwise (and on targets without statistics: a tied
 embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` needs the
     full second moment and refuses to run without; ``gptq=`` sets its options.
+    ``memo`` (fake mode): quantized weights by (target, format spec), read and filled, so plans
+    applied one after another to the same model with the same ``stats`` quantize each (target,
+    format) once (a search measures hundreds of plans that differ in a few layers); the caller
+    keeps one memo per (model, statistics). GPTQ formats are never memoized (their result
+    depends on the rest of the plan when run sequentially).
     """
     if mode not in ("packed", "fake"):
         raise MpqError(f"mode={mode!r} is unknown; use 'packed' or 'fake'")
+    if memo is not None and mode != "fake":
+        raise MpqError("apply_plan(memo=...) applies to mode='fake' (packed modules own codes)")
     B.check_request(backend)
     if mode == "fake" and backend != "reference":
         raise MpqError(
@@ -198,8 +206,15 @@ embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` need
         for t in targets:
             fmt = plan.formats[t.name]
             if t.name not in qts:
-                w = _weight(out.get_submodule(t.name))
-                qts[t.name] = _quantize_one(w, fmt, have.get(t.name), cfg)
+                key = (t.name, fmt.spec())
+                if memo is not None and fmt.method != "gptq":
+                    if key not in memo:
+                        w = _weight(out.get_submodule(t.name))
+                        memo[key] = _quantize_one(w, fmt, have.get(t.name), cfg)
+                    qts[t.name] = memo[key]
+                else:
+                    w = _weight(out.get_submodule(t.name))
+                    qts[t.name] = _quantize_one(w, fmt, have.get(t.name), cfg)
             _install(out, t, fmt, qts[t.name], mode, backend, act)
     return out
 

@@ -32,6 +32,7 @@ from mpq.models import cache_root
 from mpq.plan import BitPlan, uniform_plan
 from mpq.prepared import Prepared, preconditioned, prepare, prepared_for_plan, task_for
 from mpq.problem import build_problem, solution_to_plan
+from mpq.quant.core import QuantizedTensor
 from mpq.registry import SEARCHES, SOLVERS, solver_names
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.measured import Measured
@@ -273,6 +274,10 @@ def _eval_entry_problem(value: Any) -> str | None:
     return None
 
 
+QuantMemo = dict[str, dict[tuple[str, str], QuantizedTensor | None]]
+"""Quantized weights an :class:`Evaluator` reuses: statistics key -> (target, spec) -> weight."""
+
+
 @dataclass
 class Evaluator:
     """Evaluates plans on one task, caching each result on disk; the fp reference is lazy.
@@ -285,6 +290,10 @@ class Evaluator:
     prep: Prepared
     task: Task
     progress: bool = True
+    # Quantized weights by statistics key, then (target, format spec): each (target, format)
+    # is quantized once for all the plans evaluated (apply_plan's memo). Evaluators of one
+    # prepared model on several tasks may share one (compare does).
+    memo: QuantMemo = field(default_factory=dict)
     _ref: Reference | None = field(default=None, init=False)
     _base: dict[str, Any] | None = field(default=None, init=False)
 
@@ -326,10 +335,13 @@ class Evaluator:
         ref = self.reference()
         model = self.prep.loaded.model
         if plan is not None:
-            from mpq.planstats import plan_stats
+            from mpq.planstats import digest_part, plan_stats
 
             stats = plan_stats(self.prep.loaded, self.prep.targets, plan)
-            model = apply_plan(model, plan, self.prep.targets, mode="fake", stats=stats)
+            memo = self.memo.setdefault(digest_part(plan), {})
+            model = apply_plan(
+                model, plan, self.prep.targets, mode="fake", stats=stats, memo=memo
+            )
         result = evaluate(self.task, model, ref, progress=self.progress, desc=label or "eval")
         seconds = time.perf_counter() - t0
         payload = {"metrics": result.metrics, "units": result.units, "seconds": seconds}
