@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mpq.solvers.bayes import solve_bayes
 from mpq.solvers.measure import CachedMeasure
@@ -73,3 +74,28 @@ def test_a_parameter_set_measured_before_is_not_measured_again(tmp_path: Path) -
     assert last.user_attrs["duplicate_of"] == seen.number
     assert last.value == seen.value
     assert tuple(seen.user_attrs["choice"]) not in calls
+
+
+def test_a_sqlite_study_reads_and_writes_inside_one_locked_transaction(tmp_path: Path) -> None:
+    # optuna pops an enqueued trial by reading it and then setting it RUNNING; both must be in
+    # one transaction holding the write lock, or two workers pop the same trial. The oracle: a
+    # transaction that has only *read* already blocks another writer.
+    import sqlite3
+
+    from mpq.solvers.bayes import open_storage
+
+    path = tmp_path / "studies.db"
+    store = open_storage(str(path))
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("SELECT count(*) FROM studies").fetchall()  # a read, nothing else
+        other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        finally:
+            other.close()
+        conn.rollback()
+    other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # free again once that transaction ended
+    other.execute("ROLLBACK")
+    other.close()

@@ -125,16 +125,28 @@ def _sqlite_wal(store: Any) -> None:
     """SQLite in WAL mode with ``synchronous=NORMAL``: one fsync per checkpoint instead of
     several per write (a trial writes one row per decision); 6x faster per trial on this
     machine's disk. A crash of the process loses nothing committed; a power cut may lose the
-    last trials (they are re-run on resume). WAL needs a local file system (not NFS)."""
+    last trials (they are re-run on resume). WAL needs a local file system (not NFS).
+
+    Every transaction starts with ``BEGIN IMMEDIATE``. Python's sqlite3 driver otherwise begins
+    a transaction only at the first write, so optuna's "read the trial, set it RUNNING only if
+    it is still WAITING" runs its read outside the transaction: two workers could both pop the
+    same enqueued trial, and the second then dies on "Cannot tell a COMPLETE trial". With the
+    write lock taken at BEGIN the read and the write are one step (others wait their turn,
+    up to the driver's busy timeout)."""
     import sqlalchemy
 
     def on_connect(conn: Any, _record: Any) -> None:
+        conn.isolation_level = None  # the driver's own implicit BEGIN off: ours below instead
         cur = conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
+    def on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     sqlalchemy.event.listen(store.engine, "connect", on_connect)
+    sqlalchemy.event.listen(store.engine, "begin", on_begin)
     store.engine.dispose()  # connections made before the listener get it on reconnect
 
 
