@@ -4,7 +4,10 @@ The actor is first taught by the exact ILP (DAgger, :mod:`mpq.solvers._sac_imita
 state labelled by the ILP optimum of the decisions left), then, with ``--sac-steps``, trained
 further by SAC (stable-baselines3) on the table's shaped reward. Each stage's weights are
 checked on held-out problems and the best is kept (the water level alone, action 0, is the
-first candidate: a stage that does not beat it is not shipped).
+first candidate: a stage that does not beat it is not shipped). The answer scored is
+``solve_sac``'s: the better of the actor's plan and the water level's, plain or rounded.
+``--rounding`` trains in episodes whose water level rounds the lump first (recorded in the
+file's header; the shipped v2 was trained without).
 
 Episodes come from synthetic tables (40..250 decisions, 4..6 bit-width options, stored bits as
 the budget; distortion = sensitivity x size x 4^-bits x lognormal noise, sensitivities over
@@ -121,19 +124,23 @@ class Validation:
     the answer (so 6-decision problems, whose gaps are largest, do not outweigh the rest), and
     the weights with the least score are kept."""
 
-    def __init__(self, groups: dict[str, Sequence[AllocationProblem]]) -> None:
+    def __init__(self, groups: dict[str, Sequence[AllocationProblem]], rounding: bool) -> None:
         self.groups = {k: list(v) for k, v in groups.items()}
+        self.rounding = rounding
         self.optima = {k: [solve_ilp(p).objective for p in v] for k, v in self.groups.items()}
-        self.levels = {k: [p.distortion_of(level_plan(p)) for p in v]
+        # solve_sac's starts: the water level, plain and with the lump rounded
+        self.levels = {k: [min(p.distortion_of(level_plan(p)),
+                               p.distortion_of(level_plan(p, rounding=True))) for p in v]
                        for k, v in self.groups.items()}
         self.best = float("inf")
         self.best_weights: dict[str, np.ndarray] | None = None
         self.best_stage = ""
         self.history: list[tuple[str, float]] = []
+        self.meta = {"rounding": "1" if rounding else "0"}
 
     def check(self, stage: str, weights: dict[str, np.ndarray] | None) -> float:
         """``weights`` None: the water level (action 0)."""
-        actor = None if weights is None else NumpyActor(weights, {})
+        actor = None if weights is None else NumpyActor(weights, self.meta)
         alone, answer = {}, {}
         for k, problems in self.groups.items():
             own, best = [], []
@@ -171,7 +178,7 @@ def sac_stage(weights: dict[str, np.ndarray], pool: list, steps: int, valid: Val
 
     first, budgets = pool[0]
     model = train_sac(first, total_timesteps=steps, seed=args.seed, budgets=budgets,
-                      others=pool[1:], n_envs=args.envs, init=NumpyActor(weights, {}),
+                      others=pool[1:], n_envs=args.envs, init=NumpyActor(weights, valid.meta),
                       callbacks=[Every()], learning_rate=args.lr, ent_coef=args.ent_coef,
                       target_entropy=args.target_entropy, learning_starts=args.learning_starts)
     valid.check(f"sac step {steps}", actor_weights(model))
@@ -195,6 +202,8 @@ def main() -> None:
     ap.add_argument("--ent-coef", default="auto_0.01", help="SAC's entropy coefficient")
     ap.add_argument("--target-entropy", type=float, default=-2.0)
     ap.add_argument("--learning-starts", type=int, default=1000)
+    ap.add_argument("--rounding", action="store_true",
+                    help="episodes with the lump rounded (policy v3; v2 was trained without)")
     ap.add_argument("--out", default=str(PRETRAINED))
     ap.add_argument("--data", default="", help="save the labelled states here (.npz)")
     ap.add_argument("--from-data", default="", help="fit on these saved states (no rollouts)")
@@ -211,8 +220,8 @@ def main() -> None:
         "synthetic": [with_budget(synthetic(3000 + i), f) for i in range(8) for f in (0.3, 0.7)],
         "lumpy": [with_budget(synthetic(4000 + i, True), f) for i in range(8) for f in (0.3, 0.7)],
         "small": [small(20_000 + i) for i in range(40)],
-    })
-    episodes = [(AllocationEpisode(p), b) for p, bs in pool for b in bs]
+    }, args.rounding)
+    episodes = [(AllocationEpisode(p, rounding=args.rounding), b) for p, bs in pool for b in bs]
     print(f"{len(pool)} training problems, {len(episodes)} (problem, budget) episodes; "
           f"{sum(map(len, valid.groups.values()))} validation problems", flush=True)
     valid.check("water level", None)
@@ -226,7 +235,7 @@ def main() -> None:
         valid.check("fit on saved states", weights)
     for r in range(args.rounds if not args.from_data else 0):
         t = time.perf_counter()
-        policy = None if weights is None else NumpyActor(weights, {})
+        policy = None if weights is None else NumpyActor(weights, valid.meta)
         solves = 0
         rng = np.random.default_rng(args.seed + r)
         chosen = episodes if r == 0 else [
@@ -261,11 +270,12 @@ def main() -> None:
                       f"small tables + {','.join(args.table) or 'no real table'}",
         "train_minutes": f"{minutes:.1f}",
         "seed": str(args.seed),
+        **valid.meta,
     })
     print(f"kept {valid.best_stage} (validation mean gap {valid.best:.4%}); {minutes:.1f} min "
           f"({os.cpu_count()} CPUs, torch threads {os.environ.get('MPQ_THREADS', 'default')}); "
           f"wrote {args.out}")
-    actor = NumpyActor(kept, {})
+    actor = NumpyActor(kept, valid.meta)
     for name, make in (("synthetic", lambda i: synthetic(5000 + i)),
                        ("lumpy", lambda i: synthetic(6000 + i, lumpy=True))):
         gaps, base = [], []
@@ -274,7 +284,8 @@ def main() -> None:
                 p = with_budget(make(i), frac)
                 opt = solve_ilp(p).objective
                 gaps.append(p.distortion_of(policy_plan(actor, p)[0]) / opt - 1)
-                base.append(p.distortion_of(level_plan(p)) / opt - 1)
+                base.append(min(p.distortion_of(level_plan(p)),
+                                p.distortion_of(level_plan(p, rounding=True))) / opt - 1)
         print(f"held-out {name} (20 tables x 3 budgets): policy gap to ILP max {max(gaps):.3%} "
               f"median {np.median(gaps):.3%} mean {np.mean(gaps):.3%}; water level alone max "
               f"{max(base):.3%} median {np.median(base):.3%} mean {np.mean(base):.3%}; "
