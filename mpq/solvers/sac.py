@@ -74,8 +74,9 @@ the water level alone and the *rounded* level (``AllocationEpisode(rounding=True
 :mod:`mpq.solvers._water`: the LP's partly bought step, when it is a large decision's, fixed
 first at its better side; one budgeted resource only). The rounded level is what brings
 MobileNetV2 at 5 bits from 10.8% to 0.09% above the ILP: the plain level leaves its
-classifier at 3 bits after the small layers spent the budget it needed. It does not read the model's own features (columns 1-3, 7, 8: zero weights), which
-its training tables lack. :func:`solve_sac` uses it zero-shot (numpy only,
+classifier at 3 bits after the small layers spent the budget it needed. The policy does not
+read the model's own features (columns 1-3, 7, 8: zero weights), which its training tables
+lack. :func:`solve_sac` uses it zero-shot (numpy only,
 :class:`NumpyActor`) or fine-tunes it with SAC for ``total_timesteps`` on the problem at hand
 (and its ``measure``). Policy files are safetensors (arrays only) with the format, version and
 feature list in the header, refused when they do not match; version 1 (the untrained water
