@@ -159,11 +159,18 @@ def evaluator_measure(
     *,
     metric: str = "kl",
     progress: bool = False,
+    stats_task: Task | None = None,
 ) -> CachedMeasure:
     """A measure on a :class:`mpq.pipeline.Evaluator` (its task is the calibration task):
     cached in memory here and on disk by the evaluator (one file per plan digest).
-    ``progress``: a tqdm counter of the plans measured (the evaluator's own bars stay off)."""
+    ``progress``: a tqdm counter of the plans measured (the evaluator's own bars stay off).
+    ``stats_task``: the windows the formats' mse / gptq statistics come from, recorded in every
+    measured plan as :func:`mpq.pipeline.solve` records them in the plan it returns, so a
+    search measures the quantizer that will be deployed (without it, ``mse`` formats are
+    measured with the unweighted error and ``gptq`` is refused)."""
     from tqdm.auto import tqdm
+
+    from mpq.planstats import with_record
 
     targets = evaluator.prep.targets
     check_options(problem, formats)
@@ -174,7 +181,7 @@ def evaluator_measure(
 
     def measure(choice: np.ndarray) -> float:
         plan = plan_for_choice(problem, choice, targets, formats, model_id, "measure")
-        result, _ = evaluator(plan, label="measure")
+        result, _ = evaluator(with_record(plan, stats_task), label="measure")
         bar.update(1)
         if metric not in result.metrics:
             known = sorted(result.metrics)

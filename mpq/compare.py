@@ -194,8 +194,10 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
         seed = cfg.seeds[0]
         calib = c.spec().task(runs[0][0].loaded, seed if c.resample else 0)
         table = tables[(cfg.estimators[0].label + suffix, seed)]
+        stats_spec = cfg.statistics or c
+        stats = stats_spec.spec().task(runs[0][0].loaded, 0) if cfg.statistics else calib
         section = frontier_section(folder, runs[0][0], cfg.formats, table, calib, cfg.frontier,
-                                   seed=seed, progress=progress)  # fmt: skip
+                                   seed=seed, progress=progress, stats_task=stats)  # fmt: skip
         report = folder / "report.md"
         atomic_write_text(report, report.read_text() + section)
     return folder

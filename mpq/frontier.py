@@ -44,14 +44,16 @@ def measured_frontier(
     spec: FrontierSpec,
     seed: int = 0,
     progress: bool = False,
+    stats_task: Task | None = None,
 ) -> tuple[MeasuredFrontier, list[FrontierRow]]:
     """The NSGA-II frontier on ``calib`` (mean KL to the fp model) and the table's frontier
-    plans it was seeded with, as rows by effective bits."""
+    plans it was seeded with, as rows by effective bits. ``stats_task``: where the formats'
+    mse / gptq statistics come from (default ``calib``), as for the compared plans."""
     from mpq.calib_measure import evaluator_measure
 
     problem = build_problem(prep.cost, formats, LOOSEST, table)
     measure = evaluator_measure(Evaluator(prep, calib, progress=False), problem, formats,
-                                progress=progress)  # fmt: skip
+                                progress=progress, stats_task=stats_task or calib)  # fmt: skip
     front = bayes_frontier(problem, measure, n_trials=spec.trials, seed=seed,
                            population_size=spec.population)  # fmt: skip
     model_id = prep.loaded.model_id

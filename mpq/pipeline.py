@@ -161,8 +161,9 @@ def solve(
 
         evaluator = Evaluator(prep, calib, progress=False)
         measure = evaluator_measure(
-            evaluator, problem, formats, metric=opts.metric, progress=progress
-        )
+            evaluator, problem, formats, metric=opts.metric, progress=progress,
+            stats_task=stats_task or calib,
+        )  # fmt: skip
         if solver == "bayes" and opts.study is None and opts.storage is not None:
             from mpq.solvers.bayes import fingerprint
 
@@ -190,6 +191,7 @@ def solve(
             problem,
             formats,
             metric="nll" if guard_task.labels is not None else opts.metric,
+            stats_task=stats_task or calib,
         )
         sol, reason = guard_unseen(problem, sol, unseen)
         sol = _equal_quality(sol, prep)

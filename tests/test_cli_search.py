@@ -98,6 +98,31 @@ def test_search_solvers_write_a_guarded_plan_within_budget(
     assert _unseen_nll(folder, out) == pytest.approx(measured, rel=1e-6)
 
 
+def test_searches_measure_mse_formats_as_the_plan_will_be_applied(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With importance-weighted ``mse`` formats the search and the guard must measure plans
+    quantized with the same statistics the returned plan records (not the unweighted error):
+    the value they report is what a fresh evaluation of the written plan gives."""
+    out = tmp_path / "plan.json"
+    argv = ["solve", "--model", str(folder), "--budget", "bits=4.5", "--formats",
+            "3:g16:mse,4:g16:mse,8", *CALIB, "--out", str(out), "--solver", "refine",
+            "--rounds", "1"]  # fmt: skip
+    rc, _, err = _run(capsys, argv)
+    assert rc == 0, err
+    plan = BitPlan.load(out)
+    assert "stats" in plan.meta  # the plan records where its importance comes from
+    measured = plan.meta["measured_mixed" if plan.meta["guard"] == "kept" else "measured_uniform"]
+    assert _unseen_nll(folder, out) == pytest.approx(measured, rel=1e-6)
+    if plan.meta["guard"] == "kept":
+        from mpq.pipeline import Evaluator, prepare, task_for
+
+        prep = prepare(str(folder))
+        calib = task_for(prep, "wiki", "calib", 1, 16, None)
+        kl = Evaluator(prep, calib, progress=False)(plan)[0]["kl"]
+        assert kl == pytest.approx(plan.meta["measured"], rel=1e-6)  # the search's own value
+
+
 def test_guard_replaces_a_mixed_plan_that_measures_worse_than_uniform(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -64,7 +64,9 @@ def main() -> None:
     plans = {}
     for b in budgets:
         problem = build_problem(prep.cost, formats, {"bits": b}, table)
-        measure = evaluator_measure(Evaluator(prep, calib, progress=False), problem, formats)
+        measure = evaluator_measure(
+            Evaluator(prep, calib, progress=False), problem, formats, stats_task=calib
+        )
         ilp = solve_ilp(problem)
         t1 = time.perf_counter()
         ref = solve_refine(problem, measure, rounds=1, candidates=40)
