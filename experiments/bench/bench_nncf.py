@@ -65,8 +65,9 @@ NNCF = "nncf==3.4.0"
 TORCH = "torch==2.13.0"
 INT4, INT8 = "4:g64:asym", "8:asym"
 RATIOS = "1.0,0.8,0.6"
-GRID = "4.5,4.75,5.0,5.25,5.5,6.0,6.5"
+GRID = "4.5,4.75,5.0,5.25,5.5,6.0"
 CONFIG = "experiments/configs/smollm2.toml"
+SYM_CONFIG = "experiments/configs/smollm2_quality_sym.toml"
 Z95 = 1.959963984540054
 HERE = Path(__file__).resolve()
 
@@ -412,30 +413,43 @@ def evaluate_all(args: argparse.Namespace) -> None:
     calib = cfg.calibration.spec().task(prep.loaded, 0)
     stats_task = cfg.statistics.spec().task(prep.loaded, 0)
     # NNCF's bits cut (not rounded) to 4 decimals: mpq never gets more than NNCF used.
-    budgets = sorted({math.floor(b * 1e4) / 1e4 for b in [*nncf_bits, *_floats(args.grid)]})
+    at_nncf = [math.floor(b * 1e4) / 1e4 for b in nncf_bits]
+    grid = [b for b in _floats(args.grid) if b not in at_nncf]
     if over():
         return
     t0 = time.perf_counter()
     table = damage_table(prep, two, calib, progress=False, anchor=INT4, stats_task=stats_task)
     res.data["table_seconds"] = res.data.get("table_seconds") or time.perf_counter() - t0
     res.data["table"] = f"measured:anchor={INT4}, {cfg.calibration}"
-    for b in budgets:
-        if over():
-            return
-        plan, sol = solve(prep, "ilp", two, {"bits": b}, table)
-        score(f"mpq ilp {INT4}/{INT8} @ {b:g}", plan, budget=b, solve_s=sol.wall_time)
-    # The full palette at NNCF's bits, from the main job's table.
-    t0 = time.perf_counter()
-    est = cfg.estimators[0]
-    assert est.name == "measured", est
-    full = damage_table(prep, cfg.formats, calib, progress=False,
-                        anchor=str(dict(est.params)["anchor"]), stats_task=stats_task)  # fmt: skip
-    res.data["full_table_seconds"] = res.data.get("full_table_seconds") or time.perf_counter() - t0
-    for b in nncf_bits:
-        if over():
-            return
-        plan, sol = solve(prep, "ilp", cfg.formats, {"bits": b}, full, stats_task=stats_task)
-        score(f"mpq ilp full palette @ {b:.4f}", plan, budget=b, solve_s=sol.wall_time)
+    res.save()
+
+    def ilp(budgets: list[float]) -> None:
+        for b in budgets:
+            if over():
+                return
+            plan, sol = solve(prep, "ilp", two, {"bits": b}, table)
+            score(f"mpq ilp {INT4}/{INT8} @ {b:g}", plan, budget=b, solve_s=sol.wall_time)
+
+    ilp(at_nncf)
+    # The full palette at NNCF's bits, from the main job's table; then the symmetric-only
+    # palette (the bundled weights sit on a Q4_1 grid that 4:g32:asym:dq nearly reproduces).
+    for label, path in (("full palette", args.config), ("symmetric palette", args.sym_config)):
+        c = load_config(path)
+        assert c.statistics == cfg.statistics and c.calibration == cfg.calibration, path
+        est = c.estimators[0]
+        assert est.name == "measured", est
+        t0 = time.perf_counter()
+        anchor = str(dict(est.params)["anchor"])
+        full = damage_table(prep, c.formats, calib, progress=False, anchor=anchor,
+                            stats_task=stats_task)  # fmt: skip
+        res.data.setdefault("tables_seconds", {})[label] = time.perf_counter() - t0
+        res.data.setdefault("palettes", {})[label] = [f.spec() for f in c.formats]
+        for b in nncf_bits:
+            if over():
+                return
+            plan, sol = solve(prep, "ilp", c.formats, {"bits": b}, full, stats_task=stats_task)
+            score(f"mpq ilp {label} @ {b:.4f}", plan, budget=b, solve_s=sol.wall_time)
+    ilp(grid)  # more points of mpq's curve, for the bits at equal ppl
     res.data["evaluate_seconds_last_run"] = time.perf_counter() - t_start
     res.save()
     print(markdown(res.data))
@@ -480,10 +494,11 @@ def markdown(data: dict[str, Any]) -> str:
         )
     lines += ["", "| NNCF ratio | bits | text | NNCF ppl | mpq ILP bits at NNCF's ppl | bits saved "
               "| mpq ILP @ NNCF bits / NNCF, paired [95% CI] | Δnll ± se | full palette @ NNCF "
-              "bits / NNCF [95% CI] |",
-              "|---|---:|---|---:|---:|---:|---|---|---|"]  # fmt: skip
+              "bits / NNCF [95% CI] | symmetric palette @ NNCF bits / NNCF [95% CI] |",
+              "|---|---:|---|---:|---:|---:|---|---|---|---|"]  # fmt: skip
     ilp = {k: r for k, r in rows.items() if k.startswith(f"mpq ilp {INT4}/{INT8}")}
     full = [r for k, r in rows.items() if k.startswith("mpq ilp full palette")]
+    sym = [r for k, r in rows.items() if k.startswith("mpq ilp symmetric palette")]
     uni = rows.get(f"uniform {INT4}")
     for ratio in sorted(data.get("nncf", {}), key=lambda x: -float(x)):
         key = f"nncf@{ratio}"
@@ -504,10 +519,12 @@ def markdown(data: dict[str, Any]) -> str:
             else:
                 pair += " | -"
             saved = "-" if eq is None else f"{r['bits'] - eq:.3f}"
-            fp = next((x for x in full if abs(x["bits"] - r["bits"]) < 0.01), None)
-            fcell = "-"
-            if fp is not None:
-                fcell = _cell(_paired(fp[d]["nll_units"], r[d]["nll_units"]))
+            cells = []
+            for group in (full, sym):
+                fp = next((x for x in group if abs(x["bits"] - r["bits"]) < 0.01), None)
+                cells.append("-" if fp is None else _cell(_paired(fp[d]["nll_units"],
+                                                                 r[d]["nll_units"])))  # fmt: skip
+            fcell = " | ".join(cells)
             lines.append(
                 f"| {ratio} | {r['bits']:.4f} | {d} | {r[d]['ppl']:.3f} | "
                 f"{'-' if eq is None else f'{eq:.3f}'} | {saved} | {pair} | {fcell} |"
@@ -528,6 +545,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(_cache() / "nncf" / "bench"))
     ap.add_argument("--out", default="experiments/results/nncf/results.json")
     ap.add_argument("--config", default=CONFIG, help="the main job's config (data, full palette)")
+    ap.add_argument("--sym-config", default=SYM_CONFIG, help="the symmetric-only palette's")
     ap.add_argument("--ratios", default=RATIOS, help="NNCF ratios (share of INT4 weights)")
     ap.add_argument("--as-is", default="0.6", help="ratios also scored with NNCF's INT8 embedding")
     ap.add_argument("--grid", default=GRID, help="extra ILP budgets (bits) for interpolation")
