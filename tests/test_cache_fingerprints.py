@@ -212,3 +212,21 @@ def test_conversion_removes_what_a_killed_conversion_left(tmp_path: Path) -> Non
     assert live.exists() and other.exists()
     assert converted_problem(target) is None  # checksums recorded, folder complete
     assert sorted(p.name for p in models.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+def test_data_fingerprint_is_the_windows_not_their_batching() -> None:
+    ids = torch.arange(4 * 6).reshape(4, 6)
+    lab = torch.tensor([0, 1, 2, 3])
+    one = [{"input_ids": ids[i : i + 1]} for i in range(4)]
+    two = [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}]
+    assert data_fingerprint(one) == data_fingerprint(two) == data_fingerprint([{"input_ids": ids}])
+    assert data_fingerprint([ids[:2], ids[2:]], [lab[:2], lab[2:]]) == data_fingerprint(
+        [ids[i : i + 1] for i in range(4)], [lab[i : i + 1] for i in range(4)]
+    )
+    # other windows, another order, other labels: another key
+    swapped = [{"input_ids": ids[2:]}, {"input_ids": ids[:2]}]
+    other = [{"input_ids": ids[:2] + 1}, {"input_ids": ids[2:]}]
+    assert data_fingerprint(two) != data_fingerprint(swapped)
+    assert data_fingerprint(two) != data_fingerprint(other)
+    assert data_fingerprint([ids], [lab]) != data_fingerprint([ids], [lab.flip(0)])
+    assert data_fingerprint([ids], [lab]) != data_fingerprint([ids])
