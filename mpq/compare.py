@@ -41,6 +41,7 @@ from mpq.report import PlanEntry, write_report
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.runner import make_estimator
 from mpq.sensitivity.table import SensitivityTable
+from mpq.tasks import Task
 
 
 def _budget_label(budget: dict[str, float]) -> str:
@@ -57,6 +58,12 @@ def _estimator(spec: EstimatorSpec, seed: int) -> Estimator:
     return est
 
 
+def _stats_task(cfg: CompareConfig, loaded: Any) -> Task | None:
+    """The ``[statistics]`` windows the mse / gptq formats' importance comes from (None: each
+    plan's own calibration windows), as every solve and the frontier of ``cfg`` use them."""
+    return cfg.statistics.spec().task(loaded, 0) if cfg.statistics else None
+
+
 def _plans(
     cfg: CompareConfig, prep: Prepared, suffix: str, progress: bool
 ) -> tuple[list[PlanEntry], dict[tuple[str, int], SensitivityTable]]:
@@ -65,7 +72,7 @@ def _plans(
     from mpq.planstats import uses_stats, with_record
 
     stats_spec = cfg.statistics or cfg.calibration
-    stats_task = stats_spec.spec().task(prep.loaded, 0) if cfg.statistics else None
+    stats_task = _stats_task(cfg, prep.loaded)
     for plan in uniform_plans(prep, cfg.uniform):
         if uses_stats(plan):  # mse / gptq baselines: the first seed's calibration statistics
             plan = with_record(plan, stats_spec.spec().task(prep.loaded, 0))
@@ -194,8 +201,7 @@ def run_compare(cfg: CompareConfig, out_root: Path, progress: bool = True) -> Pa
         seed = cfg.seeds[0]
         calib = c.spec().task(runs[0][0].loaded, seed if c.resample else 0)
         table = tables[(cfg.estimators[0].label + suffix, seed)]
-        stats_spec = cfg.statistics or c
-        stats = stats_spec.spec().task(runs[0][0].loaded, 0) if cfg.statistics else calib
+        stats = _stats_task(cfg, runs[0][0].loaded) or calib
         section = frontier_section(folder, runs[0][0], cfg.formats, table, calib, cfg.frontier,
                                    seed=seed, progress=progress, stats_task=stats)  # fmt: skip
         report = folder / "report.md"

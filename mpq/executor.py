@@ -207,14 +207,11 @@ embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` need
             fmt = plan.formats[t.name]
             if t.name not in qts:
                 key = (t.name, fmt.spec())
-                if memo is not None and fmt.method != "gptq":
-                    if key not in memo:
-                        w = _weight(out.get_submodule(t.name))
-                        memo[key] = _quantize_one(w, fmt, have.get(t.name), cfg)
-                    qts[t.name] = memo[key]
-                else:
+                cache = memo if memo is not None and fmt.method != "gptq" else {}
+                if key not in cache:
                     w = _weight(out.get_submodule(t.name))
-                    qts[t.name] = _quantize_one(w, fmt, have.get(t.name), cfg)
+                    cache[key] = _quantize_one(w, fmt, have.get(t.name), cfg)
+                qts[t.name] = cache[key]
             _install(out, t, fmt, qts[t.name], mode, backend, act)
     return out
 

@@ -187,7 +187,7 @@ def solve(
         from mpq.solvers.guard import guard_unseen
 
         unseen = evaluator_measure(
-            Evaluator(prep, guard_task, progress=False),
+            Evaluator(prep, guard_task, progress=False, memo=evaluator.memo),
             problem,
             formats,
             metric="nll" if guard_task.labels is not None else opts.metric,
