@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_folder
 
 import mpq.executor as ex
 from mpq.errors import MpqError
@@ -20,18 +19,10 @@ torch.set_num_threads(1)
 A, B = QuantFormat.parse("3:g32:mse"), QuantFormat.parse("4:g32:asym")
 
 
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_folder(tmp_path_factory.mktemp("tiny") / "llama")
-
-
 @pytest.fixture
-def folder(base_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MPQ_THREADS", "1")
-    dst = tmp_path / "model"
-    shutil.copytree(base_folder, dst)
-    return dst
+def folder(tiny_folder: Path, mpq_env: Path) -> Path:
+    """The session's tiny LLaMA (read only), with a private $MPQ_CACHE."""
+    return tiny_folder
 
 
 def _mixed(prep, first: QuantFormat, rest: QuantFormat) -> BitPlan:  # type: ignore[no-untyped-def]
@@ -74,7 +65,7 @@ def test_memo_reuses_quantized_weights_and_changes_nothing(
         ex.apply_plan(model, plans[0], targets, mode="packed", memo={})
 
 
-def test_evaluator_with_a_shared_memo_gives_the_fresh_results(folder: Path) -> None:
+def test_evaluator_with_a_shared_memo_gives_the_fresh_results(folder: Path, mpq_env: Path) -> None:
     prep = prepare(str(folder))
     task = task_for(prep, "wiki", "calib", 2, 16, None)  # 2 windows: finite standard errors
     memo: dict = {}
@@ -83,6 +74,6 @@ def test_evaluator_with_a_shared_memo_gives_the_fresh_results(folder: Path) -> N
     got = [shared(p)[0].metrics for p in plans]
     assert memo and all(len(v) == 2 * len(prep.targets) for v in memo.values())
     for p, metrics in zip(plans, got, strict=True):
-        shutil.rmtree(Path(folder).parent / "cache" / "evals")  # no cached answers
+        shutil.rmtree(mpq_env / "evals")  # no cached answers
         want = Evaluator(prep, task, progress=False)(p)[0].metrics
         assert metrics == want
