@@ -117,7 +117,20 @@ def config_record(cfg: CompareConfig) -> dict[str, Any]:
     body = {
         k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "references")
     }
-    return json.loads(json.dumps(body, sort_keys=True, default=str))
+    return _without_unmixed(json.loads(json.dumps(body, sort_keys=True, default=str)))
+
+
+def _without_unmixed(obj: Any) -> Any:
+    """``obj`` with the row-mix fields of plain formats left out (as ``QuantFormat.to_dict``
+    writes them), so report folders made before row-mixed formats existed stay claimable."""
+    if isinstance(obj, list):
+        return [_without_unmixed(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: _without_unmixed(v) for k, v in obj.items()}
+    if "bits" in out and out.get("hi", 0) is None and out.get("hi_pct") == 0:
+        del out["hi"], out["hi_pct"]
+    return out
 
 
 def claim_folder(folder: Path, cfg: CompareConfig) -> None:

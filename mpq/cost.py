@@ -43,6 +43,7 @@ from mpq.formats import (
     SCALE_DTYPES,
     WORD_BITS,
     QuantFormat,
+    hi_rows,
     matrix_shape,
     n_groups,
     n_supers,
@@ -177,7 +178,15 @@ def keep_bits(shape: tuple[int, ...]) -> int:
 
 
 def weight_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
-    """Exact stored bits of one weight of ``shape`` under ``fmt`` (codes + scales + zeros)."""
+    """Exact stored bits of one weight of ``shape`` under ``fmt`` (codes + scales + zeros; a
+    row-mixed format: each part's rows at its own format plus the packed 1-bit row mask)."""
+    if fmt.hi is not None:
+        rows, _ = matrix_shape(shape)
+        k = hi_rows(rows, fmt)
+        rest = tuple(shape[1:])
+        low = weight_bits((rows - k, *rest), fmt.low) if k < rows else 0
+        high = weight_bits((k, *rest), fmt.hi) if k else 0
+        return low + high + packed_stream_bits(1, rows, 1)
     if fmt.keep:
         return keep_bits(shape)
     rows, cols = matrix_shape(shape)
@@ -341,8 +350,13 @@ class CostModel:
         bits = self.storage.weight_bytes(target.shape, fmt) * 8
         if self.macs is None:
             return bits, None
-        w_bits = fmt.bits
-        return bits, self.macs[target.name] * w_bits * fmt.act_bits
+        macs = self.macs[target.name]
+        if fmt.hi is not None:  # each part's share of the MACs is its share of the rows
+            rows, _ = matrix_shape(target.shape)
+            k = hi_rows(rows, fmt)
+            code = fmt.bits * (rows - k) + fmt.hi.bits * k
+            return bits, macs * code * fmt.act_bits // rows
+        return bits, macs * fmt.bits * fmt.act_bits
 
     def plan_cost(self, plan: BitPlan) -> CostReport:
         per: dict[str, int] = {}

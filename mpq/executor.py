@@ -40,7 +40,13 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.formats import DATA_METHODS, KEEP_BITS, QuantFormat
 from mpq.kernels import backends as B
-from mpq.kernels.modules import PackedWeight, QuantConv2d, QuantEmbedding, QuantLinear
+from mpq.kernels.modules import (
+    PackedWeight,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    RowMixLinear,
+)
 from mpq.layerstats import InputStats, collect_input_stats, weighted_by_input
 from mpq.plan import BitPlan
 from mpq.quant.act_quant import DEFAULT_ACT_QUANT, ActQuant, apply_act_quant
@@ -52,7 +58,7 @@ from mpq.targets import Target
 
 log = logging.getLogger("mpq.executor")
 Mode = Literal["packed", "fake"]
-QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding, RowMixLinear)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -210,18 +216,42 @@ embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` need
                 cache = memo if memo is not None and fmt.method != "gptq" else {}
                 if key not in cache:
                     w = _weight(out.get_submodule(t.name))
-                    cache[key] = _quantize_one(w, fmt, have.get(t.name), cfg)
+                    st = have.get(t.name)
+                    cache[key] = (
+                        _quantize_one(w, fmt, st, cfg, cache=cache, name=t.name)
+                        if fmt.hi is not None  # its two parts are memoized too
+                        else _quantize_one(w, fmt, st, cfg)
+                    )
                 qts[t.name] = cache[key]
             _install(out, t, fmt, qts[t.name], mode, backend, act)
     return out
 
 
 def _quantize_one(
-    w: torch.Tensor, fmt: QuantFormat, st: InputStats | None, cfg: GPTQConfig
+    w: torch.Tensor,
+    fmt: QuantFormat,
+    st: InputStats | None,
+    cfg: GPTQConfig,
+    *,
+    cache: MutableMapping[tuple[str, str], QuantizedTensor | None] | None = None,
+    name: str = "",
 ) -> QuantizedTensor | None:
-    """The quantized weight of one target (None for keep formats)."""
+    """The quantized weight of one target (None for keep formats); a row-mixed format reads
+    and fills ``cache`` (by (``name``, spec)) for its two whole-weight parts."""
     if fmt.keep:
         return None
+    if fmt.hi is not None:
+        memo = {} if cache is None else cache
+
+        def part(f: QuantFormat) -> QuantizedTensor:
+            if (name, f.spec()) not in memo:
+                memo[(name, f.spec())] = _quantize_one(w, f, st, cfg)
+            got = memo[(name, f.spec())]
+            assert got is not None
+            return got
+
+        importance = st.diag if st is not None and fmt.method == "mse" else None
+        return quantize(w, fmt, importance=importance, part=part)
     if fmt.method == "gptq":
         assert st is not None and st.full is not None
         return gptq_quantize(
@@ -256,6 +286,17 @@ def _install(
     packed: the packed module, for the target and its aliases)."""
     module = out.get_submodule(t.name)
     owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
+    if fmt.hi is not None and mode == "packed":
+        if not all(isinstance(mod, nn.Linear) for _, mod in owners) or qt is None:
+            raise MpqError(
+                f"{t.name}: row-mixed format {fmt.spec()} is packed for Linear layers only; give "
+                f"this {t.kind} a plain format, or apply the plan with mode='fake'"
+            )
+        for name, mod in owners:
+            assert isinstance(mod, nn.Linear)
+            bias = mod.bias.detach() if mod.bias is not None else None
+            _set_module(out, name, RowMixLinear.build(qt, bias, backend, act, name))
+        return
     if mode == "fake":
         _write_fake(module, qt)
         if fmt.act_bits != KEEP_BITS:
@@ -396,8 +437,16 @@ def load_packed(
         for t in targets:
             fmt = plan.formats[t.name]
             module = out.get_submodule(t.name)
-            packed = PackedWeight.empty(tuple(_weight(module).shape), fmt)
             owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
+            shape = tuple(_weight(module).shape)
+            if fmt.hi is not None:
+                if not all(isinstance(mod, nn.Linear) for _, mod in owners):
+                    raise MpqError(f"{t.name}: a row-mixed format is packed for Linear layers")
+                for name, mod in owners:
+                    mix = RowMixLinear.empty(shape, fmt, mod.bias is not None, act, name)
+                    _set_module(out, name, mix)
+                continue
+            packed = PackedWeight.empty(shape, fmt)
             for name, mod in owners:
                 if not isinstance(mod, nn.Linear):  # Linear backends are set after loading
                     B.check_layer(backend, name, _kind(mod), packed.rows, packed.cols, fmt)
@@ -421,7 +470,10 @@ def load_packed(
     for t in targets:
         mod = out.get_submodule(t.name)
         assert isinstance(mod, QUANT_MODULES)
-        mod.packed.check(t.name)
+        if isinstance(mod, RowMixLinear):
+            mod.check(t.name)
+        else:
+            mod.packed.check(t.name)
     if backend != "reference":
         set_backend(out, backend)
     return out

@@ -20,10 +20,20 @@ given; ``gptq`` GPTQ on the layer's input Hessian. Grids: ``int`` (uniform integ
 symmetric grid is the full signed range ``-2^(b-1) .. 2^(b-1)-1``), ``nl`` (llama.cpp IQ4_NL's
 16 values), ``nf4`` (QLoRA's NormalFloat-4). Every grid stores the same codes and scales, so
 the storage of ``4:g32:nl`` is that of ``4:g32``.
+
+**Row-mixed formats** (``"3:g32:dq:mse+4:g32:nl:dq:mse@25"``): a finer unit of allocation than
+the layer. The weight's output rows are split between a low format (before ``+``) and a high
+one (after it): the ``@P`` percent of rows (:func:`hi_rows`, rounded to whole rows) whose
+error drops most from low to high (for ``mse`` parts weighted per input column by the layer's
+importance, as ``mse`` weighs it) take the high format, the rest the low one; a 1-bit row mask
+records which (:mod:`mpq.quant.rowmix`). Every format keeps its scales within rows, so each
+row is exactly what its own format would store. Both parts share the method and the activation
+bits; neither may be ``keep`` or ``gptq``, nor row-mixed itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -62,6 +72,10 @@ class QuantFormat:
     act_bits: int = 16
     dq_bits: int | None = None
     grid: str = "int"
+    # Row-mixed: ``hi_pct`` percent of the rows (the ones that gain most) stored at ``hi``;
+    # the other fields describe the low format of the remaining rows.
+    hi: QuantFormat | None = None
+    hi_pct: int = 0
 
     def __post_init__(self) -> None:
         for name in ("bits", "act_bits", "group_size", "dq_bits"):
@@ -108,6 +122,60 @@ class QuantFormat:
                 f"grid {self.grid!r} is a 16-value table for symmetric 4-bit formats; "
                 f"use bits=4 without asym (e.g. '4:g32:{self.grid}') or the int grid"
             )
+        self._check_mix()
+
+    def _check_mix(self) -> None:
+        if self.hi is None:
+            if self.hi_pct:
+                raise MpqError(f"hi_pct={self.hi_pct} needs a high format (hi=...)")
+            return
+        spec = f"{self.low.spec()}+{self.hi.spec()}@{self.hi_pct}"
+        if isinstance(self.hi_pct, bool) or not isinstance(self.hi_pct, int):
+            raise MpqError(f"format {spec!r}: the row percent must be an integer")
+        if not 1 <= self.hi_pct <= 99:
+            raise MpqError(
+                f"format {spec!r}: the row percent after '@' must be 1..99 (0 or 100 is the "
+                f"plain low or high format; give that instead)"
+            )
+        if self.hi.hi is not None:
+            raise MpqError(f"format {spec!r}: the high part cannot be row-mixed itself")
+        if self.keep or self.hi.keep:
+            raise MpqError(f"format {spec!r}: both parts of a row-mixed format must quantize")
+        if "gptq" in (self.method, self.hi.method):
+            raise MpqError(
+                f"format {spec!r}: GPTQ parts cannot be row-mixed (the rows are chosen by "
+                f"rounding error); use mse or rtn parts"
+            )
+        if self.method != self.hi.method or self.act_bits != self.hi.act_bits:
+            raise MpqError(
+                f"format {spec!r}: both parts need the same method and activation bits "
+                f"(got {self.method}/{self.hi.method}, a{self.act_bits}/a{self.hi.act_bits})"
+            )
+        if self.hi == self.low:
+            raise MpqError(f"format {spec!r}: the two parts are the same format")
+
+    @property
+    def mixed(self) -> bool:
+        """True for a row-mixed format (``low+high@P``)."""
+        return self.hi is not None
+
+    @property
+    def code_bits(self) -> float:
+        """Bits per code, averaged over rows for a row-mixed format (plots and summaries; the
+        stored bits are :func:`mpq.cost.weight_bits`)."""
+        if self.hi is None:
+            return float(self.bits)
+        return self.bits + (self.hi.bits - self.bits) * self.hi_pct / 100
+
+    @property
+    def low(self) -> QuantFormat:
+        """The format of the rows that do not take ``hi`` (the format itself when not mixed)."""
+        if self.hi is None:
+            return self
+        return QuantFormat(
+            self.bits, self.group_size, self.symmetric, self.scale_dtype, self.method,
+            self.act_bits, self.dq_bits, self.grid,
+        )  # fmt: skip
 
     @property
     def keep(self) -> bool:
@@ -124,6 +192,8 @@ class QuantFormat:
 
     def spec(self) -> str:
         """The canonical spec string; ``QuantFormat.parse(f.spec()) == f``."""
+        if self.hi is not None:
+            return f"{self.low.spec()}+{self.hi.spec()}@{self.hi_pct}"
         if self.keep:
             return "16" if self.act_bits == KEEP_BITS else f"16:a{self.act_bits}"
         parts = [str(self.bits)]
@@ -149,6 +219,20 @@ class QuantFormat:
     @classmethod
     def parse(cls, spec: str) -> QuantFormat:
         """Parse a spec string such as ``"4:g128:asym"`` (see the module docstring)."""
+        if str(spec).count("+") > 1:
+            raise MpqError(f"format {spec!r}: a row-mixed format has two parts (one '+')")
+        if "+" in str(spec):
+            low, _, rest = str(spec).partition("+")
+            high, at, pct = rest.rpartition("@")
+            if not at or not pct.strip().isdigit() or not high.strip():
+                raise MpqError(
+                    f"format {spec!r}: a row-mixed format is LOW+HIGH@PERCENT, e.g. "
+                    f"'3:g32:mse+4:g32:mse@25' (25 % of the rows at the high format)"
+                )
+            lo, hi = cls.parse(low), cls.parse(high)
+            if lo.hi is not None or hi.hi is not None:
+                raise MpqError(f"format {spec!r}: only one '+' (two parts) is allowed")
+            return dataclasses.replace(lo, hi=hi, hi_pct=int(pct))
         tokens = [t.strip().lower() for t in str(spec).split(":") if t.strip()]
         if not tokens or not tokens[0].isdigit():
             raise MpqError(
@@ -189,7 +273,14 @@ class QuantFormat:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON; a plain format omits the row-mix fields (so plans and cache
+        keys written before row-mixed formats existed stay valid)."""
+        out = asdict(self)
+        if self.hi is None:
+            del out["hi"], out["hi_pct"]
+        else:
+            out["hi"] = self.hi.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> QuantFormat:
@@ -202,6 +293,8 @@ class QuantFormat:
                 f"format {data!r}: unknown keys {sorted(unknown)} or missing 'bits'; "
                 f"allowed keys are {sorted(known)}"
             )
+        if data.get("hi") is not None:
+            data = {**data, "hi": cls.from_dict(data["hi"])}
         return cls(**data)
 
 
@@ -240,8 +333,18 @@ def words_per_row(cols: int, bits: int) -> int:
     return -(-cols * bits // WORD_BITS)
 
 
+def hi_rows(rows: int, fmt: QuantFormat) -> int:
+    """How many of ``rows`` output rows a row-mixed ``fmt`` stores at its high format
+    (``hi_pct`` percent, rounded half up; 0 when not mixed)."""
+    return (rows * fmt.hi_pct + 50) // 100 if fmt.hi is not None else 0
+
+
 def check_format(shape: tuple[int, ...], fmt: QuantFormat, name: str = "weight") -> None:
     """Raise :class:`MpqError` when ``fmt`` cannot store a weight of ``shape``."""
+    if fmt.hi is not None:
+        check_format(shape, fmt.low, name)
+        check_format(shape, fmt.hi, name)
+        return
     if fmt.keep:
         return
     _, cols = matrix_shape(shape)

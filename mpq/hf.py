@@ -91,10 +91,10 @@ class MpqHfQuantizer(HfQuantizer):
         """Put in the packed modules of :func:`~mpq.export.load.load_export` (same objects, so
         tied targets stay tied) and its every other tensor."""
         from mpq.export.load import load_export
-        from mpq.kernels.modules import QuantConv2d, QuantEmbedding, QuantLinear
+        from mpq.kernels.modules import QuantConv2d, QuantEmbedding, QuantLinear, RowMixLinear
 
         loaded = load_export(_folder(model))
-        quant = (QuantLinear, QuantConv2d, QuantEmbedding)
+        quant = (QuantLinear, QuantConv2d, QuantEmbedding, RowMixLinear)
         for name, module in loaded.model.named_modules():
             if isinstance(module, quant):
                 parent, _, child = name.rpartition(".")

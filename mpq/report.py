@@ -354,12 +354,12 @@ def plot_bits(entries: Sequence[PlanEntry], path: Path) -> Path | None:
     import numpy as np
 
     names = list(mixed[0].plan.formats) if mixed[0].plan else []
-    grid = np.array([[e.plan.formats[n].bits for n in names] for e in mixed if e.plan])
+    grid = np.array([[e.plan.formats[n].code_bits for n in names] for e in mixed if e.plan])
     fig, ax = plt.subplots(figsize=(max(8, len(names) / 12), 1 + 0.5 * len(mixed)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(mixed)), labels)
     ax.set_xlabel("target (model order)")
-    fig.colorbar(im, ax=ax, label="weight bits")
+    fig.colorbar(im, ax=ax, label="weight bits (codes; row-mixed: mean over rows)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

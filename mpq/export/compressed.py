@@ -57,6 +57,8 @@ SHAPE_BYTES = 16  # weight_shape: int64 [2]
 def supported(fmt: QuantFormat) -> bool:
     if fmt.act_bits != KEEP_BITS or fmt.dq_bits is not None or fmt.grid != "int":
         return False  # activations, double-quantized scales or level tables: no scheme
+    if fmt.hi is not None:
+        return False  # one scheme per tensor: no row-mixed weights
     return fmt.keep or fmt.bits in CT_BITS
 
 

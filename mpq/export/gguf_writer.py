@@ -84,8 +84,9 @@ DEFAULT_FORMATS = "4:g32,4:g32:asym,5:g32,5:g32:asym,8:g32"
 
 
 def gguf_type_name(fmt: QuantFormat) -> str | None:
-    """The GGML type that stores ``fmt`` exactly as mpq does (None when none does)."""
-    if fmt.act_bits != KEEP_BITS:
+    """The GGML type that stores ``fmt`` exactly as mpq does (None when none does; a GGUF tensor
+    has one type, so a row-mixed format has none)."""
+    if fmt.act_bits != KEEP_BITS or fmt.hi is not None:
         return None
     if fmt.keep:
         return "F16"

@@ -77,6 +77,11 @@ def check(plan: BitPlan, targets: Sequence[Target], model: nn.Module) -> list[st
         _, cols = matrix_shape(t.shape)
         if fmt.act_bits != KEEP_BITS:
             problems.append(f"{t.name}: {fmt.spec()} quantizes activations; llama.cpp does not")
+        elif fmt.hi is not None:
+            problems.append(
+                f"{t.name}: {fmt.spec()} is row-mixed; a GGUF tensor has one type (export with "
+                f"--format mpq, or solve without '+' formats)"
+            )
         elif not fmt.keep and cols % 32:
             problems.append(f"{t.name}: rows of {cols} values fit no llama.cpp block type")
         elif t.kind == "conv2d":
@@ -177,6 +182,6 @@ LLAMACPP_EXPORTER = Exporter(
     weight_bytes=weight_bytes,
     write=_write,
     measure=measure,
-    maps_format=lambda fmt: fmt.act_bits == KEEP_BITS,
+    maps_format=lambda fmt: fmt.act_bits == KEEP_BITS and fmt.hi is None,  # one type per tensor
     default_formats=DEFAULT_FORMATS,
 )

@@ -84,6 +84,11 @@ class PackedWeight(nn.Module):
             if "qzeros" not in expected_buffers(self.shape, fmt):
                 self.qzeros = None
             return
+        if fmt.hi is not None or (quantized is not None and quantized.parts is not None):
+            raise MpqError(
+                f"{fmt.spec()} is row-mixed: one PackedWeight holds one format; pack it as a "
+                f"RowMixLinear (apply_plan does)"
+            )
         if fmt.keep:
             assert weight is not None, "a keep format stores the weight itself"
             self.register_buffer("weight", keep_weight(weight))
@@ -414,3 +419,100 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         rows = self.packed.dequantize_rows(flat)
         return rows.reshape(*ids.shape, self.packed.cols)
+
+
+class RowMixLinear(nn.Module):
+    """``nn.Linear`` with a row-mixed weight (:mod:`mpq.quant.rowmix`): ``low`` and ``high`` are
+    :class:`QuantLinear` layers over their own output rows (in order), ``rowmask`` the packed
+    1-bit mask of the high rows (one 32-bit-word stream, as :func:`mpq.cost.weight_bits`
+    counts it). The output interleaves the two parts' outputs back into row order."""
+
+    rowmask: torch.Tensor
+
+    def __init__(
+        self, low: QuantLinear, high: QuantLinear, mask: torch.Tensor, fmt: QuantFormat
+    ) -> None:
+        super().__init__()
+        self.low, self.high, self.fmt = low, high, fmt
+        self.rows = int(mask.numel())
+        self.register_buffer("rowmask", pack(mask.reshape(1, -1).to(torch.uint8), 1))
+
+    @classmethod
+    def build(
+        cls,
+        qt: QuantizedTensor,
+        bias: torch.Tensor | None,
+        backend: str,
+        act: ActQuant,
+        name: str,
+    ) -> RowMixLinear:
+        """The packed layer of a row-mixed quantized weight (``bias``: the full-row bias)."""
+        from mpq.quant.rowmix import low_part
+
+        assert qt.parts is not None
+        mask = qt.parts.mask
+        low = PackedWeight.from_quantized(low_part(qt))
+        high = PackedWeight.from_quantized(qt.parts.high)
+        lo_b, hi_b = (None, None) if bias is None else (bias[~mask], bias[mask])
+        return cls(
+            QuantLinear(low, lo_b, backend=backend, act=act, name=f"{name}.low"),
+            QuantLinear(high, hi_b, backend=backend, act=act, name=f"{name}.high"),
+            mask,
+            qt.fmt,
+        )
+
+    @classmethod
+    def empty(
+        cls, shape: tuple[int, ...], fmt: QuantFormat, bias: bool, act: ActQuant, name: str
+    ) -> RowMixLinear:
+        """Exact zero buffers of a row-mixed layer, to be filled by ``load_state_dict``."""
+        from mpq.formats import hi_rows
+
+        assert fmt.hi is not None
+        rows, cols = matrix_shape(shape)
+        k = hi_rows(rows, fmt)
+
+        def part(n: int, f: QuantFormat, tag: str) -> QuantLinear:
+            b = torch.zeros(n) if bias else None
+            return QuantLinear(PackedWeight.empty((n, cols), f), b, act=act, name=f"{name}.{tag}")
+
+        mask = torch.zeros(rows, dtype=torch.bool)
+        return cls(part(rows - k, fmt.low, "low"), part(k, fmt.hi, "high"), mask, fmt)
+
+    def mask(self) -> torch.Tensor:
+        """The high rows (bool ``[rows]``)."""
+        return unpack(self.rowmask, 1, self.rows).reshape(-1).bool()
+
+    def check(self, name: str = "weight") -> None:
+        """:meth:`PackedWeight.check` of both parts, and a mask with exactly the format's
+        number of high rows and clean padding."""
+        from mpq.formats import hi_rows
+
+        self.low.packed.check(f"{name}.low")
+        self.high.packed.check(f"{name}.high")
+        if not padding_is_zero(self.rowmask, 1, self.rows):
+            raise MpqError(f"{name}.rowmask: padding bits are set; the row mask was edited")
+        k = int(self.mask().sum())
+        if k != hi_rows(self.rows, self.fmt) or self.high.packed.rows != k:
+            raise MpqError(
+                f"{name}.rowmask marks {k} high rows; {self.fmt.spec()} stores "
+                f"{hi_rows(self.rows, self.fmt)} of {self.rows}: the file is corrupt or edited"
+            )
+
+    def runtime_bytes(self) -> int:
+        return 0  # the parts (QuantLinear modules) count their own
+
+    @property
+    def backend(self) -> str:
+        return self.low.backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.low(x), self.high(x)
+        mask = self.mask().to(lo.device)
+        y = lo.new_empty(*lo.shape[:-1], self.rows)
+        y[..., ~mask] = lo
+        y[..., mask] = hi
+        return y
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows}, format={self.fmt.spec()}"

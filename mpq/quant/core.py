@@ -19,6 +19,7 @@ quantized results include it in their keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,7 +63,8 @@ class QuantizedTensor:
     """Unsigned codes ``[rows, cols]`` (uint8), scales ``[rows, groups]`` in the scale dtype and,
     for asymmetric formats, integer zero-points ``[rows, groups]`` (uint8). ``:dq`` formats carry
     their stored scale codes in ``dq`` (``scales`` are then the float32 group scales they stand
-    for, ``zeros`` None)."""
+    for, ``zeros`` None). A row-mixed weight carries its high rows in ``parts``
+    (:class:`mpq.quant.rowmix.RowParts`)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -70,6 +72,9 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     fmt: QuantFormat
     dq: DoubleQuant | None = None
+    # Row-mixed formats (:mod:`mpq.quant.rowmix`): the fields above hold the low rows only (in
+    # order), ``parts`` the high rows and the row mask.
+    parts: Any = None
 
 
 def levels(fmt: QuantFormat, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -22,6 +22,8 @@ computed, so ``dequantize(quantize(w))`` is exactly what a deployed kernel compu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mpq.errors import MpqError
@@ -37,6 +39,7 @@ from mpq.quant.dq import dequantize_dq, effective, quantize_dq
 from mpq.quant.gptq import gptq_quantize
 from mpq.quant.mse import mse_quantize
 from mpq.quant.mse_dq import mse_quantize_dq
+from mpq.quant.rowmix import assemble, low_part, quantize_rowmix
 from mpq.quant.rtn import rtn_quantize
 
 __all__ = [
@@ -63,17 +66,26 @@ def quantize(
     *,
     importance: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
+    part: Callable[[QuantFormat], QuantizedTensor] | None = None,
 ) -> QuantizedTensor:
     """Quantization of ``weight`` to ``fmt`` (which must not be ``keep``) by ``fmt.method``.
 
     ``importance`` ``[cols]``: per-input-column weight of the ``mse`` error (ignored by ``rtn``;
     without it ``mse`` minimizes the plain squared error). ``hessian`` ``[cols, cols]``: needed
-    by ``gptq`` (``apply_plan(..., calib=...)`` collects both).
+    by ``gptq`` (``apply_plan(..., calib=...)`` collects both). A row-mixed format
+    (:mod:`mpq.quant.rowmix`) quantizes the whole weight at both parts, by ``part(f)`` when
+    given (a memoizing caller's), and keeps each row at its part; its rows are chosen by the
+    error weighted with ``importance`` (callers pass it for ``mse`` parts only).
     """
     if fmt.keep:
         raise MpqError("quantize() got a keep (16-bit) format; keep weights need no codes")
     shape = tuple(weight.shape)
     check_format(shape, fmt)
+    if fmt.hi is not None:
+        def whole(f: QuantFormat) -> QuantizedTensor:
+            return quantize(weight, f, importance=importance, hessian=hessian)
+
+        return quantize_rowmix(weight, fmt, importance, part or whole, dequantize)
     if fmt.dq_bits is not None:
         if fmt.method == "gptq":
             raise MpqError(
@@ -100,6 +112,9 @@ def quantize(
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """The float32 weight (original shape) that ``qt`` stands for."""
+    if qt.parts is not None:
+        low = dequantize(low_part(qt))
+        return assemble(qt, low, dequantize(qt.parts.high)).reshape(qt.shape)
     if qt.dq is not None:
         return dequantize_dq(qt.codes, qt.dq, qt.fmt).reshape(qt.shape)
     return dequantize_codes(qt.codes, qt.scales, qt.zeros, qt.fmt).reshape(qt.shape)
@@ -116,11 +131,13 @@ def fake_quantize(
     *,
     importance: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
+    part: Callable[[QuantFormat], QuantizedTensor] | None = None,
 ) -> torch.Tensor:
-    """The weight as the executor will compute with it, in ``weight``'s dtype."""
+    """The weight as the executor will compute with it, in ``weight``'s dtype (``part``: as
+    :func:`quantize`'s)."""
     if fmt.keep:
         return keep_weight(weight).to(weight.dtype)
-    qt = quantize(weight, fmt, importance=importance, hessian=hessian)
+    qt = quantize(weight, fmt, importance=importance, hessian=hessian, part=part)
     return dequantize(qt).to(weight.dtype)
 
 

@@ -45,7 +45,7 @@ from mpq.evaluate import Reference, reference
 from mpq.formats import QuantFormat
 from mpq.formats import fits as _fits
 from mpq.layerstats import InputStats
-from mpq.quant.quantize import fake_quantize, quant_error
+from mpq.quant.quantize import QuantizedTensor, dequantize, fake_quantize, quant_error, quantize
 from mpq.sensitivity.loss import Calibration
 from mpq.targets import Target
 from mpq.tasks import Task
@@ -127,9 +127,26 @@ class Context:
     #: whose method uses them (mse, gptq); only the measured estimator scores such formats
     stats: Mapping[str, InputStats] = field(default_factory=dict)
 
-    def quantized(self, target: Target, weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-        """``weight`` as ``fmt`` stores it for ``target`` (statistics applied by method)."""
+    def quantized(
+        self,
+        target: Target,
+        weight: torch.Tensor,
+        fmt: QuantFormat,
+        parts: dict[str, QuantizedTensor] | None = None,
+    ) -> torch.Tensor:
+        """``weight`` as ``fmt`` stores it for ``target`` (statistics applied by method;
+        ``parts``: the caller's memo of a row-mixed format's whole-weight parts, by spec)."""
         st = self.stats.get(target.name)
+        if (fmt.hi is not None or parts is not None) and not fmt.keep and fmt.method != "gptq":
+            imp = st.diag if st is not None and fmt.method == "mse" else None
+            memo = {} if parts is None else parts
+
+            def part(f: QuantFormat) -> QuantizedTensor:
+                if f.spec() not in memo:
+                    memo[f.spec()] = quantize(weight, f, importance=imp, part=part)
+                return memo[f.spec()]
+
+            return dequantize(part(fmt)).to(weight.dtype)
         if fmt.method == "gptq" and not fmt.keep:
             if st is None or st.full is None:
                 raise MpqError(f"{target.name}: {fmt.spec()} needs the layer's input Hessian")

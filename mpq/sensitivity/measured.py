@@ -54,7 +54,7 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.evaluate import Reference, batch_stats, evaluate
 from mpq.formats import QuantFormat
-from mpq.quant.quantize import fake_quantize
+from mpq.quant.quantize import QuantizedTensor, fake_quantize
 from mpq.sensitivity.base import Context, EstimatorBase, TargetResult, choice, fits
 from mpq.sensitivity.blocks import MAX_ROWS, BlockCache, capture
 from mpq.sensitivity.loss import logits_loss
@@ -241,8 +241,9 @@ def output_errors(ctx: Context, t: Target, fmts: Sequence[QuantFormat]) -> dict[
     st = ctx.stats.get(t.name)
     rows = w.reshape(w.shape[0], -1)
     out = {}
-    for f in fmts:
-        dw = (ctx.quantized(t, w, f) - w).reshape(rows.shape)
+    parts: dict[str, QuantizedTensor] = {}  # row-mixed formats reuse the plain ones
+    for f in sorted(fmts, key=lambda f: f.hi is not None):
+        dw = (ctx.quantized(t, w, f, parts) - w).reshape(rows.shape)
         out[f.spec()] = output_error(
             dw, None if st is None else st.diag, None if st is None else st.full
         )
