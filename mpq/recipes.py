@@ -4,8 +4,9 @@ model, the candidate formats, the anchor of the measured table, where the import
 
 The SmolLM2 recipe is the main job's (``experiments/configs/smollm2.toml``, measured in
 BENCHMARKS.md "Main job" and "Calibration that generalizes"): the importance-weighted k-quant
-palette, the table measured at one anchor format and carried to the others by each layer's
-output error, importance from 16 x 512 tokens. Every other model (MiniLM, MobileNetV2, a local
+palette and row-mixed formats of it, one decision per matrix (no q/k/v, gate/up ties), the
+table measured at one anchor format and carried to the others by each layer's output error,
+importance from 16 x 512 tokens. Every other model (MiniLM, MobileNetV2, a local
 Hugging Face folder) gets the generic recipe: per-channel rtn formats, which fit every layer
 shape, a fully measured table, no importance. Torch-free (read while parsing arguments).
 """
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 class Recipe:
     """Defaults of one model: ``formats`` (comma-separated specs), ``anchor`` (a format spec,
     or None for a fully measured table), ``stats`` (``DATA:SPLIT:NxLEN``, or None: the
-    calibration windows), and the table's calibration ``data``, ``n`` windows of ``seq_len``."""
+    calibration windows), and the table's calibration ``data``, ``n`` windows of ``seq_len``;
+    ``ties``: whether q/k/v and gate/up are one decision."""
 
     formats: str
     anchor: str | None
@@ -27,18 +29,28 @@ class Recipe:
     data: str
     n: int
     seq_len: int
+    ties: bool = True  # q/k/v and gate/up share one format (fused kernels need it)
 
 
 GENERIC = Recipe("3,4,5,6,8", None, None, "wiki", 2, 128)
 
 RECIPES: dict[str, Recipe] = {
     "smollm2-135m": Recipe(
-        formats="3:g32:dq:mse,4:g32:nl:dq:mse,4:g32:asym:dq:mse,5:g32:dq:mse,6:g32:dq:mse,8:g32:dq",
+        formats=",".join(
+            [
+                "3:g32:dq:mse", "4:g32:nl:dq:mse", "4:g32:asym:dq:mse", "5:g32:dq:mse",
+                "6:g32:dq:mse", "8:g32:dq", "3:g32:dq:mse+4:g32:nl:dq:mse@25",
+                "3:g32:dq:mse+4:g32:nl:dq:mse@50", "3:g32:dq:mse+4:g32:nl:dq:mse@75",
+                "3:g32:dq:mse+4:g32:asym:dq:mse@50", "4:g32:nl:dq:mse+4:g32:asym:dq:mse@50",
+                "4:g32:asym:dq:mse+6:g32:dq:mse@25", "4:g32:asym:dq:mse+6:g32:dq:mse@50",
+            ]
+        ),  # fmt: skip
         anchor="4:g32:nl:dq:mse",
         stats="wiki+bbc:calib:16x512",
         data="wiki+bbc",
         n=4,
         seq_len=256,
+        ties=False,
     ),
 }
 

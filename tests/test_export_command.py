@@ -169,3 +169,30 @@ def test_gguf_leaves_dq_out_for_rows_that_do_not_fill_super_blocks(
     with pytest.raises(MpqError, match="no candidate format fits"):
         _export(tiny, tmp_path / "h", "--budget", "avg-bits=6", "--format", "gguf",
                 "--solver", "uniform", "--formats", "4:g32:asym:dq")  # fmt: skip
+
+
+def test_untied_and_row_mixed_plans_export_and_reload(tiny: Prepared, tmp_path: Path) -> None:
+    """A plan with q, k, v on their own formats (``--no-ties``) and a row-mixed format is written
+    by the mpq container and loads as written, computing what the packed plan does; GGUF, with
+    one type per tensor, refuses the row-mixed format by name."""
+    untied = prepare(tiny.loaded.model_id, ties=False)
+    names = {
+        "model.layers.0.self_attn.q_proj": "4:g32",
+        "model.layers.0.self_attn.k_proj": "8:g32",
+        "model.layers.0.self_attn.v_proj": "4:g32+8:g32@50",
+    }
+    plan = BitPlan(
+        {t.name: mpq.QuantFormat.parse(names.get(t.name, "4:g32")) for t in untied.targets},
+        untied.loaded.model_id,
+    )
+    plan.save(tmp_path / "p.json")
+    report = _export(tiny, tmp_path / "u", "--no-ties", "--plan", str(tmp_path / "p.json"))
+    loaded = load_export(tmp_path / "u")
+    assert dict(loaded.plan.formats) == dict(report.plan.formats) == dict(plan.formats)
+    ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(0))
+    packed = apply_plan(untied.loaded.model, plan, untied.targets)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, packed(ids).logits)
+    with pytest.raises(MpqError, match="4:g32\\+8:g32@50"):
+        _export(tiny, tmp_path / "g", "--no-ties", "--format", "gguf", "--plan",
+                str(tmp_path / "p.json"))  # fmt: skip

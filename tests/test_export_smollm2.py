@@ -25,8 +25,11 @@ INCLUDE = r"layers\.(0|29)\."  # two blocks keep the measured damage table small
 def test_smollm2_exports_under_a_budget_and_reloads_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mpq.recipes import recipe_for
+
     monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
-    prep = prepare("smollm2-135m", include=[INCLUDE])
+    # the decisions `mpq export` makes for this model (its recipe: q, k, v untied)
+    prep = prepare("smollm2-135m", include=[INCLUDE], ties=recipe_for("smollm2-135m").ties)
     lo, hi = (
         prep.cost.plan_cost(uniform_plan(prep.targets, QuantFormat.parse(s), "x")).total_bytes
         for s in ("4:asym", "8:asym")

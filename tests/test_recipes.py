@@ -39,6 +39,7 @@ def test_smollm2_recipe_is_the_main_jobs_config() -> None:
     assert f"{cfg.statistics.n}x{cfg.statistics.seq_len}" == size
     c = cfg.calibration
     assert (c.data, c.n, c.seq_len) == ((r.data,), r.n, r.seq_len)
+    assert r.ties == cfg.ties
 
 
 def test_every_recipe_parses() -> None:
@@ -83,3 +84,16 @@ def test_other_models_get_the_generic_recipe(tmp_path: Path) -> None:
     a = _args(model=str(tmp_path))
     assert fill_recipe(a) == GENERIC.formats
     assert (a.anchor, a.stats, a.n, a.seq_len) == (None, None, GENERIC.n, GENERIC.seq_len)
+
+
+def test_ties_come_from_the_command_line_else_the_recipe() -> None:
+    from mpq.cli.args import ties_of
+    from mpq.cli.main import build_parser
+
+    parser = build_parser()
+    for model in ("smollm2-135m", "minilm-l6"):
+        base = ["solve", "--model", model, "--budget", "bits=4", "--out", "p.json"]
+        assert ties_of(parser.parse_args(base)) == recipe_for(model).ties
+        assert ties_of(parser.parse_args([*base, "--ties"])) is True
+        assert ties_of(parser.parse_args([*base, "--no-ties"])) is False
+    assert GENERIC.ties is True  # fused q/k/v stays the default for models without a recipe

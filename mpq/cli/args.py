@@ -4,12 +4,15 @@ no torch), and the small conversions of their values."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mpq.errors import MpqError
 from mpq.registry import MODELS, solver_names
 
 if TYPE_CHECKING:
+    from mpq.formats import QuantFormat
     from mpq.tasks import CalibSpec
 
 
@@ -62,10 +65,20 @@ def model_args(p: argparse.ArgumentParser) -> None:
         "embedding/head); --exclude patterns still apply",
     )
     p.add_argument(
-        "--no-ties",
-        action="store_true",
-        help="do not tie q/k/v and gate/up projections to one format",
+        "--ties",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tie q/k/v and gate/up projections to one format (fused kernels need it); "
+        "--no-ties gives each its own (default: the model's recipe, mpq.recipes)",
     )
+
+
+def ties_of(args: argparse.Namespace) -> bool:
+    """``--ties`` / ``--no-ties`` when given, else the model's recipe."""
+    from mpq.recipes import recipe_for
+
+    given = getattr(args, "ties", None)
+    return recipe_for(args.model).ties if given is None else bool(given)
 
 
 def data_args(
@@ -114,15 +127,25 @@ def table_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def fill_recipe(args: argparse.Namespace, formats: str | None = None) -> str:
+def fill_recipe(
+    args: argparse.Namespace,
+    formats: str | None = None,
+    keep: Callable[[QuantFormat], bool] | None = None,
+) -> str:
     """Fill what the command line left unset (None) from the model's recipe
     (:mod:`mpq.recipes`) and return the candidate formats. ``--data``, ``--n``, ``--seq-len``
     come from the recipe; its formats, ``--anchor`` and ``--stats`` are one package, used
     when ``--formats`` is not given (``formats``: the default to use instead of the recipe's,
-    e.g. a container's). ``--anchor none`` / ``--stats none`` turn a choice off."""
+    e.g. a container's; ``keep``: only the recipe's formats it accepts, e.g. those a container
+    stores, the package otherwise kept). ``--anchor none`` / ``--stats none`` turn a choice
+    off."""
+    from mpq.formats import QuantFormat
     from mpq.recipes import recipe_for
 
     r = recipe_for(args.model)
+    if keep is not None:
+        kept = [s for s in r.formats.split(",") if keep(QuantFormat.parse(s))]
+        r = dataclasses.replace(r, formats=",".join(kept))
     for name in ("data", "n", "seq_len"):
         if getattr(args, name, None) is None:
             setattr(args, name, getattr(r, name))

@@ -187,7 +187,9 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
         raise MpqError("--repeats must be >= 1 and --warmup >= 0")
     backend, device = choose_backend(args.backend, args.device)
     dtype = _dtype(args.dtype, device)
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    from mpq.cli.args import ties_of
+
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     layers = target_layers(prep.targets)
     check_formats(layers, formats, backend)
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from mpq.cli.args import data_args, model_args, stats_task
+from mpq.cli.args import data_args, model_args, stats_task, ties_of
 from mpq.errors import MpqError
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mpq.pipeline import prepare
     from mpq.plan import uniform_plan
 
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     rows = []
     for t in prep.targets:
         macs = prep.cost.macs[t.name] if prep.cost.macs else 0
@@ -44,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mpq.pipeline import Evaluator, prepare, prepared_for_plan, task_for
     from mpq.plan import parse_plan_arg
 
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     plan = (
         None if args.plan == "fp" else parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)
     )

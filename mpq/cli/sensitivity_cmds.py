@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpq.cli.args import calib_spec, data_args, model_args, parse_formats, precondition_arg
+from mpq.cli.args import (
+    calib_spec,
+    data_args,
+    model_args,
+    parse_formats,
+    precondition_arg,
+    ties_of,
+)
 from mpq.files import check_writable
 from mpq.registry import ESTIMATORS
 
@@ -19,7 +26,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     check_writable(Path(args.out), "--out")
     estimator = make_estimator(args.estimator, parse_params(args.param))
     formats = parse_formats(args.formats)
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     prep = preconditioned(prep, args.precondition, calib_spec(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, args.batch_size)
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from mpq.cli.args import (
     precondition_arg,
     stats_task,
     table_data_args,
+    ties_of,
 )
 from mpq.errors import MpqError
 from mpq.files import check_writable
@@ -75,7 +76,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise MpqError(f"--timesteps {args.timesteps} must be 0 (zero-shot) or more")
     if args.probes is not None and args.probes < 1:
         raise MpqError(f"--probes {args.probes} must be at least 1 (or left out: every decision)")
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     prep = preconditioned(prep, args.precondition, calib_spec(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
     stats = stats_task(prep, args.stats) if args.stats else None
@@ -163,7 +164,7 @@ def cmd_bounds(args: argparse.Namespace) -> int:
     resource = next(iter(budgets[0])) if budgets else "bits"
     if any(set(b) != {resource} for b in budgets):
         raise MpqError("--budgets must all use one resource, e.g. 'bits=3.5;bits=4.0'")
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     calib = task_for(prep, args.data, args.split, args.n, args.seq_len, None)
     table = damage_table(prep, formats, calib)
     # The widest feasible budget: every decision at its most expensive candidate.

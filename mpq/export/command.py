@@ -237,9 +237,10 @@ def export(
 
 def run_export(args: argparse.Namespace) -> ExportReport:
     """The ``export`` command's work (see the module docstring); returns its report."""
-    from mpq.cli.args import fill_recipe, parse_formats, stats_task
+    from mpq.cli.args import fill_recipe, parse_formats, stats_task, ties_of
     from mpq.cost import parse_budget
     from mpq.export.common import check_output_folder
+    from mpq.formats import QuantFormat
     from mpq.pipeline import damage_table, prepare, task_for
     from mpq.plan import parse_plan_arg
     from mpq.recipes import recipe_for
@@ -251,11 +252,16 @@ def run_export(args: argparse.Namespace) -> ExportReport:
         raise MpqError("give --budget (e.g. bytes=60MB or avg-bits=4.0) or an existing --plan")
     budget = parse_budget(args.budget) if args.budget else {}
     solve_notes: list[str] = []
-    # The model's recipe when the container stores all of its formats, else its own default.
-    recipe = parse_formats(recipe_for(args.model).formats)
-    own = None if all(exporter.maps_format(f) for f in recipe) else exporter.default_formats
-    formats = parse_formats(fill_recipe(args, own))
-    prep = prepare(args.model, args.include, args.exclude, not args.no_ties)
+    # The model's recipe, less the formats the container cannot store (GGUF: the row-mixed
+    # ones) when it stores the recipe's anchor; else the container's own default.
+    r = recipe_for(args.model)
+    anchor = QuantFormat.parse(r.anchor) if r.anchor else None
+    stores = [f for f in parse_formats(r.formats) if exporter.maps_format(f)]
+    if stores and (anchor is None or exporter.maps_format(anchor)):
+        formats = parse_formats(fill_recipe(args, keep=exporter.maps_format))
+    else:
+        formats = parse_formats(fill_recipe(args, exporter.default_formats))
+    prep = prepare(args.model, args.include, args.exclude, ties_of(args))
     if args.plan is not None:
         plan = parse_plan_arg(args.plan, prep.targets, prep.loaded.model_id)
         if plan.meta.get("precondition"):

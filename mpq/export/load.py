@@ -26,7 +26,7 @@ from mpq.export.common import MANIFEST, Manifest, verify_checksums
 from mpq.export.mpq_format import PLAN, QUANT_METHOD, WEIGHTS
 from mpq.models import TOKENIZER_FILES, linearize_conv1d
 from mpq.plan import BitPlan
-from mpq.targets import DEFAULT_TIE_RULES, Target, discover
+from mpq.targets import Target, discover
 
 log = logging.getLogger("mpq.export")
 
@@ -125,7 +125,9 @@ def load_export(
     if not (root / WEIGHTS).is_file():
         raise MpqError(f"{str(root / WEIGHTS)!r} is missing; export the model again")
     arch = _architecture(root, config, plan)
-    found = {t.name: t for t in discover(arch, (), (), DEFAULT_TIE_RULES)}
+    # No tie rules: ties constrain the solve, not the file (a plan solved with --no-ties gives
+    # q, k and v their own formats and must load as written).
+    found = {t.name: t for t in discover(arch, (), (), ())}
     unknown = [n for n in plan.formats if n not in found]
     if unknown:
         raise MpqError(
