@@ -273,6 +273,19 @@ def _write_fake(module: nn.Module, qt: QuantizedTensor | None) -> None:
     w.copy_(dequantize(qt).to(w.dtype) if qt is not None else w.half().to(w.dtype))
 
 
+def _rowmix_linears(
+    t: Target, fmt: QuantFormat, owners: Sequence[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Linear]]:
+    """The owners of a row-mixed target, which must all be Linear layers (``RowMixLinear``)."""
+    linears = [(n, m) for n, m in owners if isinstance(m, nn.Linear)]
+    if len(linears) != len(owners):
+        raise MpqError(
+            f"{t.name}: row-mixed format {fmt.spec()} is packed for Linear layers only; give "
+            f"this {t.kind} a plain format, or apply the plan with mode='fake'"
+        )
+    return linears
+
+
 def _install(
     out: nn.Module,
     t: Target,
@@ -287,14 +300,9 @@ def _install(
     module = out.get_submodule(t.name)
     owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
     if fmt.hi is not None and mode == "packed":
-        if not all(isinstance(mod, nn.Linear) for _, mod in owners) or qt is None:
-            raise MpqError(
-                f"{t.name}: row-mixed format {fmt.spec()} is packed for Linear layers only; give "
-                f"this {t.kind} a plain format, or apply the plan with mode='fake'"
-            )
-        for name, mod in owners:
-            assert isinstance(mod, nn.Linear)
-            bias = mod.bias.detach() if mod.bias is not None else None
+        assert qt is not None, "a row-mixed format quantizes both parts"
+        for name, lin in _rowmix_linears(t, fmt, owners):
+            bias = lin.bias.detach() if lin.bias is not None else None
             _set_module(out, name, RowMixLinear.build(qt, bias, backend, act, name))
         return
     if mode == "fake":
@@ -440,10 +448,8 @@ def load_packed(
             owners = [(t.name, module)] + [(a, out.get_submodule(a)) for a in t.aliases]
             shape = tuple(_weight(module).shape)
             if fmt.hi is not None:
-                if not all(isinstance(mod, nn.Linear) for _, mod in owners):
-                    raise MpqError(f"{t.name}: a row-mixed format is packed for Linear layers")
-                for name, mod in owners:
-                    mix = RowMixLinear.empty(shape, fmt, mod.bias is not None, act, name)
+                for name, lin in _rowmix_linears(t, fmt, owners):
+                    mix = RowMixLinear.empty(shape, fmt, lin.bias is not None, act, name)
                     _set_module(out, name, mix)
                 continue
             packed = PackedWeight.empty(shape, fmt)

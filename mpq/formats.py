@@ -155,11 +155,6 @@ class QuantFormat:
             raise MpqError(f"format {spec!r}: the two parts are the same format")
 
     @property
-    def mixed(self) -> bool:
-        """True for a row-mixed format (``low+high@P``)."""
-        return self.hi is not None
-
-    @property
     def code_bits(self) -> float:
         """Bits per code, averaged over rows for a row-mixed format (plots and summaries; the
         stored bits are :func:`mpq.cost.weight_bits`)."""
@@ -172,10 +167,7 @@ class QuantFormat:
         """The format of the rows that do not take ``hi`` (the format itself when not mixed)."""
         if self.hi is None:
             return self
-        return QuantFormat(
-            self.bits, self.group_size, self.symmetric, self.scale_dtype, self.method,
-            self.act_bits, self.dq_bits, self.grid,
-        )  # fmt: skip
+        return dataclasses.replace(self, hi=None, hi_pct=0)
 
     @property
     def keep(self) -> bool:
@@ -229,10 +221,7 @@ class QuantFormat:
                     f"format {spec!r}: a row-mixed format is LOW+HIGH@PERCENT, e.g. "
                     f"'3:g32:mse+4:g32:mse@25' (25 % of the rows at the high format)"
                 )
-            lo, hi = cls.parse(low), cls.parse(high)
-            if lo.hi is not None or hi.hi is not None:
-                raise MpqError(f"format {spec!r}: only one '+' (two parts) is allowed")
-            return dataclasses.replace(lo, hi=hi, hi_pct=int(pct))
+            return dataclasses.replace(cls.parse(low), hi=cls.parse(high), hi_pct=int(pct))
         tokens = [t.strip().lower() for t in str(spec).split(":") if t.strip()]
         if not tokens or not tokens[0].isdigit():
             raise MpqError(

@@ -256,8 +256,8 @@ def run_export(args: argparse.Namespace) -> ExportReport:
     # ones) when it stores the recipe's anchor; else the container's own default.
     r = recipe_for(args.model)
     anchor = QuantFormat.parse(r.anchor) if r.anchor else None
-    stores = [f for f in parse_formats(r.formats) if exporter.maps_format(f)]
-    if stores and (anchor is None or exporter.maps_format(anchor)):
+    stores_some = any(exporter.maps_format(f) for f in parse_formats(r.formats))
+    if stores_some and (anchor is None or exporter.maps_format(anchor)):
         formats = parse_formats(fill_recipe(args, keep=exporter.maps_format))
     else:
         formats = parse_formats(fill_recipe(args, exporter.default_formats))

@@ -131,13 +131,11 @@ def fake_quantize(
     *,
     importance: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
-    part: Callable[[QuantFormat], QuantizedTensor] | None = None,
 ) -> torch.Tensor:
-    """The weight as the executor will compute with it, in ``weight``'s dtype (``part``: as
-    :func:`quantize`'s)."""
+    """The weight as the executor will compute with it, in ``weight``'s dtype."""
     if fmt.keep:
         return keep_weight(weight).to(weight.dtype)
-    qt = quantize(weight, fmt, importance=importance, hessian=hessian, part=part)
+    qt = quantize(weight, fmt, importance=importance, hessian=hessian)
     return dequantize(qt).to(weight.dtype)
 
 
