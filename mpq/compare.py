@@ -130,6 +130,8 @@ def _without_unmixed(obj: Any) -> Any:
     out = {k: _without_unmixed(v) for k, v in obj.items()}
     if "bits" in out and out.get("hi", 0) is None and out.get("hi_pct") == 0:
         del out["hi"], out["hi_pct"]
+    if "bits" in out and out.get("hi_axis") == "rows":  # ... and before column-mixed ones
+        del out["hi_axis"]
     return out
 
 

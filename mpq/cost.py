@@ -43,6 +43,7 @@ from mpq.formats import (
     SCALE_DTYPES,
     WORD_BITS,
     QuantFormat,
+    hi_cols,
     hi_rows,
     matrix_shape,
     n_groups,
@@ -179,7 +180,13 @@ def keep_bits(shape: tuple[int, ...]) -> int:
 
 def weight_bits(shape: tuple[int, ...], fmt: QuantFormat) -> int:
     """Exact stored bits of one weight of ``shape`` under ``fmt`` (codes + scales + zeros; a
-    row-mixed format: each part's rows at its own format plus the packed 1-bit row mask)."""
+    row-mixed format: each part's rows at its own format plus the packed 1-bit row mask; a
+    column-mixed one: each part's ``[rows, columns]`` matrix plus the 1-bit column mask)."""
+    if fmt.hi is not None and fmt.hi_axis == "cols":
+        rows, cols = matrix_shape(shape)
+        k = hi_cols(cols, fmt)
+        low = weight_bits((rows, cols - k), fmt.low)
+        return low + weight_bits((rows, k), fmt.hi) + packed_stream_bits(1, cols, 1)
     if fmt.hi is not None:
         rows, _ = matrix_shape(shape)
         k = hi_rows(rows, fmt)
@@ -351,6 +358,11 @@ class CostModel:
         if self.macs is None:
             return bits, None
         macs = self.macs[target.name]
+        if fmt.hi is not None and fmt.hi_axis == "cols":  # ... of the input columns
+            _, cols = matrix_shape(target.shape)
+            k = hi_cols(cols, fmt)
+            code = fmt.bits * (cols - k) + fmt.hi.bits * k
+            return bits, macs * code * fmt.act_bits // cols
         if fmt.hi is not None:  # each part's share of the MACs is its share of the rows
             rows, _ = matrix_shape(target.shape)
             k = hi_rows(rows, fmt)

@@ -41,6 +41,7 @@ from mpq.errors import MpqError
 from mpq.formats import DATA_METHODS, KEEP_BITS, QuantFormat
 from mpq.kernels import backends as B
 from mpq.kernels.modules import (
+    ColMixLinear,
     PackedWeight,
     QuantConv2d,
     QuantEmbedding,
@@ -276,14 +277,21 @@ def _write_fake(module: nn.Module, qt: QuantizedTensor | None) -> None:
 def _rowmix_linears(
     t: Target, fmt: QuantFormat, owners: Sequence[tuple[str, nn.Module]]
 ) -> list[tuple[str, nn.Linear]]:
-    """The owners of a row-mixed target, which must all be Linear layers (``RowMixLinear``)."""
+    """The owners of a row- or column-mixed target, which must all be Linear layers
+    (``RowMixLinear``, ``ColMixLinear``)."""
     linears = [(n, m) for n, m in owners if isinstance(m, nn.Linear)]
     if len(linears) != len(owners):
+        what = "column" if fmt.hi_axis == "cols" else "row"
         raise MpqError(
-            f"{t.name}: row-mixed format {fmt.spec()} is packed for Linear layers only; give "
+            f"{t.name}: {what}-mixed format {fmt.spec()} is packed for Linear layers only; give "
             f"this {t.kind} a plain format, or apply the plan with mode='fake'"
         )
     return linears
+
+
+def _mix_class(fmt: QuantFormat) -> type[RowMixLinear]:
+    """The packed module of a row- or column-mixed format."""
+    return ColMixLinear if fmt.hi_axis == "cols" else RowMixLinear
 
 
 def _install(
@@ -303,7 +311,7 @@ def _install(
         assert qt is not None, "a row-mixed format quantizes both parts"
         for name, lin in _rowmix_linears(t, fmt, owners):
             bias = lin.bias.detach() if lin.bias is not None else None
-            _set_module(out, name, RowMixLinear.build(qt, bias, backend, act, name))
+            _set_module(out, name, _mix_class(fmt).build(qt, bias, backend, act, name))
         return
     if mode == "fake":
         _write_fake(module, qt)
@@ -449,7 +457,7 @@ def load_packed(
             shape = tuple(_weight(module).shape)
             if fmt.hi is not None:
                 for name, lin in _rowmix_linears(t, fmt, owners):
-                    mix = RowMixLinear.empty(shape, fmt, lin.bias is not None, act, name)
+                    mix = _mix_class(fmt).empty(shape, fmt, lin.bias is not None, act, name)
                     _set_module(out, name, mix)
                 continue
             packed = PackedWeight.empty(shape, fmt)

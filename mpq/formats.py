@@ -29,11 +29,20 @@ importance, as ``mse`` weighs it) take the high format, the rest the low one; a 
 records which (:mod:`mpq.quant.rowmix`). Every format keeps its scales within rows, so each
 row is exactly what its own format would store. Both parts share the method and the activation
 bits; neither may be ``keep`` or ``gptq``, nor row-mixed itself.
+
+**Column-mixed formats** (``"3:g32:dq:mse+4:g32:nl:dq:mse#11"``): the same across the *input*
+columns. About ``P`` percent of the columns (:func:`hi_cols`, whole groups of both parts), those
+whose importance-weighted error at the low format is largest, form their own ``[rows, k]``
+matrix at the high format; the other columns form a ``[rows, cols - k]`` matrix at the low
+format (its groups run over the remaining columns in order); a 1-bit column mask records which.
+A few input channels with large second moments carry most of a layer's output error (OWQ's
+observation), so this spends bits where they buy most (BENCHMARKS "Column-mixed formats").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -51,6 +60,7 @@ GRIDS = ("int", "nl", "nf4")
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 DQ_BITS = (4, 6, 8)
 SUPER_BLOCK = 256
+MIX_AXES = ("rows", "cols")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ class QuantFormat:
     # the other fields describe the low format of the remaining rows.
     hi: QuantFormat | None = None
     hi_pct: int = 0
+    # ``"rows"`` (``LOW+HIGH@P``: output rows) or ``"cols"`` (``LOW+HIGH#P``: input columns).
+    hi_axis: str = "rows"
 
     def __post_init__(self) -> None:
         for name in ("bits", "act_bits", "group_size", "dq_bits"):
@@ -125,17 +137,20 @@ class QuantFormat:
         self._check_mix()
 
     def _check_mix(self) -> None:
+        if self.hi_axis not in MIX_AXES:
+            raise MpqError(f"hi_axis={self.hi_axis!r} is unknown: use one of {list(MIX_AXES)}")
         if self.hi is None:
-            if self.hi_pct:
+            if self.hi_pct or self.hi_axis != "rows":
                 raise MpqError(f"hi_pct={self.hi_pct} needs a high format (hi=...)")
             return
-        spec = f"{self.low.spec()}+{self.hi.spec()}@{self.hi_pct}"
+        sep, what = ("@", "row") if self.hi_axis == "rows" else ("#", "column")
+        spec = f"{self.low.spec()}+{self.hi.spec()}{sep}{self.hi_pct}"
         if isinstance(self.hi_pct, bool) or not isinstance(self.hi_pct, int):
-            raise MpqError(f"format {spec!r}: the row percent must be an integer")
+            raise MpqError(f"format {spec!r}: the {what} percent must be an integer")
         if not 1 <= self.hi_pct <= 99:
             raise MpqError(
-                f"format {spec!r}: the row percent after '@' must be 1..99 (0 or 100 is the "
-                f"plain low or high format; give that instead)"
+                f"format {spec!r}: the {what} percent after {sep!r} must be 1..99 (0 or 100 "
+                f"is the plain low or high format; give that instead)"
             )
         if self.hi.hi is not None:
             raise MpqError(f"format {spec!r}: the high part cannot be row-mixed itself")
@@ -167,7 +182,7 @@ class QuantFormat:
         """The format of the rows that do not take ``hi`` (the format itself when not mixed)."""
         if self.hi is None:
             return self
-        return dataclasses.replace(self, hi=None, hi_pct=0)
+        return dataclasses.replace(self, hi=None, hi_pct=0, hi_axis="rows")
 
     @property
     def keep(self) -> bool:
@@ -185,7 +200,8 @@ class QuantFormat:
     def spec(self) -> str:
         """The canonical spec string; ``QuantFormat.parse(f.spec()) == f``."""
         if self.hi is not None:
-            return f"{self.low.spec()}+{self.hi.spec()}@{self.hi_pct}"
+            sep = "@" if self.hi_axis == "rows" else "#"
+            return f"{self.low.spec()}+{self.hi.spec()}{sep}{self.hi_pct}"
         if self.keep:
             return "16" if self.act_bits == KEEP_BITS else f"16:a{self.act_bits}"
         parts = [str(self.bits)]
@@ -215,13 +231,18 @@ class QuantFormat:
             raise MpqError(f"format {spec!r}: a row-mixed format has two parts (one '+')")
         if "+" in str(spec):
             low, _, rest = str(spec).partition("+")
-            high, at, pct = rest.rpartition("@")
-            if not at or not pct.strip().isdigit() or not high.strip():
+            sep = "#" if "#" in rest else "@"
+            high, at, pct = rest.rpartition(sep)
+            if not at or not pct.strip().isdigit() or not high.strip() or "@" in high:
                 raise MpqError(
                     f"format {spec!r}: a row-mixed format is LOW+HIGH@PERCENT, e.g. "
-                    f"'3:g32:mse+4:g32:mse@25' (25 % of the rows at the high format)"
+                    f"'3:g32:mse+4:g32:mse@25' (25 % of the rows at the high format), a "
+                    f"column-mixed one LOW+HIGH#PERCENT (of the input columns)"
                 )
-            return dataclasses.replace(cls.parse(low), hi=cls.parse(high), hi_pct=int(pct))
+            return dataclasses.replace(
+                cls.parse(low), hi=cls.parse(high), hi_pct=int(pct),
+                hi_axis="rows" if sep == "@" else "cols",
+            )  # fmt: skip
         tokens = [t.strip().lower() for t in str(spec).split(":") if t.strip()]
         if not tokens or not tokens[0].isdigit():
             raise MpqError(
@@ -265,6 +286,8 @@ class QuantFormat:
         """The fields as JSON; a plain format omits the row-mix fields (so plans and cache
         keys written before row-mixed formats existed stay valid)."""
         out = asdict(self)
+        if self.hi_axis == "rows":  # row-mixed plans written before column mixes stay valid
+            del out["hi_axis"]
         if self.hi is None:
             del out["hi"], out["hi_pct"]
         else:
@@ -324,12 +347,43 @@ def words_per_row(cols: int, bits: int) -> int:
 
 def hi_rows(rows: int, fmt: QuantFormat) -> int:
     """How many of ``rows`` output rows a row-mixed ``fmt`` stores at its high format
-    (``hi_pct`` percent, rounded half up; 0 when not mixed)."""
-    return (rows * fmt.hi_pct + 50) // 100 if fmt.hi is not None else 0
+    (``hi_pct`` percent, rounded half up; 0 when not row-mixed)."""
+    return (rows * fmt.hi_pct + 50) // 100 if fmt.hi is not None and fmt.hi_axis == "rows" else 0
+
+
+def col_unit(fmt: QuantFormat) -> int:
+    """The column step of a column-mixed format: whole groups of both parts (their lcm)."""
+    assert fmt.hi is not None
+    return math.lcm(fmt.low.group_size or 1, fmt.hi.group_size or 1)
+
+
+def hi_cols(cols: int, fmt: QuantFormat) -> int:
+    """How many of ``cols`` input columns a column-mixed ``fmt`` stores at its high format:
+    ``hi_pct`` percent rounded half up to whole :func:`col_unit` steps, at least one step and
+    at most all but one (0 when not column-mixed)."""
+    if fmt.hi is None or fmt.hi_axis != "cols":
+        return 0
+    unit = col_unit(fmt)
+    steps = (2 * cols * fmt.hi_pct + 100 * unit) // (200 * unit)
+    return max(1, min(steps, cols // unit - 1)) * unit
 
 
 def check_format(shape: tuple[int, ...], fmt: QuantFormat, name: str = "weight") -> None:
     """Raise :class:`MpqError` when ``fmt`` cannot store a weight of ``shape``."""
+    if fmt.hi is not None and fmt.hi_axis == "cols":
+        rows, cols = matrix_shape(shape)
+        unit = col_unit(fmt)
+        if len(shape) != 2 or cols % unit or cols < 2 * unit:
+            raise MpqError(
+                f"{name}: column-mixed format {fmt.spec()} splits a matrix's {cols} input "
+                f"columns in steps of {unit} (whole groups of both parts) and keeps at least one "
+                f"step in each part; this weight (shape {list(shape)}) cannot be split so: use "
+                f"a row-mixed (@) or plain format"
+            )
+        k = hi_cols(cols, fmt)
+        check_format((rows, cols - k), fmt.low, name)
+        check_format((rows, k), fmt.hi, name)
+        return
     if fmt.hi is not None:
         check_format(shape, fmt.low, name)
         check_format(shape, fmt.hi, name)

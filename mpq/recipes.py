@@ -4,9 +4,9 @@ model, the candidate formats, the anchor of the measured table, where the import
 
 The SmolLM2 recipe is the main job's (``experiments/configs/smollm2.toml``, measured in
 BENCHMARKS.md "Main job" and "Calibration that generalizes"): the importance-weighted k-quant
-palette and row-mixed formats of it, one decision per matrix (no q/k/v, gate/up ties), the
-table measured at one anchor format and carried to the others by each layer's output error,
-importance from 16 x 512 tokens. Every other model (MiniLM, MobileNetV2, a local
+palette with row- and column-mixed formats of it, one decision per matrix (no q/k/v, gate/up
+ties), the table measured at one anchor format and carried to the others by each layer's
+output error, importance from 16 x 512 tokens. Every other model (MiniLM, MobileNetV2, a local
 Hugging Face folder) gets the generic recipe: per-channel rtn formats, which fit every layer
 shape, a fully measured table, no importance. Torch-free (read while parsing arguments).
 """
@@ -39,10 +39,11 @@ RECIPES: dict[str, Recipe] = {
         formats=",".join(
             [
                 "3:g32:dq:mse", "4:g32:nl:dq:mse", "4:g32:asym:dq:mse", "5:g32:dq:mse",
-                "6:g32:dq:mse", "8:g32:dq", "3:g32:dq:mse+4:g32:nl:dq:mse@25",
-                "3:g32:dq:mse+4:g32:nl:dq:mse@50", "3:g32:dq:mse+4:g32:nl:dq:mse@75",
+                "6:g32:dq:mse", "8:g32:dq", "3:g32:dq:mse+4:g32:nl:dq:mse@75",
                 "3:g32:dq:mse+4:g32:asym:dq:mse@50", "4:g32:nl:dq:mse+4:g32:asym:dq:mse@50",
                 "4:g32:asym:dq:mse+6:g32:dq:mse@25", "4:g32:asym:dq:mse+6:g32:dq:mse@50",
+                "3:g32:dq:mse+4:g32:nl:dq:mse#6", "3:g32:dq:mse+4:g32:nl:dq:mse#11",
+                "3:g32:dq:mse+4:g32:nl:dq:mse#22",
             ]
         ),  # fmt: skip
         anchor="4:g32:nl:dq:mse",

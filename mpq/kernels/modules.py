@@ -428,14 +428,15 @@ class RowMixLinear(nn.Module):
     counts it). The output interleaves the two parts' outputs back into row order."""
 
     rowmask: torch.Tensor
+    _MASK = "rowmask"  # the packed mask's buffer name
 
     def __init__(
         self, low: QuantLinear, high: QuantLinear, mask: torch.Tensor, fmt: QuantFormat
     ) -> None:
         super().__init__()
         self.low, self.high, self.fmt = low, high, fmt
-        self.rows = int(mask.numel())
-        self.register_buffer("rowmask", pack(mask.reshape(1, -1).to(torch.uint8), 1))
+        self.rows = int(mask.numel())  # mask length: output rows (input columns: ColMixLinear)
+        self.register_buffer(self._MASK, pack(mask.reshape(1, -1).to(torch.uint8), 1))
 
     @classmethod
     def build(
@@ -481,7 +482,7 @@ class RowMixLinear(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The high rows (bool ``[rows]``)."""
-        return unpack(self.rowmask, 1, self.rows).reshape(-1).bool()
+        return unpack(getattr(self, self._MASK), 1, self.rows).reshape(-1).bool()
 
     def check(self, name: str = "weight") -> None:
         """:meth:`PackedWeight.check` of both parts, and a mask with exactly the format's
@@ -490,8 +491,8 @@ class RowMixLinear(nn.Module):
 
         self.low.packed.check(f"{name}.low")
         self.high.packed.check(f"{name}.high")
-        if not padding_is_zero(self.rowmask, 1, self.rows):
-            raise MpqError(f"{name}.rowmask: padding bits are set; the row mask was edited")
+        if not padding_is_zero(getattr(self, self._MASK), 1, self.rows):
+            raise MpqError(f"{name}.{self._MASK}: padding bits are set; the mask was edited")
         k = int(self.mask().sum())
         if k != hi_rows(self.rows, self.fmt) or self.high.packed.rows != k:
             raise MpqError(
@@ -516,3 +517,76 @@ class RowMixLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, format={self.fmt.spec()}"
+
+
+class ColMixLinear(RowMixLinear):
+    """``nn.Linear`` with a column-mixed weight (:mod:`mpq.quant.rowmix`): ``low`` and ``high``
+    are :class:`QuantLinear` layers over their own input columns (in order; the bias sits in
+    ``low``), ``colmask`` the packed 1-bit mask of the high columns. The output is the sum of
+    the two parts applied to their columns of the input."""
+
+    colmask: torch.Tensor
+    _MASK = "colmask"
+
+    @classmethod
+    def build(
+        cls,
+        qt: QuantizedTensor,
+        bias: torch.Tensor | None,
+        backend: str,
+        act: ActQuant,
+        name: str,
+    ) -> ColMixLinear:
+        """The packed layer of a column-mixed quantized weight (``bias``: the layer's bias)."""
+        from mpq.quant.rowmix import low_part
+
+        assert qt.parts is not None
+        low = PackedWeight.from_quantized(low_part(qt))
+        high = PackedWeight.from_quantized(qt.parts.high)
+        return cls(
+            QuantLinear(low, bias, backend=backend, act=act, name=f"{name}.low"),
+            QuantLinear(high, None, backend=backend, act=act, name=f"{name}.high"),
+            qt.parts.mask,
+            qt.fmt,
+        )
+
+    @classmethod
+    def empty(
+        cls, shape: tuple[int, ...], fmt: QuantFormat, bias: bool, act: ActQuant, name: str
+    ) -> ColMixLinear:
+        """Exact zero buffers of a column-mixed layer, to be filled by ``load_state_dict``."""
+        from mpq.formats import hi_cols
+
+        assert fmt.hi is not None
+        rows, cols = matrix_shape(shape)
+        k = hi_cols(cols, fmt)
+        b = torch.zeros(rows) if bias else None
+        low = QuantLinear(PackedWeight.empty((rows, cols - k), fmt.low), b, act=act,
+                          name=f"{name}.low")  # fmt: skip
+        high = QuantLinear(
+            PackedWeight.empty((rows, k), fmt.hi), None, act=act, name=f"{name}.high"
+        )
+        return cls(low, high, torch.zeros(cols, dtype=torch.bool), fmt)
+
+    def check(self, name: str = "weight") -> None:
+        """:meth:`PackedWeight.check` of both parts, and a mask with exactly the format's
+        number of high columns and clean padding."""
+        from mpq.formats import hi_cols
+
+        self.low.packed.check(f"{name}.low")
+        self.high.packed.check(f"{name}.high")
+        if not padding_is_zero(self.colmask, 1, self.rows):
+            raise MpqError(f"{name}.colmask: padding bits are set; the mask was edited")
+        k = int(self.mask().sum())
+        if k != hi_cols(self.rows, self.fmt) or self.high.packed.cols != k:
+            raise MpqError(
+                f"{name}.colmask marks {k} high columns; {self.fmt.spec()} stores "
+                f"{hi_cols(self.rows, self.fmt)} of {self.rows}: the file is corrupt or edited"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask().to(x.device)
+        return self.low(x[..., ~mask]) + self.high(x[..., mask])
+
+    def extra_repr(self) -> str:
+        return f"cols={self.rows}, format={self.fmt.spec()}"

@@ -39,7 +39,7 @@ from mpq.quant.dq import dequantize_dq, effective, quantize_dq
 from mpq.quant.gptq import gptq_quantize
 from mpq.quant.mse import mse_quantize
 from mpq.quant.mse_dq import mse_quantize_dq
-from mpq.quant.rowmix import assemble, low_part, quantize_rowmix
+from mpq.quant.rowmix import assemble, low_part, quantize_colmix, quantize_rowmix
 from mpq.quant.rtn import rtn_quantize
 
 __all__ = [
@@ -75,16 +75,25 @@ def quantize(
     by ``gptq`` (``apply_plan(..., calib=...)`` collects both). A row-mixed format
     (:mod:`mpq.quant.rowmix`) quantizes the whole weight at both parts, by ``part(f)`` when
     given (a memoizing caller's), and keeps each row at its part; its rows are chosen by the
-    error weighted with ``importance`` (callers pass it for ``mse`` parts only).
+    error weighted with ``importance`` (callers pass it for ``mse`` parts only). A column-mixed
+    one ranks the columns by the low format's whole-weight error (``part``) and quantizes each
+    part from its own columns.
     """
     if fmt.keep:
         raise MpqError("quantize() got a keep (16-bit) format; keep weights need no codes")
     shape = tuple(weight.shape)
     check_format(shape, fmt)
     if fmt.hi is not None:
+
         def whole(f: QuantFormat) -> QuantizedTensor:
             return quantize(weight, f, importance=importance, hessian=hessian)
 
+        if fmt.hi_axis == "cols":
+
+            def sub(w: torch.Tensor, f: QuantFormat, imp: torch.Tensor | None) -> QuantizedTensor:
+                return quantize(w, f, importance=imp)
+
+            return quantize_colmix(weight, fmt, importance, part or whole, sub, dequantize)
         return quantize_rowmix(weight, fmt, importance, part or whole, dequantize)
     if fmt.dq_bits is not None:
         if fmt.method == "gptq":
