@@ -172,14 +172,15 @@ def test_gguf_leaves_dq_out_for_rows_that_do_not_fill_super_blocks(
 
 
 def test_untied_and_row_mixed_plans_export_and_reload(tiny: Prepared, tmp_path: Path) -> None:
-    """A plan with q, k, v on their own formats (``--no-ties``) and a row-mixed format is written
-    by the mpq container and loads as written, computing what the packed plan does; GGUF, with
-    one type per tensor, refuses the row-mixed format by name."""
+    """A plan with q, k, v on their own formats (``--no-ties``), a row-mixed and a column-mixed
+    format is written by the mpq container and loads as written, computing what the packed plan
+    does; GGUF, with one type per tensor, refuses the mixed formats by name."""
     untied = prepare(tiny.loaded.model_id, ties=False)
     names = {
         "model.layers.0.self_attn.q_proj": "4:g32",
         "model.layers.0.self_attn.k_proj": "8:g32",
         "model.layers.0.self_attn.v_proj": "4:g32+8:g32@50",
+        "model.layers.0.mlp.down_proj": "4:g32+8:g32#50",  # column-mixed: 64 input columns
     }
     plan = BitPlan(
         {t.name: mpq.QuantFormat.parse(names.get(t.name, "4:g32")) for t in untied.targets},
@@ -193,6 +194,7 @@ def test_untied_and_row_mixed_plans_export_and_reload(tiny: Prepared, tmp_path: 
     packed = apply_plan(untied.loaded.model, plan, untied.targets)
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, packed(ids).logits)
-    with pytest.raises(MpqError, match="4:g32\\+8:g32@50"):
+    with pytest.raises(MpqError) as refused:
         _export(tiny, tmp_path / "g", "--no-ties", "--format", "gguf", "--plan",
                 str(tmp_path / "p.json"))  # fmt: skip
+    assert "4:g32+8:g32@50" in str(refused.value) and "4:g32+8:g32#50" in str(refused.value)
