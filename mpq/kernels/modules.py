@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.formats import KEEP_BITS, QuantFormat, matrix_shape, n_groups, n_supers
+from mpq.formats import (
+    KEEP_BITS,
+    QuantFormat,
+    hi_cols,
+    hi_rows,
+    matrix_shape,
+    n_groups,
+    n_supers,
+)
 from mpq.kernels.backends import REFERENCE_KERNEL, Backend, KernelChoice
 from mpq.kernels.checks import KernelOperands
 from mpq.kernels.packing import pack, pack_codes, padding_is_zero, unpack, unpack_codes
@@ -429,6 +437,7 @@ class RowMixLinear(nn.Module):
 
     rowmask: torch.Tensor
     _MASK = "rowmask"  # the packed mask's buffer name
+    _UNITS = "rows"  # what the mask selects (error messages, repr)
 
     def __init__(
         self, low: QuantLinear, high: QuantLinear, mask: torch.Tensor, fmt: QuantFormat
@@ -454,7 +463,7 @@ class RowMixLinear(nn.Module):
         mask = qt.parts.mask
         low = PackedWeight.from_quantized(low_part(qt))
         high = PackedWeight.from_quantized(qt.parts.high)
-        lo_b, hi_b = (None, None) if bias is None else (bias[~mask], bias[mask])
+        lo_b, hi_b = (None, None) if bias is None else cls._split_bias(bias, mask)
         return cls(
             QuantLinear(low, lo_b, backend=backend, act=act, name=f"{name}.low"),
             QuantLinear(high, hi_b, backend=backend, act=act, name=f"{name}.high"),
@@ -462,13 +471,22 @@ class RowMixLinear(nn.Module):
             qt.fmt,
         )
 
+    @staticmethod
+    def _split_bias(
+        bias: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The low and high parts' biases: each part's rows."""
+        return bias[~mask], bias[mask]
+
+    def _high_count(self) -> tuple[int, int]:
+        """(high rows the format stores, rows the high part holds)."""
+        return hi_rows(self.rows, self.fmt), self.high.packed.rows
+
     @classmethod
     def empty(
         cls, shape: tuple[int, ...], fmt: QuantFormat, bias: bool, act: ActQuant, name: str
     ) -> RowMixLinear:
         """Exact zero buffers of a row-mixed layer, to be filled by ``load_state_dict``."""
-        from mpq.formats import hi_rows
-
         assert fmt.hi is not None
         rows, cols = matrix_shape(shape)
         k = hi_rows(rows, fmt)
@@ -486,18 +504,17 @@ class RowMixLinear(nn.Module):
 
     def check(self, name: str = "weight") -> None:
         """:meth:`PackedWeight.check` of both parts, and a mask with exactly the format's
-        number of high rows and clean padding."""
-        from mpq.formats import hi_rows
-
+        number of high rows (columns) and clean padding."""
         self.low.packed.check(f"{name}.low")
         self.high.packed.check(f"{name}.high")
         if not padding_is_zero(getattr(self, self._MASK), 1, self.rows):
             raise MpqError(f"{name}.{self._MASK}: padding bits are set; the mask was edited")
         k = int(self.mask().sum())
-        if k != hi_rows(self.rows, self.fmt) or self.high.packed.rows != k:
+        want, held = self._high_count()
+        if k != want or held != k:
             raise MpqError(
-                f"{name}.rowmask marks {k} high rows; {self.fmt.spec()} stores "
-                f"{hi_rows(self.rows, self.fmt)} of {self.rows}: the file is corrupt or edited"
+                f"{name}.{self._MASK} marks {k} high {self._UNITS}; {self.fmt.spec()} stores "
+                f"{want} of {self.rows}: the file is corrupt or edited"
             )
 
     def runtime_bytes(self) -> int:
@@ -516,7 +533,7 @@ class RowMixLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"rows={self.rows}, format={self.fmt.spec()}"
+        return f"{self._UNITS}={self.rows}, format={self.fmt.spec()}"
 
 
 class ColMixLinear(RowMixLinear):
@@ -527,66 +544,35 @@ class ColMixLinear(RowMixLinear):
 
     colmask: torch.Tensor
     _MASK = "colmask"
+    _UNITS = "columns"
 
-    @classmethod
-    def build(
-        cls,
-        qt: QuantizedTensor,
-        bias: torch.Tensor | None,
-        backend: str,
-        act: ActQuant,
-        name: str,
-    ) -> ColMixLinear:
-        """The packed layer of a column-mixed quantized weight (``bias``: the layer's bias)."""
-        from mpq.quant.rowmix import low_part
+    @staticmethod
+    def _split_bias(
+        bias: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The whole bias in ``low`` (the parts' outputs are summed)."""
+        return bias, None
 
-        assert qt.parts is not None
-        low = PackedWeight.from_quantized(low_part(qt))
-        high = PackedWeight.from_quantized(qt.parts.high)
-        return cls(
-            QuantLinear(low, bias, backend=backend, act=act, name=f"{name}.low"),
-            QuantLinear(high, None, backend=backend, act=act, name=f"{name}.high"),
-            qt.parts.mask,
-            qt.fmt,
-        )
+    def _high_count(self) -> tuple[int, int]:
+        """(high columns the format stores, columns the high part holds)."""
+        return hi_cols(self.rows, self.fmt), self.high.packed.cols
 
     @classmethod
     def empty(
         cls, shape: tuple[int, ...], fmt: QuantFormat, bias: bool, act: ActQuant, name: str
     ) -> ColMixLinear:
         """Exact zero buffers of a column-mixed layer, to be filled by ``load_state_dict``."""
-        from mpq.formats import hi_cols
-
         assert fmt.hi is not None
         rows, cols = matrix_shape(shape)
         k = hi_cols(cols, fmt)
-        b = torch.zeros(rows) if bias else None
-        low = QuantLinear(PackedWeight.empty((rows, cols - k), fmt.low), b, act=act,
-                          name=f"{name}.low")  # fmt: skip
-        high = QuantLinear(
-            PackedWeight.empty((rows, k), fmt.hi), None, act=act, name=f"{name}.high"
-        )
-        return cls(low, high, torch.zeros(cols, dtype=torch.bool), fmt)
 
-    def check(self, name: str = "weight") -> None:
-        """:meth:`PackedWeight.check` of both parts, and a mask with exactly the format's
-        number of high columns and clean padding."""
-        from mpq.formats import hi_cols
+        def part(n: int, f: QuantFormat, tag: str, b: torch.Tensor | None) -> QuantLinear:
+            return QuantLinear(PackedWeight.empty((rows, n), f), b, act=act, name=f"{name}.{tag}")
 
-        self.low.packed.check(f"{name}.low")
-        self.high.packed.check(f"{name}.high")
-        if not padding_is_zero(self.colmask, 1, self.rows):
-            raise MpqError(f"{name}.colmask: padding bits are set; the mask was edited")
-        k = int(self.mask().sum())
-        if k != hi_cols(self.rows, self.fmt) or self.high.packed.cols != k:
-            raise MpqError(
-                f"{name}.colmask marks {k} high columns; {self.fmt.spec()} stores "
-                f"{hi_cols(self.rows, self.fmt)} of {self.rows}: the file is corrupt or edited"
-            )
+        low = part(cols - k, fmt.low, "low", torch.zeros(rows) if bias else None)
+        mask = torch.zeros(cols, dtype=torch.bool)
+        return cls(low, part(k, fmt.hi, "high", None), mask, fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask().to(x.device)
         return self.low(x[..., ~mask]) + self.high(x[..., mask])
-
-    def extra_repr(self) -> str:
-        return f"cols={self.rows}, format={self.fmt.spec()}"
