@@ -16,11 +16,12 @@ scored on held-out wiki and bbc (16 x 512 tokens each, KL paired per position).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
+from collections import Counter
 
 import torch
+from _allocate import held_out, lagrange_plan  # experiments/bench/_allocate.py
 from tqdm import tqdm
 
 from mpq.compare import _estimator, _stats_task
@@ -101,19 +102,6 @@ def main() -> None:
     print(f"column mixes quantized in {time.time() - t0:.0f} s", flush=True)
     labels = sorted({s for row in dmg.values() for s in row if "#" in s})
 
-    def plan(specs: list[str], budget: float) -> dict[str, str]:
-        def pick(lam: float) -> dict[str, str]:
-            return {n: min(specs, key=lambda s: dmg[n][s] + lam * cost[n][s]) for n in names}
-
-        def bits(lam: float) -> float:
-            return sum(cost[n][s] for n, s in pick(lam).items()) / total
-
-        lo_, hi_ = 1e-15, 1e3
-        for _ in range(100):
-            lam = (lo_ * hi_) ** 0.5
-            lo_, hi_ = (lo_, lam) if bits(lam) <= budget else (lam, hi_)
-        return pick(hi_)
-
     def weight(n: str, s: str) -> torch.Tensor:
         w = model.get_submodule(n).weight.detach().float()
         imp = stats[n].diag.float()
@@ -140,27 +128,15 @@ def main() -> None:
         variants.pop("main")
     for budget in [float(b) for b in args.budgets.split(",")]:
         for label, specs in variants.items():
-            choice = plan(specs, budget)
+            choice = lagrange_plan(dmg, cost, specs, budget, total)
             pred = sum(dmg[n][s] for n, s in choice.items())
             used = sum(cost[n][s] for n, s in choice.items()) / total
             n_cols = sum("#" in s for s in choice.values())
-            m = copy.deepcopy(model)
-            with torch.no_grad():
-                for n, s in choice.items():
-                    m.get_submodule(n).weight.copy_(weight(n, s))
-            cells = []
-            for d, ev in evals.items():
-                r = evaluate(ev.task, m, ev.reference())
-                cells.append(
-                    f"{r['ppl'] / fp_ppl[d]:.3f} | {r['kl']:.4f} ± {1.96 * r['kl_se']:.4f}"
-                )
+            cells = held_out(model, choice, weight, evals, fp_ppl)
             print(f"| {label} | {budget} | {used:.3f} | {pred:.4f} | {n_cols} | "
                   + " | ".join(cells) + " |", flush=True)  # fmt: skip
-            if "#" in " ".join(choice.values()):
-                used_labels: dict[str, int] = {}
-                for s in choice.values():
-                    used_labels[s] = used_labels.get(s, 0) + 1
-                print("   ", sorted(used_labels.items(), key=lambda kv: -kv[1])[:8], flush=True)
+            if n_cols:
+                print("   ", Counter(choice.values()).most_common(8), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,16 @@ each, KL to fp32 paired per position):
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 from collections.abc import Callable
 
 import torch
+from _allocate import held_out, lagrange_plan  # experiments/bench/_allocate.py
 
 from mpq.compare import _estimator, _stats_task
 from mpq.config import load_config
 from mpq.cost import weight_bits
-from mpq.evaluate import evaluate
 from mpq.formats import QuantFormat
 from mpq.layerstats import cached_input_stats
 from mpq.models import cache_root
@@ -85,21 +84,6 @@ def main() -> None:
     cost = {t.name: {f.spec(): float(weight_bits(tuple(t.shape), f)) for f in everything}
             for t in prep.targets}  # fmt: skip
 
-    def plan(specs: list[str], budget: float) -> dict[str, str]:
-        def pick(lam: float) -> dict[str, str]:
-            return {
-                n: min(specs, key=lambda s: dmg[n][s] + lam * cost[n][s]) for n in names
-            }  # fmt: skip
-
-        def bits(lam: float) -> float:
-            return sum(cost[n][s] for n, s in pick(lam).items()) / total
-
-        lo, hi = 1e-15, 1e3
-        for _ in range(100):
-            lam = (lo * hi) ** 0.5
-            lo, hi = (lo, lam) if bits(lam) <= budget else (lam, hi)
-        return pick(hi)
-
     evals = {
         d: Evaluator(prep, cfg.evaluation.spec(d).task(prep.loaded), progress=False)
         for d in cfg.evaluation.data
@@ -113,18 +97,11 @@ def main() -> None:
     }  # fmt: skip
     for budget in [float(b) for b in args.budgets.split(",")]:
         for label, specs in variants.items():
-            choice = plan(specs(), budget)
+            choice = lagrange_plan(dmg, cost, specs(), budget, total)
             pred = sum(dmg[n][s] for n, s in choice.items())
             used = sum(cost[n][s] for n, s in choice.items()) / total
             n_extra = sum(s in {f.spec() for f in extra} for s in choice.values())
-            m = copy.deepcopy(model)
-            with torch.no_grad():
-                for n, s in choice.items():
-                    m.get_submodule(n).weight.copy_(weight_at(n, fmt_of[s]))
-            cells = []
-            for ev in evals.values():
-                r = evaluate(ev.task, m, ev.reference())
-                cells.append(f"{r['kl']:.4f} ± {1.96 * r['kl_se']:.4f}")
+            cells = held_out(model, choice, lambda n, s: weight_at(n, fmt_of[s]), evals)
             print(f"| {label} | {budget} | {used:.3f} | {pred:.4f} | {n_extra} | "
                   + " | ".join(cells) + " |", flush=True)  # fmt: skip
 
