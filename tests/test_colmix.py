@@ -1,20 +1,17 @@
-"""Column-mixed formats: the spec, the column choice, exact storage, packed = fake, files."""
+"""Column-mixed formats: the spec, the column choice, exact storage, the bias, the table (packed
+= fake, files and containers: tests/test_rowmix.py, parametrized over both axes)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama
 from torch import nn
 
-from mpq.cost import build_cost_model, tensor_bits, unique_tensors, weight_bits
+from mpq.cost import weight_bits
 from mpq.errors import MpqError
-from mpq.executor import apply_plan, load_packed
-from mpq.export.safetensors import save_packed, tensor_bytes_in_file
+from mpq.executor import apply_plan
 from mpq.formats import QuantFormat, check_format, hi_cols, hi_rows
-from mpq.kernels.modules import ColMixLinear
 from mpq.plan import uniform_plan
 from mpq.quant.quantize import dequantize, quantize
 from mpq.quant.rowmix import low_part, select_cols
@@ -107,41 +104,6 @@ def test_low_part_is_a_plain_weight_of_the_low_format() -> None:
     assert low.fmt == QuantFormat.parse("3:g16:dq") and low.shape == (12, 48) and low.parts is None
 
 
-@pytest.mark.parametrize("spec", [MIX, "3:g16:dq:mse+4:g16:nl:dq:mse#50", "2:asym+8#30"])
-def test_packed_equals_fake_and_bytes_match_the_cost(spec: str, tmp_path: Path) -> None:
-    model = tiny_llama(tie=True)
-    targets = [t for t in discover(model) if t.kind == "linear"]
-    plan = uniform_plan(targets, QuantFormat.parse(spec), "tiny")
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-    packed = apply_plan(model, plan, targets, mode="packed")
-    with torch.no_grad():
-        fake_out = apply_plan(model, plan, targets, mode="fake")(ids).logits
-        packed_out = packed(ids).logits
-    torch.testing.assert_close(packed_out, fake_out, rtol=1e-5, atol=1e-5)
-    assert isinstance(packed.get_submodule("model.layers.0.mlp.down_proj"), ColMixLinear)
-    cost = build_cost_model(model, targets, "tiny")
-    report = cost.plan_cost(plan)
-    actual = sum(tensor_bits(t) for t in unique_tensors(packed.state_dict()).values())
-    assert report.total_bits == actual
-    path = save_packed(packed, plan, tmp_path / "m.safetensors")
-    assert tensor_bytes_in_file(path) == report.total_bytes
-    loaded = load_packed(model, targets, path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, packed_out, rtol=0, atol=0)
-
-
-def test_an_edited_column_mask_is_refused() -> None:
-    model = tiny_llama(tie=True)
-    targets = [t for t in discover(model) if t.kind == "linear"]
-    plan = uniform_plan(targets, QuantFormat.parse(MIX), "tiny")
-    packed = apply_plan(model, plan, targets, mode="packed")
-    state = {k: v.clone() for k, v in packed.state_dict().items()}
-    key = "model.layers.0.mlp.down_proj.colmask"
-    state[key][0, 0] ^= 1  # move column 0 into or out of the high part
-    with pytest.raises(MpqError, match="colmask"):
-        load_packed(model, targets, state, plan)
-
-
 def test_the_bias_is_added_once() -> None:
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(64, 10))
@@ -152,17 +114,6 @@ def test_the_bias_is_added_once() -> None:
         packed = apply_plan(lin, plan, targets)(x)
         fake = apply_plan(lin, plan, targets, mode="fake")(x)
     torch.testing.assert_close(packed, fake, rtol=1e-5, atol=1e-5)
-
-
-def test_containers_with_one_type_per_tensor_refuse_column_mixed_formats() -> None:
-    from mpq.export.compressed import supported
-    from mpq.export.gguf_writer import gguf_type_name
-    from mpq.export.llamacpp import LLAMACPP_EXPORTER
-
-    f = QuantFormat.parse("4:g32:asym:dq+6:g32:dq#10")
-    assert gguf_type_name(f) is None and gguf_type_name(f.low) is not None
-    assert not supported(QuantFormat.parse("4:g32+8:g32#10"))
-    assert not LLAMACPP_EXPORTER.maps_format(f)
 
 
 def test_anchored_table_prices_column_mixes_by_their_output_error() -> None:

@@ -1,4 +1,5 @@
-"""Row-mixed formats: the spec, the row choice, exact storage, packed = fake, files, the table."""
+"""Row-mixed formats: the spec, the row choice, exact storage, packed = fake, files, the table
+(packing, files and containers also for column-mixed ones: tests/test_colmix.py has the rest)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mpq.errors import MpqError
 from mpq.executor import apply_plan, load_packed
 from mpq.export.safetensors import save_packed, tensor_bytes_in_file
 from mpq.formats import QuantFormat, hi_rows
-from mpq.kernels.modules import RowMixLinear
+from mpq.kernels.modules import ColMixLinear, RowMixLinear
 from mpq.plan import uniform_plan
 from mpq.quant.quantize import dequantize, quantize
 from mpq.quant.rowmix import low_part, select_rows
@@ -99,18 +100,27 @@ def test_weight_bits_are_the_parts_plus_the_row_mask() -> None:
     assert weight_bits((rows, cols), f) == want
 
 
-@pytest.mark.parametrize("spec", [MIX, "3:g32:dq:mse+4:g32:nl:dq:mse@50", "2:asym+8@75"])
+COL_MIX = "3:g16:mse+8:g16:mse#25"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [MIX, "3:g32:dq:mse+4:g32:nl:dq:mse@50", "2:asym+8@75",
+     COL_MIX, "3:g16:dq:mse+4:g16:nl:dq:mse#50", "2:asym+8#30"],
+)  # fmt: skip
 def test_packed_equals_fake_and_bytes_match_the_cost(spec: str, tmp_path: Path) -> None:
     model = tiny_llama(tie=True)
     targets = [t for t in discover(model) if t.kind == "linear"]
-    plan = uniform_plan(targets, QuantFormat.parse(spec), "tiny")
+    fmt = QuantFormat.parse(spec)
+    plan = uniform_plan(targets, fmt, "tiny")
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     packed = apply_plan(model, plan, targets, mode="packed")
     with torch.no_grad():
         fake_out = apply_plan(model, plan, targets, mode="fake")(ids).logits
         packed_out = packed(ids).logits
     torch.testing.assert_close(packed_out, fake_out, rtol=1e-5, atol=1e-5)
-    assert isinstance(packed.get_submodule("model.layers.0.mlp.down_proj"), RowMixLinear)
+    kind = ColMixLinear if fmt.hi_axis == "cols" else RowMixLinear
+    assert type(packed.get_submodule("model.layers.0.mlp.down_proj")) is kind
     # exact budget: the cost model's bits are the packed tensors' and the file's
     cost = build_cost_model(model, targets, "tiny")
     report = cost.plan_cost(plan)
@@ -123,15 +133,16 @@ def test_packed_equals_fake_and_bytes_match_the_cost(spec: str, tmp_path: Path) 
         torch.testing.assert_close(loaded(ids).logits, packed_out, rtol=0, atol=0)
 
 
-def test_an_edited_row_mask_is_refused() -> None:
+@pytest.mark.parametrize(("spec", "buffer"), [(MIX, "rowmask"), (COL_MIX, "colmask")])
+def test_an_edited_mask_is_refused(spec: str, buffer: str) -> None:
     model = tiny_llama(tie=True)
     targets = [t for t in discover(model) if t.kind == "linear"]
-    plan = uniform_plan(targets, QuantFormat.parse(MIX), "tiny")
+    plan = uniform_plan(targets, QuantFormat.parse(spec), "tiny")
     packed = apply_plan(model, plan, targets, mode="packed")
     state = {k: v.clone() for k, v in packed.state_dict().items()}
-    key = "model.layers.0.mlp.down_proj.rowmask"
-    state[key][0, 0] ^= 1  # move row 0 into or out of the high part
-    with pytest.raises(MpqError, match="rowmask"):
+    key = f"model.layers.0.mlp.down_proj.{buffer}"
+    state[key][0, 0] ^= 1  # move row (column) 0 into or out of the high part
+    with pytest.raises(MpqError, match=buffer):
         load_packed(model, targets, state, plan)
 
 
@@ -170,14 +181,15 @@ def test_memoized_parts_give_the_same_weights() -> None:
     assert ("model.layers.0.mlp.up_proj", "4:g32") in memo
 
 
-def test_containers_with_one_type_per_tensor_refuse_row_mixed_formats() -> None:
+@pytest.mark.parametrize("share", ["@50", "#10"])
+def test_containers_with_one_type_per_tensor_refuse_mixed_formats(share: str) -> None:
     from mpq.export.compressed import supported
     from mpq.export.gguf_writer import gguf_type_name
     from mpq.export.llamacpp import LLAMACPP_EXPORTER
 
-    f = QuantFormat.parse("4:g32:asym:dq+6:g32:dq@50")
+    f = QuantFormat.parse(f"4:g32:asym:dq+6:g32:dq{share}")
     assert gguf_type_name(f) is None and gguf_type_name(f.low) is not None
-    assert not supported(QuantFormat.parse("4:g32+8:g32@50"))
+    assert not supported(QuantFormat.parse(f"4:g32+8:g32{share}"))
     assert not LLAMACPP_EXPORTER.maps_format(f)
 
 
