@@ -10,7 +10,7 @@ from mpq.cost import weight_bits
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat, n_supers
 from mpq.kernels.modules import PackedWeight, QuantLinear
-from mpq.quant.core import DoubleQuant
+from mpq.quant.core import DoubleQuant, nearest_codes
 from mpq.quant.dq import dequantize_dq, quantize_dq
 from mpq.quant.quantize import dequantize, quantize
 
@@ -142,6 +142,30 @@ def test_nl_dq_codes_are_the_nearest_iq4_nl_levels() -> None:
     chosen = err.gather(-1, qt.codes.reshape(4, 8, 32, 1).long()).squeeze(-1)
     nonzero = qt.scales != 0
     assert torch.allclose(chosen[nonzero], err.amin(-1)[nonzero], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],  # IQ4_NL
+        [-4, -3, -2, -1, 0, 1, 2, 3],  # an int grid
+        [-1.0, -0.6962, -0.5251, 0.0, 0.0796, 0.4407, 0.7230, 1.0],  # not integers: searched
+    ],
+)
+def test_nearest_codes_lattice_lookup_equals_the_search(table: list[float]) -> None:
+    """The half-unit lookup for integer level tables gives bucketize's answer everywhere:
+    on every midpoint (ties go to the lower level), next to them, far outside, inf and NaN."""
+    levels = torch.tensor(table, dtype=torch.float32)
+    mid = (levels[1:] + levels[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    edges = torch.cat([mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1)])
+    x = torch.cat([
+        torch.randn(4000, generator=g) * 80,
+        torch.arange(-600, 600) / 4.0,  # every quarter unit: all midpoints of integer tables
+        edges,
+        torch.tensor([1e30, -1e30, float("inf"), -float("inf"), float("nan"), 0.0, -0.0]),
+    ]).reshape(1, -1)  # fmt: skip
+    assert torch.equal(nearest_codes(x, levels), torch.bucketize(x.contiguous(), mid))
 
 
 def test_symmetric_dq_uses_the_full_signed_range() -> None:

@@ -100,10 +100,25 @@ def round_scale(scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return (sign * scale.abs().clamp_min(tiny)).to(sdtype).float()
 
 
+# Integer level tables (IQ4_NL's) spanning at most this many units are looked up on the
+# half-unit lattice their midpoints lie on instead of searched (same answer, ~1.4x faster).
+_LATTICE_SPAN = 4096
+
+
 def nearest_codes(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the level of ``table`` (ascending) nearest to each value of ``x`` (int64)."""
+    """Index of the level of ``table`` (ascending) nearest to each value of ``x`` (int64); a
+    value half-way between two levels takes the lower one, NaN the highest."""
     mid = (table[1:] + table[:-1]) / 2
-    return torch.bucketize(x.contiguous(), mid)
+    span = float(table[-1] - table[0]) if table.numel() > 1 else 0.0
+    if table.numel() < 2 or not bool((table == table.round()).all()) or span > _LATTICE_SPAN:
+        return torch.bucketize(x.contiguous(), mid)
+    # Every midpoint is a multiple of 1/2, so all of ((k-1)/2, k/2] shares one bucket: the one
+    # of k/2 itself (bucketize puts a value equal to a midpoint in the lower bucket).
+    lo = int(torch.floor(2 * mid[0])) - 1
+    hi = int(torch.ceil(2 * mid[-1])) + 1
+    lut = torch.bucketize(torch.arange(lo, hi + 1, dtype=x.dtype, device=x.device) / 2, mid)
+    k = torch.nan_to_num_(torch.ceil(x * 2), nan=hi, posinf=hi, neginf=lo).clamp_(lo, hi)
+    return lut[k.long() - lo]
 
 
 def symmetric_codes(w: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

@@ -187,10 +187,13 @@ class Measured(EstimatorBase):
                     )
                 everything, fmts = fmts, [anchor]
             block = None if blocks is None else blocks.block_of([t.name, *t.aliases])
+            # Each format of this target is quantized once: the measured ones, the output
+            # errors that carry the anchor to the rest, and the parts of row/column mixes.
+            parts: dict[str, QuantizedTensor] = {}
             if blocks is not None and block is not None:
-                kls, losses = _cached_target(ctx, t, fmts, blocks, block, ref, labels)
+                kls, losses = _cached_target(ctx, t, fmts, blocks, block, ref, labels, parts)
             else:
-                kls, losses = _plain_target(ctx, t, fmts, ref, labels)
+                kls, losses = _plain_target(ctx, t, fmts, ref, labels, parts)
             kl: dict[str, float] = {}
             dloss: dict[str, float] = {}
             kl_se: dict[str, float] = {}
@@ -202,7 +205,8 @@ class Measured(EstimatorBase):
             rows = {"kl": kl, "loss": dloss, "kl_se": kl_se, "loss_se": loss_se}
             if anchor is not None:
                 rest = [f for f in everything if f.spec() != anchor.spec()]
-                rows = _scaled(rows, anchor, output_errors(ctx, t, [anchor, *rest]))
+                errors = output_errors(ctx, t, [anchor, *rest], parts)
+                rows = _scaled(rows, anchor, errors)
             out[t.name] = TargetResult(values={}, distortions=rows)
         return out
 
@@ -235,13 +239,19 @@ def output_error(dw: torch.Tensor, diag: torch.Tensor | None, full: torch.Tensor
     return float((d * d).sum())
 
 
-def output_errors(ctx: Context, t: Target, fmts: Sequence[QuantFormat]) -> dict[str, float]:
-    """:func:`output_error` of ``t`` at each format (its input statistics when collected)."""
+def output_errors(
+    ctx: Context,
+    t: Target,
+    fmts: Sequence[QuantFormat],
+    parts: dict[str, QuantizedTensor] | None = None,
+) -> dict[str, float]:
+    """:func:`output_error` of ``t`` at each format (its input statistics when collected).
+    ``parts``: the caller's memo of ``t``'s quantized formats by spec (read and filled)."""
     w = ctx.weight(t).detach()
     st = ctx.stats.get(t.name)
     rows = w.reshape(w.shape[0], -1)
     out = {}
-    parts: dict[str, QuantizedTensor] = {}  # row-mixed formats reuse the plain ones
+    parts = {} if parts is None else parts  # row-mixed formats reuse the plain ones
     for f in sorted(fmts, key=lambda f: f.hi is not None):
         dw = (ctx.quantized(t, w, f, parts) - w).reshape(rows.shape)
         out[f.spec()] = output_error(
@@ -287,8 +297,10 @@ def _plain_target(
     fmts: Sequence[QuantFormat],
     ref: Reference,
     labels: Sequence[torch.Tensor],
+    parts: dict[str, QuantizedTensor] | None = None,
 ) -> PerFormat:
-    """Per format: per-unit KLs and per-batch losses from whole-model runs."""
+    """Per format: per-unit KLs and per-batch losses from whole-model runs (``parts``: the
+    caller's memo of the target's quantized formats)."""
     weight = ctx.weight(t)
     original = weight.detach().clone()
     kls: dict[str, list[torch.Tensor]] = {}
@@ -296,7 +308,7 @@ def _plain_target(
     try:
         with torch.no_grad():
             for fmt in fmts:
-                weight.copy_(ctx.quantized(t, original, fmt))
+                weight.copy_(ctx.quantized(t, original, fmt, parts))
                 spec = fmt.spec()
                 kls[spec], losses[spec] = [], []
                 for i, batch in enumerate(ctx.task.batches):
@@ -317,6 +329,7 @@ def _cached_target(
     block: int,
     ref: Reference,
     labels: Sequence[torch.Tensor],
+    parts: dict[str, QuantizedTensor] | None = None,
 ) -> PerFormat:
     """The same numbers as :func:`_plain_target` from block ``block`` on (module docstring)."""
     weight = ctx.weight(t)
@@ -324,7 +337,7 @@ def _cached_target(
     specs = [f.spec() for f in fmts]
     kls: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
     losses: dict[str, list[float]] = {s: [] for s in specs}
-    quantized = [ctx.quantized(t, original, f) for f in fmts]
+    quantized = [ctx.quantized(t, original, f, parts) for f in fmts]
     with torch.no_grad():
         for b in range(len(blocks.batches)):
             hidden = []
