@@ -40,8 +40,7 @@ _L3, _NL, _A4, _Q8 = (
     QuantFormat.parse(s).spec()
     for s in ("3:g32:dq:mse", "4:g32:nl:dq:mse", "4:g32:asym:dq:mse", "8:g32:dq")
 )
-LOWS = (_L3, _NL)
-HIGHS = {_L3: (_NL, _A4, _Q8), _NL: (_A4, _Q8)}  # the high formats of each low one
+HIGHS = {_L3: (_NL, _A4, _Q8), _NL: (_A4, _Q8)}  # the high formats of each low one (default)
 KS = (32, 64, 128)
 
 
@@ -54,7 +53,17 @@ def main() -> None:
     ap.add_argument("--config", default="experiments/configs/smollm2.toml")
     ap.add_argument("--budgets", default="3.5,4.0,4.27,4.45")
     ap.add_argument("--only-cols", action="store_true", help="skip the plans without columns")
+    ap.add_argument("--base", default="", help="the table's formats the plans may use "
+                    "(comma-separated; default: all of the config's)")  # fmt: skip
+    ap.add_argument("--mixes", default="", help="LOW=HIGH,HIGH;LOW=HIGH: the column mixes to "
+                    "probe (default: 3-bit with 4nl/4asym/8, 4nl with 4asym/8)")  # fmt: skip
     args = ap.parse_args()
+    highs = HIGHS
+    if args.mixes:
+        highs = {
+            QuantFormat.parse(lo).spec(): tuple(QuantFormat.parse(h).spec() for h in his.split(","))
+            for lo, his in (m.split("=") for m in args.mixes.split(";"))
+        }
     torch.set_num_threads(int(os.environ.get("MPQ_THREADS", "2")))
     cfg = load_config(args.config)
     prep = prepare(cfg.model, cfg.include, cfg.exclude, cfg.ties)
@@ -69,7 +78,13 @@ def main() -> None:
     )  # fmt: skip
     model = prep.loaded.model
     base = [f.spec() for f in cfg.formats]
-    fmt = {s: QuantFormat.parse(s) for s in {*base, _L3, _NL, _A4, _Q8}}
+    if args.base:
+        base = [QuantFormat.parse(s).spec() for s in args.base.split(",")]
+        missing = sorted(set(base) - {f.spec() for f in cfg.formats})
+        if missing:
+            raise SystemExit(f"--base: {missing} are not among the config's formats")
+    every = {*base, *highs, *(h for v in highs.values() for h in v)}
+    fmt = {s: QuantFormat.parse(s) for s in every}
     total = sum(t.numel for t in prep.targets)
     dmg: dict[str, dict[str, float]] = {}
     cost: dict[str, dict[str, float]] = {}
@@ -82,7 +97,7 @@ def main() -> None:
         dmg[n] = {s: float(table.distortions[n][s]) for s in base}
         cost[n] = {s: float(weight_bits(tuple(w.shape), fmt[s])) for s in base}
         rows, cols = w.shape
-        for lo in LOWS:
+        for lo in highs:
             wl = q(w, fmt[lo], imp)
             e_lo = output_error(wl - w, st.diag, st.full)
             score = st.diag.float() * ((wl - w) ** 2).sum(0)
@@ -90,7 +105,7 @@ def main() -> None:
             for k in KS:
                 hc, lc = order[:k].sort().values, order[k:].sort().values
                 part_lo = q(w[:, lc].contiguous(), fmt[lo], imp[lc])
-                for hi in HIGHS[lo]:
+                for hi in highs[lo]:
                     wq = torch.empty_like(w)
                     wq[:, lc] = part_lo
                     wq[:, hc] = q(w[:, hc].contiguous(), fmt[hi], imp[hc])
@@ -100,12 +115,12 @@ def main() -> None:
                     cost[n][label] = float(parts + cols)  # + the 1-bit column mask
                     recipe[(n, label)] = (lo, hi, hc)
     print(f"column mixes quantized in {time.time() - t0:.0f} s", flush=True)
-    labels = sorted({s for row in dmg.values() for s in row if "#" in s})
+    labels = sorted({label for _, label in recipe})  # the probe's mixes (not the table's)
 
     def weight(n: str, s: str) -> torch.Tensor:
         w = model.get_submodule(n).weight.detach().float()
         imp = stats[n].diag.float()
-        if "#" not in s:
+        if (n, s) not in recipe:  # a table format (its own column mixes included)
             return q(w, fmt[s], imp)
         lo, hi, hc = recipe[(n, s)]
         mask = torch.zeros(w.shape[1], dtype=torch.bool)
@@ -131,7 +146,7 @@ def main() -> None:
             choice = lagrange_plan(dmg, cost, specs, budget, total)
             pred = sum(dmg[n][s] for n, s in choice.items())
             used = sum(cost[n][s] for n, s in choice.items()) / total
-            n_cols = sum("#" in s for s in choice.values())
+            n_cols = sum(s in labels for s in choice.values())
             cells = held_out(model, choice, weight, evals, fp_ppl)
             print(f"| {label} | {budget} | {used:.3f} | {pred:.4f} | {n_cols} | "
                   + " | ".join(cells) + " |", flush=True)  # fmt: skip
