@@ -25,7 +25,7 @@ from mpq.cache import (
     write_entry,
 )
 from mpq.errors import MpqError
-from mpq.evaluate import EvalResult, Reference, evaluate, reference
+from mpq.evaluate import EvalResult, Reference, evaluate, evaluate_reference, reference
 from mpq.executor import apply_plan
 from mpq.formats import QuantFormat
 from mpq.models import cache_root
@@ -335,16 +335,18 @@ class Evaluator:
             return EvalResult(cached["metrics"], cached["units"]), float(cached["seconds"])
         t0 = time.perf_counter()
         ref = self.reference()
-        model = self.prep.loaded.model
-        if plan is not None:
+        if plan is None:  # the model that gave the reference: its logits are already there
+            result = evaluate_reference(self.task, ref)
+        else:
             from mpq.planstats import digest_part, plan_stats
 
             stats = plan_stats(self.prep.loaded, self.prep.targets, plan)
             memo = self.memo.setdefault(digest_part(plan), {})
             model = apply_plan(
-                model, plan, self.prep.targets, mode="fake", stats=stats, memo=memo
-            )
-        result = evaluate(self.task, model, ref, progress=self.progress, desc=label or "eval")
+                self.prep.loaded.model, plan, self.prep.targets, mode="fake", stats=stats,
+                memo=memo,
+            )  # fmt: skip
+            result = evaluate(self.task, model, ref, progress=self.progress, desc=label or "eval")
         seconds = time.perf_counter() - t0
         payload = {"metrics": result.metrics, "units": result.units, "seconds": seconds}
         bad = non_finite(payload, _eval_nan_ok)

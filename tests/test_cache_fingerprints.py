@@ -230,3 +230,25 @@ def test_data_fingerprint_is_the_windows_not_their_batching() -> None:
     assert data_fingerprint(two) != data_fingerprint(other)
     assert data_fingerprint([ids], [lab]) != data_fingerprint([ids], [lab.flip(0)])
     assert data_fingerprint([ids], [lab]) != data_fingerprint([ids])
+
+
+def test_the_fp_models_evaluation_is_read_off_its_reference(folder: Path) -> None:
+    """The fp32 row is not run twice: the Evaluator takes it from the reference logits, and it
+    equals evaluating the model afresh (the oracle) exactly; the model's forward runs only for
+    the reference."""
+    from mpq.evaluate import evaluate
+
+    prep = prepare(str(folder))
+    task = task_for(prep, "wiki", "calib", 2, 16, None)
+    ev = Evaluator(prep, task, progress=False)
+    ref = ev.reference()
+    calls: list[int] = []
+    hook = prep.loaded.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got, _ = ev(None)
+    finally:
+        hook.remove()
+    assert calls == []  # no forward pass beyond the reference's
+    oracle = evaluate(task, prep.loaded.model, ref)
+    assert got.metrics == oracle.metrics and got.units == oracle.units
+    assert got.metrics["kl"] == 0.0 and got.metrics["agree"] == 1.0 and "nll" in got.metrics

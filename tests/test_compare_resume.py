@@ -29,33 +29,36 @@ def test_killed_compare_resumes_from_the_caches(
             "solve": [{"solver": "ilp", "budgets": ["bits=4.6", "bits=5.5"]}],
         }
     )
-    real = mpq.pipeline.evaluate
+    # Evaluations are of plans (evaluate) and of the fp model (evaluate_reference, read off the
+    # reference logits): count both.
+    real = {name: getattr(mpq.pipeline, name) for name in ("evaluate", "evaluate_reference")}
     calls: list[int] = []
 
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def patch(die_at: int = 0) -> None:
+        for name, fn in real.items():
+
+            def wrapped(*args: object, _fn: object = fn, **kwargs: object) -> object:
+                calls.append(1)
+                if len(calls) == die_at:
+                    raise KeyboardInterrupt
+                return _fn(*args, **kwargs)  # type: ignore[operator]
+
+            monkeypatch.setattr(mpq.pipeline, name, wrapped)
 
     # An uninterrupted run in a cache of its own: how many evaluations the grid needs.
-    monkeypatch.setattr(mpq.pipeline, "evaluate", counting)
+    patch()
     run_compare(cfg, tmp_path / "full", progress=False)
     needed = len(calls)
     assert needed >= 4  # fp32, two uniform plans, at least one distinct ILP plan
     monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache2"))
     calls.clear()
 
-    def dies_on_the_fourth(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(mpq.pipeline, "evaluate", dies_on_the_fourth)
+    patch(die_at=4)
     with pytest.raises(KeyboardInterrupt):
         run_compare(cfg, tmp_path / "reports", progress=False)
     assert not (tmp_path / "reports" / "resume" / "report.md").exists()
     calls.clear()
-    monkeypatch.setattr(mpq.pipeline, "evaluate", counting)
+    patch()
     run_compare(cfg, tmp_path / "reports", progress=False)
     assert len(calls) == needed - 3  # the 3 evaluations finished before the kill are reused
     assert (tmp_path / "reports" / "resume" / "report.md").is_file()
