@@ -10,8 +10,9 @@ labels) the mean NLL and accuracy. Standard errors are over units; perplexity's 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -218,6 +219,25 @@ def summarize(stats: Sequence[UnitStats]) -> EvalResult:
     return EvalResult(m, units)
 
 
+def _evaluate(
+    task: Task,
+    ref: Reference,
+    logits: Callable[[int, Any], torch.Tensor],
+    *,
+    progress: bool = False,
+    desc: str = "eval",
+) -> EvalResult:
+    """Per-unit statistics of ``logits(i, batch)`` on every batch of ``task`` against ``ref``."""
+    if len(ref.logits) != len(task.batches):
+        raise MpqError("reference and task have different batches; recompute the reference")
+    stats = []
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(task.batches, desc=desc, disable=not progress, leave=False)):
+            labels = task.labels[i] if task.labels is not None else None
+            stats.append(batch_stats(logits(i, batch), ref.batch(i), labels))
+    return summarize(stats)
+
+
 def evaluate(
     task: Task,
     model: nn.Module,
@@ -227,23 +247,12 @@ def evaluate(
     desc: str = "eval",
 ) -> EvalResult:
     """Evaluate ``model`` on ``task`` against the fp reference ``ref``."""
-    if len(ref.logits) != len(task.batches):
-        raise MpqError("reference and task have different batches; recompute the reference")
-    stats = []
-    with torch.no_grad():
-        for i, batch in enumerate(tqdm(task.batches, desc=desc, disable=not progress, leave=False)):
-            labels = task.labels[i] if task.labels is not None else None
-            stats.append(batch_stats(task.head(model, batch), ref.batch(i), labels))
-    return summarize(stats)
+    return _evaluate(
+        task, ref, lambda _i, batch: task.head(model, batch), progress=progress, desc=desc
+    )
 
 
 def evaluate_reference(task: Task, ref: Reference) -> EvalResult:
     """The fp model's own evaluation, read off its reference logits: what :func:`evaluate` of
     the model that gave ``ref`` returns (KL exactly 0, agreement 1), without running it again."""
-    if len(ref.logits) != len(task.batches):
-        raise MpqError("reference and task have different batches; recompute the reference")
-    stats = []
-    for i in range(len(ref.logits)):
-        labels = task.labels[i] if task.labels is not None else None
-        stats.append(batch_stats(ref.logits[i], ref.batch(i), labels))
-    return summarize(stats)
+    return _evaluate(task, ref, lambda i, _batch: ref.logits[i])
