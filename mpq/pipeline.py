@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from mpq.plan import BitPlan, uniform_plan
 from mpq.prepared import Prepared, preconditioned, prepare, prepared_for_plan, task_for
 from mpq.problem import build_problem, solution_to_plan
 from mpq.quant.core import QuantizedTensor
+from mpq.quantstore import QuantStore
 from mpq.registry import SEARCHES, SOLVERS, solver_names
 from mpq.sensitivity.base import Estimator
 from mpq.sensitivity.measured import Measured
@@ -276,8 +277,9 @@ def _eval_entry_problem(value: Any) -> str | None:
     return None
 
 
-QuantMemo = dict[str, dict[tuple[str, str], QuantizedTensor | None]]
-"""Quantized weights an :class:`Evaluator` reuses: statistics key -> (target, spec) -> weight."""
+QuantMemo = dict[str, MutableMapping[tuple[str, str], QuantizedTensor | None]]
+"""Quantized weights an :class:`Evaluator` reuses: statistics key -> (target, spec) -> weight
+(a :class:`mpq.quantstore.QuantStore`: kept on disk between runs)."""
 
 
 @dataclass
@@ -293,8 +295,9 @@ class Evaluator:
     task: Task
     progress: bool = True
     # Quantized weights by statistics key, then (target, format spec): each (target, format)
-    # is quantized once for all the plans evaluated (apply_plan's memo). Evaluators of one
-    # prepared model on several tasks may share one (compare does).
+    # is quantized once for all the plans evaluated (apply_plan's memo), and kept on disk
+    # (mpq.quantstore: the table's quantizations and earlier runs' are read back). Evaluators of
+    # one prepared model on several tasks may share one (compare does).
     memo: QuantMemo = field(default_factory=dict)
     _ref: Reference | None = field(default=None, init=False)
     _base: dict[str, Any] | None = field(default=None, init=False)
@@ -341,7 +344,13 @@ class Evaluator:
             from mpq.planstats import digest_part, plan_stats
 
             stats = plan_stats(self.prep.loaded, self.prep.targets, plan)
-            memo = self.memo.setdefault(digest_part(plan), {})
+            part = digest_part(plan)
+            if part not in self.memo:  # written through to disk: the table's, the last run's
+                self.memo[part] = QuantStore.open(
+                    cache_root() / "quant", self.prep.loaded.model_id,
+                    self.fingerprint()["weights"], stats,
+                )  # fmt: skip
+            memo = self.memo[part]
             model = apply_plan(
                 self.prep.loaded.model, plan, self.prep.targets, mode="fake", stats=stats,
                 memo=memo,

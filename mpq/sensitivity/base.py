@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -46,6 +46,7 @@ from mpq.formats import QuantFormat
 from mpq.formats import fits as _fits
 from mpq.layerstats import InputStats
 from mpq.quant.quantize import QuantizedTensor, dequantize, fake_quantize, quant_error, quantize
+from mpq.quantstore import QuantStore
 from mpq.sensitivity.loss import Calibration
 from mpq.targets import Target
 from mpq.tasks import Task
@@ -126,13 +127,16 @@ class Context:
     #: per-target input statistics of the calibration task (importance / Hessian) for formats
     #: whose method uses them (mse, gptq); only the measured estimator scores such formats
     stats: Mapping[str, InputStats] = field(default_factory=dict)
+    #: quantized weights kept on disk for the evaluator and later runs (the measured estimator
+    #: reads and fills it through :meth:`QuantStore.view`); None: per-target memos only
+    quant_store: QuantStore | None = None
 
     def quantized(
         self,
         target: Target,
         weight: torch.Tensor,
         fmt: QuantFormat,
-        parts: dict[str, QuantizedTensor] | None = None,
+        parts: MutableMapping[str, QuantizedTensor] | None = None,
     ) -> torch.Tensor:
         """``weight`` as ``fmt`` stores it for ``target`` (statistics applied by method;
         ``parts``: the caller's memo of a row-mixed format's whole-weight parts, by spec)."""

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -189,7 +189,9 @@ class Measured(EstimatorBase):
             block = None if blocks is None else blocks.block_of([t.name, *t.aliases])
             # Each format of this target is quantized once: the measured ones, the output
             # errors that carry the anchor to the rest, and the parts of row/column mixes.
-            parts: dict[str, QuantizedTensor] = {}
+            parts: MutableMapping[str, QuantizedTensor] = (
+                {} if ctx.quant_store is None else ctx.quant_store.view(t.name)
+            )
             if blocks is not None and block is not None:
                 kls, losses = _cached_target(ctx, t, fmts, blocks, block, ref, labels, parts)
             else:
@@ -243,7 +245,7 @@ def output_errors(
     ctx: Context,
     t: Target,
     fmts: Sequence[QuantFormat],
-    parts: dict[str, QuantizedTensor] | None = None,
+    parts: MutableMapping[str, QuantizedTensor] | None = None,
 ) -> dict[str, float]:
     """:func:`output_error` of ``t`` at each format (its input statistics when collected).
     ``parts``: the caller's memo of ``t``'s quantized formats by spec (read and filled)."""
@@ -297,7 +299,7 @@ def _plain_target(
     fmts: Sequence[QuantFormat],
     ref: Reference,
     labels: Sequence[torch.Tensor],
-    parts: dict[str, QuantizedTensor] | None = None,
+    parts: MutableMapping[str, QuantizedTensor] | None = None,
 ) -> PerFormat:
     """Per format: per-unit KLs and per-batch losses from whole-model runs (``parts``: the
     caller's memo of the target's quantized formats)."""
@@ -329,7 +331,7 @@ def _cached_target(
     block: int,
     ref: Reference,
     labels: Sequence[torch.Tensor],
-    parts: dict[str, QuantizedTensor] | None = None,
+    parts: MutableMapping[str, QuantizedTensor] | None = None,
 ) -> PerFormat:
     """The same numbers as :func:`_plain_target` from block ``block`` on (module docstring)."""
     weight = ctx.weight(t)

@@ -46,6 +46,7 @@ from mpq.layerstats import (
 )
 from mpq.models import model_fingerprint
 from mpq.quant.core import QUANT_VERSION
+from mpq.quantstore import QuantStore
 from mpq.registry import ESTIMATORS as REGISTRY
 from mpq.sensitivity.base import Context, Estimator, TargetResult
 from mpq.sensitivity.cache import TargetCache
@@ -279,6 +280,7 @@ def run_estimator(
             stats = collect_input_stats(
                 model, linear, stats_from.batches, full=full, progress=progress
             )
+    fingerprint = model_fingerprint(model) if cache_root is not None else ""
     ctx = Context(
         model=model,
         task=task,
@@ -287,10 +289,15 @@ def run_estimator(
         progress=progress,
         _reference=reference,
         stats=stats,
+        # what the table quantizes, the evaluator and later runs read back (mpq.quantstore)
+        quant_store=None
+        if cache_root is None
+        else QuantStore.open(Path(cache_root).parent / "quant", model_id, fingerprint, stats,
+                             keep=False),  # fmt: skip
     )
     cache = None
     if cache_root is not None:
-        key = cache_key(estimator, model_id, model_fingerprint(model), task, fmts, targets)
+        key = cache_key(estimator, model_id, fingerprint, task, fmts, targets)
         if data_fmts or wants:  # the statistics' windows decide mse / gptq and anchored entries
             key["stats"] = [stats_from.key, data_fingerprint(stats_from.batches, None)]
         cache = ResultCache(Path(cache_root), key)
