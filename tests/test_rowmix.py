@@ -225,3 +225,27 @@ def test_anchored_table_carries_damage_by_the_rows_output_error() -> None:
     want = output_error(lo[~m], st.diag, st.full) + output_error(hi[m], st.diag, st.full)
     assert errs[f.spec()] == pytest.approx(want, rel=1e-9)
     assert errs[f.hi.spec()] < errs[f.spec()] < errs[f.low.spec()]
+
+
+@pytest.mark.parametrize("spec", [MIX, COL_MIX])
+def test_the_forward_follows_a_mask_loaded_after_it_ran(spec: str) -> None:
+    """The mixed layers keep their mask's indices between calls; a mask loaded in place later
+    (load_state_dict) must be seen. Oracles: a layer built with that mask from the start
+    (exactly), and the fake-quantized dense layer of the same weights."""
+    model = tiny_llama(tie=True)
+    targets = [t for t in discover(model) if t.kind == "linear"]
+    plan = uniform_plan(targets, QuantFormat.parse(spec), "tiny")
+    packed = apply_plan(model, plan, targets, mode="packed")
+    other_model = tiny_llama(tie=True, seed=5)
+    other = apply_plan(other_model, plan, targets, mode="packed")
+    dense = apply_plan(other_model, plan, targets, mode="fake")
+    name = "model.layers.0.mlp.down_proj"
+    layer, fresh = packed.get_submodule(name), other.get_submodule(name)
+    assert not torch.equal(layer.mask(), fresh.mask())  # the two models chose other units
+    x = torch.randn(3, dense.get_submodule(name).in_features)
+    with torch.no_grad():
+        layer(x)  # the first mask's indices are now held
+        layer.load_state_dict(fresh.state_dict())
+        got = layer(x)
+        assert torch.equal(got, fresh(x))
+        torch.testing.assert_close(got, dense.get_submodule(name)(x), rtol=1e-5, atol=1e-5)

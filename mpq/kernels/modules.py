@@ -446,6 +446,10 @@ class RowMixLinear(nn.Module):
         self.low, self.high, self.fmt = low, high, fmt
         self.rows = int(mask.numel())  # mask length: output rows (input columns: ColMixLinear)
         self.register_buffer(self._MASK, pack(mask.reshape(1, -1).to(torch.uint8), 1))
+        # (the mask buffer, its in-place version, device) -> (low, high, order) indices: the
+        # mask is unpacked once, not per call, and follows load_state_dict / .to() (the buffer
+        # is held here, so a new buffer can never pass for it)
+        self._index: tuple[torch.Tensor, int, torch.device, tuple[torch.Tensor, ...]] | None = None
 
     @classmethod
     def build(
@@ -502,6 +506,22 @@ class RowMixLinear(nn.Module):
         """The high rows (bool ``[rows]``)."""
         return unpack(getattr(self, self._MASK), 1, self.rows).reshape(-1).bool()
 
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(low, high, order) int64 indices on ``device``: the low and high rows (columns) in
+        order, and where each row of ``cat(low, high)`` goes back to. Computed once per mask
+        buffer (a new buffer or an in-place change gives a new key), so the forward pass
+        neither unpacks the mask nor indexes by a boolean mask (a host sync on GPUs)."""
+        buf = getattr(self, self._MASK)
+        got = self._index
+        if got is None or got[0] is not buf or got[1] != buf._version or got[2] != device:
+            mask = self.mask()
+            low = torch.nonzero(~mask).reshape(-1)
+            high = torch.nonzero(mask).reshape(-1)
+            order = torch.argsort(torch.cat([low, high]))
+            got = (buf, buf._version, device, tuple(t.to(device) for t in (low, high, order)))
+            self._index = got
+        return got[3]
+
     def check(self, name: str = "weight") -> None:
         """:meth:`PackedWeight.check` of both parts, and a mask with exactly the format's
         number of high rows (columns) and clean padding."""
@@ -526,11 +546,8 @@ class RowMixLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.low(x), self.high(x)
-        mask = self.mask().to(lo.device)
-        y = lo.new_empty(*lo.shape[:-1], self.rows)
-        y[..., ~mask] = lo
-        y[..., mask] = hi
-        return y
+        order = self.indices(lo.device)[2]
+        return torch.cat([lo, hi], dim=-1).index_select(-1, order)
 
     def extra_repr(self) -> str:
         return f"{self._UNITS}={self.rows}, format={self.fmt.spec()}"
@@ -574,5 +591,5 @@ class ColMixLinear(RowMixLinear):
         return cls(low, part(k, fmt.hi, "high", None), mask, fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask().to(x.device)
-        return self.low(x[..., ~mask]) + self.high(x[..., mask])
+        low, high = self.indices(x.device)[:2]
+        return self.low(x.index_select(-1, low)) + self.high(x.index_select(-1, high))
