@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from mpq.cli.args import SOLVER_NAMES, model_args
+from mpq.cli.cache_cmds import add_cache_parser
 from mpq.cli.compare_cmds import add_compare_parser
 from mpq.cli.model_cmds import add_eval_parser, add_inspect_parser
 from mpq.cli.sensitivity_cmds import add_plot_sensitivity_parser, add_sensitivity_parser
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_sensitivity_parser(sub)
     add_bounds_parser(sub)
     add_compare_parser(sub)
+    add_cache_parser(sub)
 
     from mpq.cli.bench_cmds import add_bench_layers_parser
     from mpq.export.command import add_export_parser
