@@ -292,8 +292,9 @@ def run_estimator(
         # what the table quantizes, the evaluator and later runs read back (mpq.quantstore)
         quant_store=None
         if cache_root is None
-        else QuantStore.open(Path(cache_root).parent / "quant", model_id, fingerprint, stats,
-                             keep=False),  # fmt: skip
+        else QuantStore.open(
+            Path(cache_root).parent / "quant", model_id, fingerprint, stats, keep=False
+        ),
     )
     cache = None
     if cache_root is not None:
