@@ -44,6 +44,18 @@ def _update_tensor(h: Any, name: str, t: Any) -> None:
         h.update(flat.view(torch.uint8).numpy().data)
 
 
+def tensor_digest(t: Any) -> str:
+    """sha256 (first 16 hex digits) of one tensor's dtype, shape and bytes."""
+    h = hashlib.sha256()
+    _update_tensor(h, "", t)
+    return h.hexdigest()[:16]
+
+
+def model_folder(model_id: str) -> str:
+    """``model_id`` as one folder name of a cache (path separators replaced)."""
+    return model_id.replace("/", "_").replace("\\", "_")
+
+
 def weights_fingerprint(model: Any) -> str:
     """sha256 (first 16 hex digits) of the names, dtypes, shapes and bytes of every tensor in
     ``model.state_dict()`` (parameters and buffers; a tied tensor once per name). ~0.5 s for

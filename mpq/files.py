@@ -1,6 +1,7 @@
 """Writing files safely: atomic writes that honour the umask, our stale temporaries, locks.
 
-- :func:`atomic_write_text`: a temp file in the target's folder, renamed into place; the result
+- :func:`atomic_write` (:func:`atomic_write_text`): a temp file in the target's folder, filled
+  by the caller's writer and renamed into place; the result
   has the mode a plain ``open()`` would give (0644 under the usual umask 022), not mkstemp's 0600.
 - :func:`temp_dir`: a temporary folder ``.NAME.tmp-<pid>-XXXX`` next to ``NAME`` (mode 0755
   under umask 022); :func:`clean_stale_temps` removes those whose process is gone (a killed
@@ -19,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,9 +49,10 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename (mode
-    0666 minus the umask, like ``open``). An unwritable place is an MpqError."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a temp file in ``path``'s folder, which is then renamed to ``path``
+    (mode 0666 minus the umask, like ``open``). An unwritable place is an MpqError; a failed
+    write leaves nothing behind."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,14 +62,20 @@ def atomic_write_text(path: Path, text: str) -> Path:
             f"cannot write {str(path)!r}: {exc.strerror or exc}; choose a writable path"
         ) from None
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        os.close(fd)
+        write(Path(tmp))
+        # after the writer: some (safetensors) replace the file and create it 0600 again
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def check_writable(path: Path, what: str) -> None:

@@ -19,6 +19,7 @@ from mpq.cache import (
     CODE_VERSION,
     data_fingerprint,
     key_digest,
+    model_folder,
     non_finite,
     read_entry,
     weights_fingerprint,
@@ -319,7 +320,7 @@ class Evaluator:
         return (
             cache_root()
             / "evals"
-            / self.prep.loaded.model_id.replace("/", "_").replace("\\", "_")
+            / model_folder(self.prep.loaded.model_id)
             / (f"{self.task.key}-{key}.json")
         )
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
+from mpq.cache import tensor_digest
 from mpq.errors import MpqError
-from mpq.files import current_umask
+from mpq.files import atomic_write
 from mpq.formats import QuantFormat
 from mpq.layerstats import InputStats
 from mpq.quant.core import QUANT_VERSION, DoubleQuant, QuantizedTensor
@@ -66,15 +67,6 @@ def cap_bytes() -> int:
             f"keep quantized weights in memory only"
         )
     return int(mb * (1 << 20))
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 (first 16 hex digits) of a tensor's dtype, shape and bytes."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:16]
 
 
 # --- (de)serialization: a QuantizedTensor as flat tensors and a JSON tree ---------------------
@@ -108,10 +100,7 @@ def _get(tensors: Mapping[str, torch.Tensor], path: str, info: Any) -> torch.Ten
     t = tensors[path]
     shape = [int(s) for s in info["shape"]]
     if info["packed"]:
-        numel = 1
-        for s in shape:
-            numel *= s
-        t = _unpack(t, numel)
+        t = _unpack(t, math.prod(shape))
     return t.reshape(shape)
 
 
@@ -180,16 +169,7 @@ def write_entry(path: Path, entry: str, qt: QuantizedTensor) -> int:
     tensors: dict[str, torch.Tensor] = {}
     tree_json = json.dumps(_flatten(qt, "", tensors), sort_keys=True)
     meta = {"entry": entry, "tree": tree_json, "sha256": _seal(entry, tree_json, tensors)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=_SUFFIX)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~current_umask())  # like the other caches (mkstemp makes 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path.stat().st_size
 
 
@@ -271,15 +251,14 @@ class QuantStore(MutableMapping[Key, Value]):
         """The store of the model ``model_id`` whose weights fingerprint is ``weights``
         (:func:`mpq.cache.weights_fingerprint`) under ``root`` (``$MPQ_CACHE/quant``)."""
         from mpq import __version__
-        from mpq.cache import key_digest
+        from mpq.cache import key_digest, model_folder
 
         cap = cap_bytes()
         if cap <= 0:
             return cls(None, stats or {}, 0, keep)
         key = {"weights": weights, "quant": QUANT_VERSION, "mpq": __version__,
                "torch": torch.__version__}  # fmt: skip
-        safe = model_id.replace("/", "_").replace("\\", "_")
-        return cls(root / safe / key_digest(key), stats or {}, cap, keep)
+        return cls(root / model_folder(model_id) / key_digest(key), stats or {}, cap, keep)
 
     def entry(self, key: Key) -> str:
         """What an entry depends on besides the folder's key: target, format, importance."""
@@ -314,15 +293,13 @@ class QuantStore(MutableMapping[Key, Value]):
         return got
 
     def __contains__(self, key: object) -> bool:
-        if key in self._mem:
-            return True
         if not (isinstance(key, tuple) and len(key) == 2):
             return False
-        k = (str(key[0]), str(key[1]))
-        got = self._load(k)
-        if got is not None and self.keep:
-            self._mem[k] = got
-        return got is not None
+        try:
+            self[(str(key[0]), str(key[1]))]
+        except KeyError:
+            return False
+        return True
 
     def __setitem__(self, key: Key, value: Value) -> None:
         if value is not None and self.folder is not None and value.fmt.method != "gptq":
@@ -337,7 +314,7 @@ class QuantStore(MutableMapping[Key, Value]):
         for this store (a full or read-only cache costs time, never the run)."""
         try:
             size = write_entry(self._path(key), self.entry(key), value)
-        except OSError as e:
+        except (OSError, MpqError) as e:  # MpqError: atomic_write found no writable folder
             log.warning(
                 "cannot write the quantized-weight cache under %s (%s); keeping quantized "
                 "weights in memory only (set $%s=0 to skip the disk)", folder, e, ENV_CAP,

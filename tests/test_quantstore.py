@@ -20,7 +20,7 @@ import mpq.executor as executor
 from mpq.errors import MpqError
 from mpq.formats import QuantFormat
 from mpq.layerstats import InputStats
-from mpq.pipeline import Evaluator, damage_table, prepare, task_for
+from mpq.pipeline import Evaluator, Prepared, damage_table, prepare, task_for
 from mpq.plan import uniform_plan
 from mpq.planstats import with_record
 from mpq.quant.quantize import QuantizedTensor, dequantize, quantize
@@ -202,16 +202,22 @@ def _count_quantize(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_the_evaluator_reads_back_what_the_table_quantized_with_identical_results(
-    base_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A fresh Evaluator (a new process, in effect) after the table quantizes nothing, and its
-    metrics equal those of the same plans quantized afresh with the disk store off."""
+@pytest.fixture
+def prep(base_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Prepared:
+    """The tiny model, copied (its weights may change), with a private cache under
+    ``tmp_path / "cache"`` and the default cap."""
     folder = tmp_path / "model"
     shutil.copytree(base_folder, folder)
     monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(ENV_CAP, raising=False)
-    prep = prepare(str(folder))
+    return prepare(str(folder))
+
+
+def test_the_evaluator_reads_back_what_the_table_quantized_with_identical_results(
+    prep: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh Evaluator (a new process, in effect) after the table quantizes nothing, and its
+    metrics equal those of the same plans quantized afresh with the disk store off."""
     calib = task_for(prep, "wiki", "calib", 1, 32, None)
     held = task_for(prep, "wiki", "heldout", 1, 32, None)
     specs = ["3:g32:dq:mse", "4:g32:nl:dq:mse", "8:g32:dq", MIX_ROWS]
@@ -233,13 +239,8 @@ def test_the_evaluator_reads_back_what_the_table_quantized_with_identical_result
 
 
 def test_a_changed_weight_is_quantized_afresh(
-    base_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prep: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folder = tmp_path / "model"
-    shutil.copytree(base_folder, folder)
-    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(ENV_CAP, raising=False)
-    prep = prepare(str(folder))
     held = task_for(prep, "wiki", "heldout", 1, 32, None)
     plan = uniform_plan(prep.targets, QuantFormat.parse("4:g32"), prep.loaded.model_id)
     first = Evaluator(prep, held, progress=False)(plan)[0].metrics
