@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mpq.errors import MpqError
+from mpq.files import atomic_write
 from mpq.models import run_batch
 from mpq.targets import Target
 
@@ -236,9 +237,8 @@ def cached_input_stats(
 
 
 def _atomic_save(save: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    data = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save(data, str(tmp)))
 
 
 def merge_stats(parts: Sequence[Mapping[str, InputStats]]) -> dict[str, InputStats]:

@@ -153,3 +153,35 @@ def test_two_processes_exporting_to_one_new_out(tmp_path: Path) -> None:
     outs = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
     assert outs[0] == "ok" and outs[1].startswith("refused"), outs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_safetensors_writers_take_temporaries_of_their_own(tmp_path: Path, umask022: None) -> None:
+    """save_packed and the input-statistics cache write through files.atomic_write: a leftover
+    (or another writer's) file at the old fixed temporary name neither blocks nor corrupts them,
+    and what they write gets the umask's mode (safetensors creates 0600)."""
+    from safetensors.torch import load_file
+
+    from mpq.export.safetensors import save_packed
+    from mpq.layerstats import _atomic_save
+
+    prep = _prep()
+    plan = uniform_plan(prep.targets, QuantFormat(4), "tiny")
+    packed = apply_plan(prep.loaded.model, plan, prep.targets, mode="packed")
+    path = tmp_path / "m.safetensors"
+    (tmp_path / ".m.safetensors.tmp").mkdir()  # the temporary name save_packed used to take
+    save_packed(packed, plan, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert (tmp_path / ".m.safetensors.tmp").is_dir()  # someone else's: left alone
+    state = packed.state_dict()
+    for name, t in load_file(str(path)).items():
+        assert torch.equal(t, state[name]), name
+    from safetensors.torch import save_file
+
+    stats = tmp_path / "s.diag.safetensors"
+    (tmp_path / "s.diag.safetensors.tmp").mkdir()  # the statistics cache's old fixed name
+    _atomic_save(save_file, {"diag": torch.arange(3.0)}, stats)
+    assert torch.equal(load_file(str(stats))["diag"], torch.arange(3.0))
+    assert stat.S_IMODE(stats.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".m.safetensors.tmp", "m.safetensors", "s.diag.safetensors", "s.diag.safetensors.tmp"]
+    )

@@ -16,6 +16,7 @@ from torch import nn
 
 from mpq.cost import tensor_key, unique_tensors
 from mpq.errors import MpqError
+from mpq.files import atomic_write
 from mpq.plan import BitPlan
 
 
@@ -28,13 +29,9 @@ def save_packed(model: nn.Module, plan: BitPlan, path: str | os.PathLike[str]) -
     first = {tensor_key(t): n for n, t in unique.items()}
     aliases = {n: first[tensor_key(t)] for n, t in state.items() if n not in unique}
     tensors = {n: t.detach().contiguous() for n, t in unique.items()}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
     meta = {"mpq_plan": plan.to_json(), "__aliases__": json.dumps(aliases)}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, p)
-    return p
+    # a temp file of its own: two writers of one path never share a temporary name
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def tensor_bytes_in_file(path: str | os.PathLike[str]) -> int:

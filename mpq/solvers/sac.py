@@ -97,6 +97,7 @@ from typing import Any
 import numpy as np
 
 from mpq.errors import MpqError
+from mpq.files import atomic_write
 from mpq.solvers._common import RTOL, done, fill_upgrades, over_min, repair_downgrades
 from mpq.solvers._water import Level, WaterLevel
 from mpq.solvers.base import AllocationProblem, Solution, infeasible, validate_problem
@@ -507,10 +508,7 @@ def save_weights(
                              if k.startswith("actor.latent_pi.") and k.endswith(".bias")),
         **dict(meta or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(arrays, str(tmp), metadata=header)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=header))
 
 
 def save_policy(model: Any, path: Path, meta: Mapping[str, str] | None = None) -> None:
