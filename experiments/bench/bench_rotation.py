@@ -34,9 +34,8 @@ from mpq.models import cache_root
 from mpq.pipeline import prepare, task_for
 from mpq.quant.quantize import dequantize, quantize
 
-READERS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
-           "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}  # fmt: skip
-WRITERS = ("o_proj", "down_proj")
+ATTN, MLP = "input_layernorm", "post_attention_layernorm"
+READERS = {"q_proj": ATTN, "k_proj": ATTN, "v_proj": ATTN, "gate_proj": MLP, "up_proj": MLP}
 
 
 def _stats(prep, spec: str, names: list[str]):  # type: ignore[no-untyped-def]
