@@ -12,7 +12,7 @@ import datetime as _dt
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,48 +96,96 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Per mixed plan: the effective bits at which the uniform curve reaches its quality and the
-    bits it saves (that minus its own bits; negative: uniform is better at equal bits).
-
-    The uniform curve is interpolated linearly between adjacent uniform plans of its envelope
-    (a uniform plan that a cheaper one beats is left out), in log of the metric for perplexity
-    and KL (in the metric for accuracy); outside the curve's range the saving is not stated."""
-    from mpq.solvers.guard import UniformPoint, equal_quality_use
-
-    metric, lower = primary_metric(rows)
+def _log_key(metric: str, lower: bool) -> Callable[[float], float]:
+    """The scale the uniform curve is interpolated in: log for ppl and KL, else the metric
+    (negated where higher is better)."""
 
     def key(x: float) -> float:
         if metric in ("ppl", "kl"):
             return math.log(x) if x > 0 else -math.inf
         return x if lower else -x
 
+    return key
+
+
+def _equal_uses(rows: Sequence[dict[str, Any]], metric: str, lower: bool) -> dict[str, float]:
+    """Per mixed plan (by name): the uniform bits at which the uniform envelope reaches its
+    ``metric`` (nan outside the curve's range or with fewer than two uniform plans)."""
+    from mpq.solvers.guard import UniformPoint, equal_quality_use
+
+    key = _log_key(metric, lower)
     points = [
         UniformPoint(str(r["plan"]), float(r["effective_bits"]), key(float(r[metric])))
         for r in rows
         if r["policy"] == "uniform" and math.isfinite(float(r[metric]))
     ]
-    lines = []
-    for r in rows:
-        if r["policy"] in ("uniform", "fp32") or not math.isfinite(float(r[metric])):
-            continue
-        equal = equal_quality_use(points, key(float(r[metric]))) if len(points) > 1 else math.nan
-        saved = equal - float(r["effective_bits"])
-        lines.append(
-            f"| {r['plan']} | {r['effective_bits']:.3f} | {_fmt(r[metric])} | "
-            f"{_fmt(equal, 3) if math.isfinite(equal) else 'outside the uniform range'} | "
+    return {
+        str(r["plan"]): (
+            equal_quality_use(points, key(float(r[metric]))) if len(points) > 1 else math.nan
+        )
+        for r in rows
+        if r["policy"] not in ("uniform", "fp32") and math.isfinite(float(r[metric]))
+    }
+
+
+def _has_kl_curve(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether every uniform row has a positive, finite KL (a curve to interpolate in log)."""
+    kls = [float(r.get("kl", math.nan)) for r in rows if r["policy"] == "uniform"]
+    return len(kls) > 1 and all(math.isfinite(k) and k > 0 for k in kls)
+
+
+def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per mixed plan: the effective bits at which the uniform curve reaches its quality and the
+    bits it saves (that minus its own bits; negative: uniform is better at equal bits).
+
+    The uniform curve is interpolated linearly between adjacent uniform plans of its envelope
+    (a uniform plan that a cheaper one beats is left out), in log of the metric for perplexity
+    and KL (in the metric for accuracy); outside the curve's range the saving is not stated.
+    Where the primary metric is perplexity, the same is stated in KL to the fp32 model too:
+    paired per position, it resolves differences that a ppl ratio near 1 leaves in its noise,
+    and the two can disagree (a plan can trade KL for ppl)."""
+    metric, lower = primary_metric(rows)
+    equal = _equal_uses(rows, metric, lower)
+    with_kl = metric == "ppl" and _has_kl_curve(rows)
+    equal_kl = _equal_uses(rows, "kl", True) if with_kl else {}
+
+    def cells(eq: float, bits: float) -> str:
+        saved = eq - bits
+        return (
+            f"{_fmt(eq, 3) if math.isfinite(eq) else 'outside the uniform range'} | "
             f"{f'{saved:+.3f}' if math.isfinite(saved) else '-'} |"
         )
+
+    lines = []
+    for r in rows:
+        name = str(r["plan"])
+        if name not in equal:
+            continue
+        bits = float(r["effective_bits"])
+        line = f"| {name} | {bits:.3f} | {_fmt(r[metric])} | {cells(equal[name], bits)}"
+        if with_kl:
+            line += f" {_fmt(r['kl'])} | {cells(equal_kl.get(name, math.nan), bits)}"
+        lines.append(line)
     if not lines:
         return []
     how = f"log {metric}" if metric in ("ppl", "kl") else metric
+    head = f"| plan | bits | {metric} | uniform bits at equal {metric} | bits saved |"
+    rule = "|---|---|---|---|---|"
+    if with_kl:
+        head += " KL | uniform bits at equal KL | bits saved (KL) |"
+        rule += "---|---|---|"
     return [
         f"Bits saved: the uniform bits that reach each plan's {metric} (uniform curve "
         f"interpolated in {how}, over the uniform plans that beat every cheaper one), minus "
-        f"the plan's bits.",
+        f"the plan's bits."
+        + (
+            " The last three columns do the same in KL (log KL), paired per position."
+            if with_kl
+            else ""
+        ),
         "",
-        f"| plan | bits | {metric} | uniform bits at equal {metric} | bits saved |",
-        "|---|---|---|---|---|",
+        head,
+        rule,
         *lines,
         "",
     ]

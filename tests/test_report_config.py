@@ -246,3 +246,29 @@ def test_reference_table_takes_the_best_plan_within_the_references_bits(tmp_path
     assert "D" not in by_ref
     out = plot_quality(rows, tmp_path / "q.png", refs)
     assert out.stat().st_size > 1000
+
+
+def test_bits_saved_also_in_kl_when_ranked_by_ppl() -> None:
+    """With a KL per uniform plan the table states the saving in log KL too; the two readings
+    can disagree, and each is interpolated on its own curve."""
+    from mpq.report import bits_saved
+
+    def row(plan: str, policy: str, bits: float, ppl: float, kl: float) -> dict:
+        return {"plan": plan, "policy": policy, "effective_bits": bits, "ppl": ppl, "kl": kl}
+
+    rows = [
+        row("fp32", "fp32", 32, 20.0, 0.0),
+        row("uniform:3", "uniform", 3.0, 90.0, 0.8),
+        row("uniform:4", "uniform", 4.0, 30.0, 0.2),
+        row("uniform:5", "uniform", 5.0, 22.0, 0.05),
+        row("ilp@3.5", "ilp", 3.5, 30.0, 0.4),  # ppl of 4 bits (+0.5), KL of 3.5 bits (0)
+    ]
+    lines = bits_saved(rows)
+    assert "bits saved (KL)" in lines[2] and "log KL" in lines[0]
+    cols = [c.strip() for c in next(ln for ln in lines if ln.startswith("| ilp")).split("|")]
+    kl_at = 3.0 + (math.log(0.8) - math.log(0.4)) / (math.log(0.8) - math.log(0.2))
+    assert cols[5] == "+0.500" and cols[6] == "0.4"
+    assert cols[7] == f"{kl_at:.3g}" and cols[8] == f"{kl_at - 3.5:+.3f}"
+    # without a KL curve (every uniform KL 0, as from an older run) only the primary metric
+    flat = [{**r, "kl": 0.0} for r in rows]
+    assert "KL" not in bits_saved(flat)[2]
