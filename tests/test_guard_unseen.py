@@ -91,3 +91,64 @@ def test_guard_unseen_replaces_a_mixed_plan_that_is_worse_on_unseen_tokens() -> 
     assert sol.stats["option"] == "4" and p.feasible(sol.choice)
     assert math.isnan(sol.stats["equal_use"])  # the mixed plan is off the uniform curve
     assert "uniform 4" in why
+
+
+def _full_curve_guard(p: AllocationProblem, sol, measure):  # type: ignore[no-untyped-def]
+    """The guard's numbers from the whole uniform curve (every uniform plan measured)."""
+    from mpq.solvers.measure import uniform_choices
+
+    curve = uniform_curve(p, measure)
+    fitting = {p.options[int(c[0])] for c in uniform_choices(p)}
+    limit = p.limits["bits"]
+    below = [pt for pt in curve if pt.option in fitting]
+    above = [pt for pt in curve if pt.option not in fitting and pt.use > limit]
+    m = measure(np.asarray(sol.choice))
+    return (below[-1].option if below else None, above[0].option if above else None,
+            equal_quality_use(curve, m))  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_guard_unseen_measures_only_the_uniform_plans_its_answer_needs(seed: int) -> None:
+    """Lazy curve == whole curve (neighbours, bits at equal quality, verdict) on random
+    problems whose options tie in use, while the plans dearer than the first one above the
+    budget that is as good as the mixed plan are never measured."""
+    rng = np.random.default_rng(seed)
+    n, k = 5, 7
+    width = np.sort(rng.choice([3.0, 3.5, 4.0, 4.0, 4.5, 5.0, 6.0, 8.0], size=k, replace=False))
+    width[rng.integers(1, k)] = width[rng.integers(0, k)]  # a tie in use, sometimes
+    dist = rng.uniform(0.1, 1, (n, k)) / width  # noisy: the measure disagrees with the table
+    p = AllocationProblem(
+        tuple(f"d{i}" for i in range(n)), tuple(f"o{j}" for j in range(k)), dist,
+        {"bits": np.tile(width, (n, 1))}, {"bits": float(rng.uniform(width[1], width[-2])) * n},
+    )  # fmt: skip
+    noise = rng.uniform(0.8, 1.25, k)
+    mixing = rng.uniform(0.5, 1.1)  # mixed plans measure this much better (or worse)
+    measured: list[tuple[int, ...]] = []
+
+    def unseen(choice: np.ndarray) -> float:
+        measured.append(tuple(choice.tolist()))
+        gain = mixing if len(set(choice.tolist())) > 1 else 1.0
+        return float(np.mean(noise[choice] / width[choice])) * gain
+
+    mixed = solve_ilp(p)
+    want_below, want_above, want_equal = _full_curve_guard(p, mixed, unseen)
+    measured.clear()
+    sol, _ = guard_unseen(p, mixed, unseen)
+    assert sol.stats.get("uniform_below") == want_below
+    assert sol.stats.get("uniform_above") == want_above
+    got = sol.stats["equal_use"]
+    assert (math.isnan(got) and math.isnan(want_equal)) or got == pytest.approx(want_equal)
+    m = unseen(np.asarray(mixed.choice))
+    uniforms = {c for c in measured if len(set(c)) == 1}
+    limit = p.limits["bits"]
+    # every measured uniform plan above the budget but the last is worse than the mixed plan,
+    # and only plans of the last one's use come after it
+    above = sorted((n * width[c[0]], unseen(np.asarray(c)), c) for c in uniforms
+                   if n * width[c[0]] > limit)  # fmt: skip
+    if above:
+        first_good = next((u for u, v, _ in above if v <= m), None)
+        if first_good is not None:
+            assert all(u <= first_good for u, _, _ in above)
+    skipped = [j for j in range(k) if (j,) * n not in uniforms]
+    if sol.stats.get("uniform_above") is not None and skipped:
+        assert all(width[j] * n > limit for j in skipped)

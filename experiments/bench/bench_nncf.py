@@ -70,6 +70,7 @@ CONFIG = "experiments/configs/smollm2.toml"
 SYM_CONFIG = "experiments/configs/smollm2_quality_sym.toml"
 Z95 = 1.959963984540054
 HERE = Path(__file__).resolve()
+UNTIED = f"mpq ilp untied {INT4}/{INT8}"
 
 
 def _cache() -> Path:
@@ -372,6 +373,11 @@ def evaluate_all(args: argparse.Namespace) -> None:
     as_is = set(_floats(args.as_is))
     for ratio in _floats(args.ratios):
         folder = _ratio_dir(work, ratio)
+        tag = f"nncf@{ratio:g}"
+        done = res.data.get("nncf", {}).get(f"{ratio:g}")
+        if not (folder / "nncf.json").exists() and done and tag in res.rows:
+            nncf_bits.append(done["bits"])  # scored in an earlier run; its weights are gone
+            continue
         info = json.loads((folder / "nncf.json").read_text())
         layers = info["layers"]
         plan = BitPlan({t.name: QuantFormat.parse(_nncf_format(layers[t.name]))
@@ -379,7 +385,6 @@ def evaluate_all(args: argparse.Namespace) -> None:
         bits = flat.cost.plan_cost(plan).effective_bits
         nncf_bits.append(bits)
         others = sorted(set(layers) - {t.name for t in flat.targets})
-        tag = f"nncf@{ratio:g}"
         res.data.setdefault("nncf", {})[f"{ratio:g}"] = {
             "seconds": info["seconds"],
             "bits": bits,
@@ -417,23 +422,30 @@ def evaluate_all(args: argparse.Namespace) -> None:
     grid = [b for b in _floats(args.grid) if b not in at_nncf]
     if over():
         return
-    t0 = time.perf_counter()
-    table = damage_table(prep, two, calib, progress=False, anchor=INT4, stats_task=stats_task)
-    res.data["table_seconds"] = res.data.get("table_seconds") or time.perf_counter() - t0
-    res.data["table"] = f"measured:anchor={INT4}, {cfg.calibration}"
-    res.save()
+    tables: dict[str, Any] = {}
 
     def ilp(budgets: list[float]) -> None:
-        for b in budgets:
+        # the table only when a row is missing (a resumed run has most of them)
+        todo = [b for b in budgets if f"mpq ilp {INT4}/{INT8} @ {b:g}" not in res.rows]
+        if todo and "tied" not in tables:
+            t0 = time.perf_counter()
+            tables["tied"] = damage_table(prep, two, calib, progress=False, anchor=INT4,
+                                          stats_task=stats_task)  # fmt: skip
+            res.data["table_seconds"] = res.data.get("table_seconds") or time.perf_counter() - t0
+            res.data["table"] = f"measured:anchor={INT4}, {cfg.calibration}"
+            res.save()
+        for b in todo:
             if over():
                 return
-            plan, sol = solve(prep, "ilp", two, {"bits": b}, table)
+            plan, sol = solve(prep, "ilp", two, {"bits": b}, tables["tied"])
             score(f"mpq ilp {INT4}/{INT8} @ {b:g}", plan, budget=b, solve_s=sol.wall_time)
 
     ilp(at_nncf)
     # The full palette at NNCF's bits, from the main job's table; then the symmetric-only
     # palette (the bundled weights sit on a Q4_1 grid that 4:g32:asym:dq nearly reproduces).
     for label, path in (("full palette", args.config), ("symmetric palette", args.sym_config)):
+        if all(f"mpq ilp {label} @ {b:.4f}" in res.rows for b in nncf_bits):
+            continue
         c = load_config(path)
         assert c.statistics == cfg.statistics and c.calibration == cfg.calibration, path
         est = c.estimators[0]
@@ -450,6 +462,22 @@ def evaluate_all(args: argparse.Namespace) -> None:
             plan, sol = solve(prep, "ilp", c.formats, {"bits": b}, full, stats_task=stats_task)
             score(f"mpq ilp {label} @ {b:.4f}", plan, budget=b, solve_s=sol.wall_time)
     ilp(grid)  # more points of mpq's curve, for the bits at equal ppl
+    if args.untied and not over():
+        # One decision per Linear, as NNCF decides (q/k/v and gate/up apart; the main job's
+        # allocation since its fifth session): its own table, at NNCF's bits and on the grid.
+        t0 = time.perf_counter()
+        flat_calib = cfg.calibration.spec().task(flat.loaded, 0)
+        flat_stats = cfg.statistics.spec().task(flat.loaded, 0)
+        untied = damage_table(flat, two, flat_calib, progress=False, anchor=INT4,
+                              stats_task=flat_stats)  # fmt: skip
+        res.data["untied_table_seconds"] = (
+            res.data.get("untied_table_seconds") or time.perf_counter() - t0
+        )
+        for b in [*at_nncf, *grid]:
+            if over():
+                return
+            plan, sol = solve(flat, "ilp", two, {"bits": b}, untied)
+            score(f"{UNTIED} @ {b:g}", plan, budget=b, solve_s=sol.wall_time)
     res.data["evaluate_seconds_last_run"] = time.perf_counter() - t_start
     res.save()
     print(markdown(res.data))
@@ -492,10 +520,14 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {k} | {r.get('bits', 32):.4f} | {n8} | {_cell(r['wiki'])} | {_cell(r['bbc'])} | "
             f"{r['wiki']['kl']:.4f} | {r['bbc']['kl']:.4f} |"
         )
+    untied = {k: r for k, r in rows.items() if k.startswith(UNTIED)}
     lines += ["", "| NNCF ratio | bits | text | NNCF ppl | mpq ILP bits at NNCF's ppl | bits saved "
               "| mpq ILP @ NNCF bits / NNCF, paired [95% CI] | Δnll ± se | full palette @ NNCF "
-              "bits / NNCF [95% CI] | symmetric palette @ NNCF bits / NNCF [95% CI] |",
-              "|---|---:|---|---:|---:|---:|---|---|---|---|"]  # fmt: skip
+              "bits / NNCF [95% CI] | symmetric palette @ NNCF bits / NNCF [95% CI] |"
+              + (" untied ILP: bits at NNCF's ppl | bits saved | @ NNCF bits / NNCF [95% CI] |"
+                 if untied else ""),
+              "|---|---:|---|---:|---:|---:|---|---|---|---|"
+              + ("---:|---:|---|" if untied else "")]  # fmt: skip
     ilp = {k: r for k, r in rows.items() if k.startswith(f"mpq ilp {INT4}/{INT8}")}
     full = [r for k, r in rows.items() if k.startswith("mpq ilp full palette")]
     sym = [r for k, r in rows.items() if k.startswith("mpq ilp symmetric palette")]
@@ -525,14 +557,29 @@ def markdown(data: dict[str, Any]) -> str:
                 cells.append("-" if fp is None else _cell(_paired(fp[d]["nll_units"],
                                                                  r[d]["nll_units"])))  # fmt: skip
             fcell = " | ".join(cells)
-            lines.append(
+            line = (
                 f"| {ratio} | {r['bits']:.4f} | {d} | {r[d]['ppl']:.3f} | "
                 f"{'-' if eq is None else f'{eq:.3f}'} | {saved} | {pair} | {fcell} |"
             )
+            if untied:
+                upts = [(x["bits"], math.log(x[d]["ppl"])) for x in untied.values()]
+                if uni is not None:
+                    upts.append((uni["bits"], math.log(uni[d]["ppl"])))
+                ueq = _interp_bits(sorted(upts), math.log(r[d]["ppl"]))
+                at = next((x for x in untied.values() if abs(x["bits"] - r["bits"]) < 0.01), None)
+                eq_cell = "-" if ueq is None else f"{ueq:.3f} | {r['bits'] - ueq:.3f}"
+                if ueq is None:
+                    eq_cell += " | -"
+                at_cell = (
+                    "-" if at is None else _cell(_paired(at[d]["nll_units"], r[d]["nll_units"]))
+                )
+                line += f" {eq_cell} | {at_cell} |"
+            lines.append(line)
     lines += ["", "| plan | bits | INT8 layers by role; by block |", "|---|---:|---|"]
     for k in order:
         r = rows[k]
-        if "plan" in r and (k.startswith("nncf@") and "as" not in k or k.startswith("mpq ilp 4")):
+        mine = k.startswith(("mpq ilp 4", UNTIED))
+        if "plan" in r and (k.startswith("nncf@") and "as" not in k or mine):
             lines.append(f"| {k} | {r['bits']:.4f} | {_profile(r['plan'])} |")
     return "\n".join(lines)
 
@@ -551,6 +598,9 @@ def main() -> None:
     ap.add_argument("--grid", default=GRID, help="extra ILP budgets (bits) for interpolation")
     ap.add_argument("--limit-s", type=float, default=None, help="stop starting rows after this")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("MPQ_THREADS", "1")))
+    ap.add_argument(
+        "--untied", action="store_true", help="also the ILP with one decision per Linear"
+    )
     # _worker only
     ap.add_argument("--model")
     ap.add_argument("--calib")

@@ -10,10 +10,12 @@ mixed one is worse. Ties keep the mixed plan.
 
 :func:`guard_unseen` is the same guarantee measured where it can see overfitting: on
 calibration tokens that neither the table nor the search used (the caller's ``measure``), with
-the log-perplexity (NLL) of language models. It also measures every uniform plan, places the
-mixed plan on the uniform curve and reports the nearest uniform plans on both sides of the
-budget and the budget at which uniform quantization would reach the mixed plan's quality
-(:func:`equal_quality_use`, interpolated linearly in the measured value: log ppl for NLL).
+the log-perplexity (NLL) of language models. It also measures the uniform plans (up to the
+first one above the budget that is as good as the mixed plan: no dearer one can change the
+answer), places the mixed plan on the uniform curve and reports the nearest uniform plans on
+both sides of the budget and the budget at which uniform quantization would reach the mixed
+plan's quality (:func:`equal_quality_use`, interpolated linearly in the measured value: log
+ppl for NLL).
 """
 
 from __future__ import annotations
@@ -126,18 +128,40 @@ def _resource(problem: AllocationProblem) -> str:
     return "bits" if "bits" in problem.limits else next(iter(problem.limits))
 
 
-def uniform_curve(problem: AllocationProblem, measure: Measure) -> list[UniformPoint]:
-    """Every uniform plan the problem allows (whatever the budget), measured, by use."""
+def _uniform_uses(problem: AllocationProblem) -> list[tuple[int, float]]:
+    """``(option index, use)`` of every uniform plan the problem allows, by use (stable)."""
     resource = _resource(problem)
     n = len(problem.decisions)
     out = []
-    for o, option in enumerate(problem.options):
+    for o in range(len(problem.options)):
         choice = np.full(n, o, dtype=np.int64)
-        if not bool(problem.allowed[np.arange(n), choice].all()):
-            continue
-        use = float(problem.cost_of(choice)[resource])
-        out.append(UniformPoint(option, use, float(measure(choice))))
-    return sorted(out, key=lambda p: p.use)
+        if bool(problem.allowed[np.arange(n), choice].all()):
+            out.append((o, float(problem.cost_of(choice)[resource])))
+    return sorted(out, key=lambda t: t[1])
+
+
+def uniform_curve(
+    problem: AllocationProblem, measure: Measure, *, until: float | None = None
+) -> list[UniformPoint]:
+    """The uniform plans the problem allows (whatever the budget), measured, by use.
+
+    ``until`` (a value): stop measuring at the first plan above the budget whose value is at
+    most ``until`` (and the plans of the same use): every dearer plan is left unmeasured. The
+    points returned then still give the budget's fitting plans, the cheapest one above it and
+    :func:`equal_quality_use` of ``until`` exactly as the whole curve does (the envelope's
+    crossing of ``until`` is at or before that plan)."""
+    n = len(problem.decisions)
+    limit = problem.limits.get(_resource(problem), math.inf)
+    out: list[UniformPoint] = []
+    stop_at: float | None = None
+    for o, use in _uniform_uses(problem):
+        if stop_at is not None and use > stop_at:
+            break
+        value = float(measure(np.full(n, o, dtype=np.int64)))
+        out.append(UniformPoint(problem.options[o], use, value))
+        if until is not None and stop_at is None and use > limit and value <= until:
+            stop_at = use
+    return out
 
 
 def guard_unseen(
@@ -154,8 +178,13 @@ def guard_unseen(
     score = cached(measure, problem)
     resource = _resource(problem)
     limit = float(problem.limits[resource])
-    curve = uniform_curve(problem, score)
     fits = uniform_choices(problem)
+    mixed = solution.status != "infeasible" and bool(fits)
+    m_value = score(np.asarray(solution.choice)) if mixed else math.nan
+    # Uniform plans dearer than the first one above the budget that measures as well as the
+    # mixed plan change nothing below: they are not measured (the first solve of a table
+    # measures far fewer of them; later ones read the evaluator's cache).
+    curve = uniform_curve(problem, score, until=m_value if mixed else None)
     fitting = {problem.options[int(c[0])] for c in fits}
     below = [p for p in curve if p.option in fitting]
     above = [p for p in curve if p.option not in fitting and p.use > limit]
@@ -164,10 +193,9 @@ def guard_unseen(
         extra["uniform_below"], extra["measured_below"] = below[-1].option, below[-1].value
     if above:
         extra["uniform_above"], extra["measured_above"] = above[0].option, above[0].value
-    if solution.status == "infeasible" or not fits:
+    if not mixed:
         sol, why = guard_uniform(problem, solution, score)
         return _with(sol, **extra), why
-    m_value = score(np.asarray(solution.choice))
     extra["mixed_use"] = float(problem.cost_of(np.asarray(solution.choice))[resource])
     extra["equal_use"] = equal_quality_use(curve, m_value)
     best = min((p for p in curve if p.option in fitting), key=lambda p: (p.value, p.use))
