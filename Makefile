@@ -28,6 +28,7 @@ postgres:
 
 lint: setup
 	$(BIN)/ruff check mpq tests experiments
+	$(BIN)/ruff format --check mpq
 	$(BIN)/mypy mpq
 
 test: lint postgres

@@ -114,9 +114,7 @@ CONFIG_FILE = "config.json"
 def config_record(cfg: CompareConfig) -> dict[str, Any]:
     """What a report folder was made from: the config as data (not its file name, nor the
     reference points of other tools, which only the report draws: adding one re-renders)."""
-    body = {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "references")
-    }
+    body = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("source", "references")}
     return _without_unmixed(json.loads(json.dumps(body, sort_keys=True, default=str)))
 
 

@@ -146,19 +146,19 @@ def apply_plan(
 ) -> nn.Module:
     """The model with ``plan`` applied (a copy unless ``inplace``).
 
-    ``backend`` picks the kernels of packed Linear layers (``mpq.executor.backends(model)``
-    reports what each layer got); ``act`` sets how ``act_bits`` quantize layer inputs.
-    Formats whose method uses input statistics: ``stats`` (per target, e.g. from
-    :func:`mpq.layerstats.cached_input_stats`) or else ``calib`` (batches run through the
-    unquantized model once) supply them. ``mse`` uses the importance (``diag``) when either is
-    given and the plain squared error otherwise (and on targets without statistics: a tied
-embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` needs the
-    full second moment and refuses to run without; ``gptq=`` sets its options.
-    ``memo`` (fake mode): quantized weights by (target, format spec), read and filled, so plans
-    applied one after another to the same model with the same ``stats`` quantize each (target,
-    format) once (a search measures hundreds of plans that differ in a few layers); the caller
-    keeps one memo per (model, statistics). GPTQ formats are never memoized (their result
-    depends on the rest of the plan when run sequentially).
+        ``backend`` picks the kernels of packed Linear layers (``mpq.executor.backends(model)``
+        reports what each layer got); ``act`` sets how ``act_bits`` quantize layer inputs.
+        Formats whose method uses input statistics: ``stats`` (per target, e.g. from
+        :func:`mpq.layerstats.cached_input_stats`) or else ``calib`` (batches run through the
+        unquantized model once) supply them. ``mse`` uses the importance (``diag``) when either is
+        given and the plain squared error otherwise (and on targets without statistics: a tied
+    embedding is weighted by its head's input, :mod:`mpq.layerstats`); ``gptq`` needs the
+        full second moment and refuses to run without; ``gptq=`` sets its options.
+        ``memo`` (fake mode): quantized weights by (target, format spec), read and filled, so plans
+        applied one after another to the same model with the same ``stats`` quantize each (target,
+        format) once (a search measures hundreds of plans that differ in a few layers); the caller
+        keeps one memo per (model, statistics). GPTQ formats are never memoized (their result
+        depends on the rest of the plan when run sequentially).
     """
     if mode not in ("packed", "fake"):
         raise MpqError(f"mode={mode!r} is unknown; use 'packed' or 'fake'")

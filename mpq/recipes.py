@@ -38,11 +38,19 @@ RECIPES: dict[str, Recipe] = {
     "smollm2-135m": Recipe(
         formats=",".join(
             [
-                "3:g32:dq:mse", "4:g32:nl:dq:mse", "4:g32:asym:dq:mse", "5:g32:dq:mse",
-                "6:g32:dq:mse", "8:g32:dq", "3:g32:dq:mse+4:g32:nl:dq:mse@75",
-                "3:g32:dq:mse+4:g32:asym:dq:mse@50", "4:g32:nl:dq:mse+4:g32:asym:dq:mse@50",
-                "4:g32:asym:dq:mse+6:g32:dq:mse@25", "4:g32:asym:dq:mse+6:g32:dq:mse@50",
-                "3:g32:dq:mse+4:g32:nl:dq:mse#6", "3:g32:dq:mse+4:g32:nl:dq:mse#11",
+                "3:g32:dq:mse",
+                "4:g32:nl:dq:mse",
+                "4:g32:asym:dq:mse",
+                "5:g32:dq:mse",
+                "6:g32:dq:mse",
+                "8:g32:dq",
+                "3:g32:dq:mse+4:g32:nl:dq:mse@75",
+                "3:g32:dq:mse+4:g32:asym:dq:mse@50",
+                "4:g32:nl:dq:mse+4:g32:asym:dq:mse@50",
+                "4:g32:asym:dq:mse+6:g32:dq:mse@25",
+                "4:g32:asym:dq:mse+6:g32:dq:mse@50",
+                "3:g32:dq:mse+4:g32:nl:dq:mse#6",
+                "3:g32:dq:mse+4:g32:nl:dq:mse#11",
                 "3:g32:dq:mse+4:g32:nl:dq:mse#22",
             ]
         ),  # fmt: skip

@@ -96,7 +96,8 @@ def load_export(
         unlisted = sorted(
             p.relative_to(root).as_posix()
             for p in root.rglob("*")
-            if p.is_file() and p.name != MANIFEST
+            if p.is_file()
+            and p.name != MANIFEST
             and p.relative_to(root).as_posix() not in manifest.files
         )
         if unlisted:

@@ -117,4 +117,3 @@ def repair_downgrades(
         d, o = divmod(flat, m)
         choice[d] = o
         moves += 1
-

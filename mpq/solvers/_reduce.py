@@ -87,9 +87,11 @@ def lagrange_bound(
     dec, opt = np.nonzero(keep)
     n, nv = len(problem.decisions), len(dec)
     one_hot = csr_array((np.ones(nv), (dec, np.arange(nv))), shape=(n, nv))
-    a_ub = np.vstack([np.asarray(problem.costs[r], float)[dec, opt] for r in resources]) if (
-        resources
-    ) else None
+    a_ub = (
+        np.vstack([np.asarray(problem.costs[r], float)[dec, opt] for r in resources])
+        if (resources)
+        else None
+    )
     b_ub = np.array([float(limits[r]) for r in resources]) if resources else None
     res = linprog(
         np.asarray(problem.distortion[dec, opt], float),

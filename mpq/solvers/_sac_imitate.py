@@ -118,14 +118,17 @@ def aim(lo: float, hi: float) -> tuple[float, float]:
     return a, b
 
 
-def expert_rest(ep: AllocationEpisode, solve: Callable[[AllocationProblem], np.ndarray]) -> (
-    np.ndarray
-):
+def expert_rest(
+    ep: AllocationEpisode, solve: Callable[[AllocationProblem], np.ndarray]
+) -> np.ndarray:
     """The expert's options for decisions ``ep.t..`` under the budget left."""
     p, t = ep.problem, ep.t
     left = {r: max(ep.limits[r] - ep.used[r], float(ep.rest_min[r][t])) for r in ep.limits}
     sub = AllocationProblem(
-        p.decisions[t:], p.options, p.distortion[t:], {r: c[t:] for r, c in ep.costs.items()},
+        p.decisions[t:],
+        p.options,
+        p.distortion[t:],
+        {r: c[t:] for r, c in ep.costs.items()},
         left,
     )
     return np.asarray(solve(sub), dtype=np.int64)

@@ -170,8 +170,13 @@ class WaterLevel:
         if best is None:
             return base
         value, price, steps = best
-        return replace(base, price=price, fixed_dec=lump,
-                       fixed_vertex=int(self.vertices[lump][steps]), branch_value=value)
+        return replace(
+            base,
+            price=price,
+            fixed_dec=lump,
+            fixed_vertex=int(self.vertices[lump][steps]),
+            branch_value=value,
+        )
 
     def vertex(self, d: int, price: float) -> int:
         """The option decision ``d`` takes at ``price``: the hull vertex after every step of

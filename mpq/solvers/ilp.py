@@ -150,9 +150,7 @@ def _cbc(model: _Milp, time_limit: float | None, mip_gap: float) -> _Result:
         # PuLP 3.3 deprecates its bundled CBC (PULP_CBC_CMD) for PuLP 4, which will not ship
         # one; mpq pins pulp<4 and uses the bundled binary.
         warnings.simplefilter("ignore", DeprecationWarning)
-        cmd = pulp.PULP_CBC_CMD(
-            msg=False, timeLimit=time_limit, gapRel=mip_gap, threads=1
-        )
+        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=mip_gap, threads=1)
         prob.solve(cmd)
     stats: dict[str, Any] = {
         "backend": "cbc",
@@ -204,8 +202,11 @@ def _solve_model(
     sub_dec = renum[dec[free]]
     if n_free == 0:
         fits = all(lim >= -abs(limits[r]) * RTOL for r, (_, lim) in rows.items())
-        res = _Result("optimal" if fits else "infeasible", np.ones(len(dec)) if fits else None,
-                      {"backend": backend, "nodes": 0, "gap": 0.0})
+        res = _Result(
+            "optimal" if fits else "infeasible",
+            np.ones(len(dec)) if fits else None,
+            {"backend": backend, "nodes": 0, "gap": 0.0},
+        )
         return res, dec, opt
     # Both backends also stop at an absolute gap (HiGHS 1e-6), which is no gap at all on
     # tables whose distortions are 1e-9..1e-2 (single-layer KLs): the objective goes to them

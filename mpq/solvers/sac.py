@@ -473,12 +473,16 @@ class NumpyActor:
             {int(k.split(".")[2]) for k in self.weights if k.startswith("actor.latent_pi.")}
         )
         self.layers = [
-            (self.weights[f"actor.latent_pi.{i}.weight"].astype(np.float64),
-             self.weights[f"actor.latent_pi.{i}.bias"].astype(np.float64))
+            (
+                self.weights[f"actor.latent_pi.{i}.weight"].astype(np.float64),
+                self.weights[f"actor.latent_pi.{i}.bias"].astype(np.float64),
+            )
             for i in layers
         ]
-        self.mu = (self.weights["actor.mu.weight"].astype(np.float64),
-                   self.weights["actor.mu.bias"].astype(np.float64))
+        self.mu = (
+            self.weights["actor.mu.weight"].astype(np.float64),
+            self.weights["actor.mu.bias"].astype(np.float64),
+        )
         self.inputs = int(self.layers[0][0].shape[1] if self.layers else self.mu[0].shape[1])
         # The episode the policy was trained in: with the lump rounded (version 3) or not.
         self.rounding = self.meta.get("rounding", "0") == "1"
@@ -504,8 +508,11 @@ def save_weights(
         "version": POLICY_VERSION,
         "features": ",".join(FEATURES),
         "price_base": repr(PRICE_BASE),
-        "net_arch": ",".join(str(w.shape[0]) for k, w in sorted(arrays.items())
-                             if k.startswith("actor.latent_pi.") and k.endswith(".bias")),
+        "net_arch": ",".join(
+            str(w.shape[0])
+            for k, w in sorted(arrays.items())
+            if k.startswith("actor.latent_pi.") and k.endswith(".bias")
+        ),
         **dict(meta or {}),
     }
     atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=header))
@@ -604,9 +611,15 @@ def train_sac(
 
     def make_env() -> AllocationEnv:
         def episode(q: AllocationProblem, m: CachedMeasure | None) -> AllocationEpisode:
-            return AllocationEpisode(q, features=features if q is problem else None, measure=m,
-                                     cliff=cliff, reward_scale=reward_scale, shaped=shaped,
-                                     rounding=rounds)
+            return AllocationEpisode(
+                q,
+                features=features if q is problem else None,
+                measure=m,
+                cliff=cliff,
+                reward_scale=reward_scale,
+                shaped=shaped,
+                rounding=rounds,
+            )
 
         pool = [(episode(q, None), bs) for q, bs in others]
         return AllocationEnv(episode(problem, score), budgets=budgets, others=pool)
