@@ -141,12 +141,13 @@ def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
     The uniform curve is interpolated linearly between adjacent uniform plans of its envelope
     (a uniform plan that a cheaper one beats is left out), in log of the metric for perplexity
     and KL (in the metric for accuracy); outside the curve's range the saving is not stated.
-    Where the primary metric is perplexity, the same is stated in KL to the fp32 model too:
-    paired per position, it resolves differences that a ppl ratio near 1 leaves in its noise,
-    and the two can disagree (a plan can trade KL for ppl)."""
+    Where the primary metric is not KL (perplexity, a probe's accuracy), the same is stated in
+    KL to the fp32 model too: paired per position, it resolves differences that a ppl ratio
+    near 1 leaves in its noise and that an accuracy saturated at the fp32 level cannot show,
+    and the two readings can disagree (a plan can trade KL for ppl)."""
     metric, lower = primary_metric(rows)
     equal = _equal_uses(rows, metric, lower)
-    with_kl = metric == "ppl" and _has_kl_curve(rows)
+    with_kl = metric != "kl" and _has_kl_curve(rows)
     equal_kl = _equal_uses(rows, "kl", True) if with_kl else {}
 
     def cells(eq: float, bits: float) -> str:
@@ -178,11 +179,7 @@ def bits_saved(rows: Sequence[dict[str, Any]]) -> list[str]:
         f"Bits saved: the uniform bits that reach each plan's {metric} (uniform curve "
         f"interpolated in {how}, over the uniform plans that beat every cheaper one), minus "
         f"the plan's bits."
-        + (
-            " The last three columns do the same in KL (log KL), paired per position."
-            if with_kl
-            else ""
-        ),
+        + (" The last three columns do the same in KL (log KL)." if with_kl else ""),
         "",
         head,
         rule,

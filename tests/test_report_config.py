@@ -272,3 +272,27 @@ def test_bits_saved_also_in_kl_when_ranked_by_ppl() -> None:
     # without a KL curve (every uniform KL 0, as from an older run) only the primary metric
     flat = [{**r, "kl": 0.0} for r in rows]
     assert "KL" not in bits_saved(flat)[2]
+
+
+def test_bits_saved_in_kl_beside_a_saturated_accuracy() -> None:
+    """An encoder's probe accuracy saturates at the fp32 level: the KL columns still rank the
+    plans, each on its own curve (accuracy interpolated linearly, KL in log)."""
+    from mpq.report import bits_saved
+
+    def row(plan: str, policy: str, bits: float, acc: float, kl: float) -> dict:
+        return {"plan": plan, "policy": policy, "effective_bits": bits, "acc": acc, "kl": kl,
+                "primary": "acc"}  # fmt: skip
+
+    rows = [
+        row("uniform:3", "uniform", 3.0, 0.90, 0.04),
+        row("uniform:4", "uniform", 4.0, 0.95, 0.01),
+        row("uniform:5", "uniform", 5.0, 0.95, 0.0025),
+        row("ilp@4.5", "ilp", 4.5, 0.95, 0.0025 ** 0.5 * 0.01**0.5),  # KL of 4.5 bits: 0
+        row("ilp@3.5", "ilp", 3.5, 0.95, 0.01),  # acc and KL of 4 bits: +0.5 both
+    ]
+    lines = bits_saved(rows)
+    assert "uniform bits at equal acc" in lines[2] and "bits saved (KL)" in lines[2]
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")] for ln in lines
+             if ln.startswith("| ilp")}  # fmt: skip
+    assert cells["ilp@3.5"][5] == "+0.500" and cells["ilp@3.5"][8] == "+0.500"
+    assert cells["ilp@4.5"][8] == "+0.000"
