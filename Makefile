@@ -28,7 +28,7 @@ postgres:
 
 lint: setup
 	$(BIN)/ruff check mpq tests experiments
-	$(BIN)/ruff format --check mpq
+	$(BIN)/ruff format --check mpq tests experiments
 	$(BIN)/mypy mpq
 
 test: lint postgres

@@ -107,7 +107,11 @@ def _eval(m: dict[str, Path], *extra: str, model: str = "tiny") -> list[str]:
 
 
 def _solve(
-    m: dict[str, Path], w: Path, *extra: str, out: str = "", solver: str = "uniform",
+    m: dict[str, Path],
+    w: Path,
+    *extra: str,
+    out: str = "",
+    solver: str = "uniform",
     budget: str = "bits=5",
 ) -> list[str]:
     return ["solve", "--model", str(m["tiny"]), "--solver", solver, "--budget", budget,

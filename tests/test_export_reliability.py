@@ -146,8 +146,9 @@ def test_two_processes_exporting_to_one_new_out(tmp_path: Path) -> None:
     ).format(tests=str(Path(__file__).parent), out=str(tmp_path / "o"))
     env = {**os.environ, "MPQ_THREADS": "1", "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                         env=env)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env
+        )  # fmt: skip
         for _ in range(2)
     ]
     outs = sorted(p.communicate(timeout=300)[0].strip() for p in procs)

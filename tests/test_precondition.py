@@ -151,9 +151,7 @@ def test_spec_round_trips_through_a_saved_plan() -> None:
     assert again.meta["precondition"]["scales_sha256"] == res.record.scales_sha256
     assert again.meta["precondition"]["version"] == RECORD_VERSION
     # Same spec, same data: the same scales (deterministic).
-    assert (
-        precondition_model(model, AWQ, _calib()).record.scales_sha256 == res.record.scales_sha256
-    )
+    assert precondition_model(model, AWQ, _calib()).record.scales_sha256 == res.record.scales_sha256
     assert spec_from_plan(plan3) == PreconditionSpec()
     with pytest.raises(MpqError, match="has version 2; this mpq reads version 1"):
         PreconditionRecord.from_dict({**record, "version": 2})

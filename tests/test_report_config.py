@@ -287,7 +287,7 @@ def test_bits_saved_in_kl_beside_a_saturated_accuracy() -> None:
         row("uniform:3", "uniform", 3.0, 0.90, 0.04),
         row("uniform:4", "uniform", 4.0, 0.95, 0.01),
         row("uniform:5", "uniform", 5.0, 0.95, 0.0025),
-        row("ilp@4.5", "ilp", 4.5, 0.95, 0.0025 ** 0.5 * 0.01**0.5),  # KL of 4.5 bits: 0
+        row("ilp@4.5", "ilp", 4.5, 0.95, 0.0025**0.5 * 0.01**0.5),  # KL of 4.5 bits: 0
         row("ilp@3.5", "ilp", 3.5, 0.95, 0.01),  # acc and KL of 4 bits: +0.5 both
     ]
     lines = bits_saved(rows)

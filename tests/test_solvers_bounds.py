@@ -56,8 +56,9 @@ def test_extremes_uniform_points_and_markdown() -> None:
     dist = np.array([[4.0, 1.0, 0.5], [2.0, np.inf, 0.1]])
     bits = np.array([[2.0, 4.0, 8.0], [4.0, 8.0, 16.0]])
     bops = 10 * bits
-    p = AllocationProblem(("a", "b"), ("2", "4", "8"), dist, {"bits": bits, "bops": bops},
-                          {"bits": 14.0})
+    p = AllocationProblem(
+        ("a", "b"), ("2", "4", "8"), dist, {"bits": bits, "bops": bops}, {"bits": 14.0}
+    )
     h = headroom(p)
     assert h.resource == "bits"
     assert h.smallest == {"bits": 6.0, "bops": 60.0}
@@ -68,8 +69,14 @@ def test_extremes_uniform_points_and_markdown() -> None:
     assert h.uniform[0].within_budget and not h.uniform[1].within_budget
     assert 14.0 in h.budgets
     md = h.to_markdown()
-    for part in ("## Headroom on `bits`", "### Uniform plans", "Lower bound on distortion",
-                 "What allocation could save at best", "Not a uniform plan", "| 2 |"):
+    for part in (
+        "## Headroom on `bits`",
+        "### Uniform plans",
+        "Lower bound on distortion",
+        "What allocation could save at best",
+        "Not a uniform plan",
+        "| 2 |",
+    ):
         assert part in md
     md = h.to_markdown(unit=lambda r, v: v / 2, unit_name="bits per weight")
     assert "(bits per weight)" in md and "| bits | 3 | 12 | 12 | 7 |" in md

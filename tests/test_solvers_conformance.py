@@ -90,8 +90,12 @@ def test_suite_catches_a_solver_that_overspends() -> None:
         top[~problem.allowed] = float("inf")
         choice = top.argmin(axis=1)
         return Solution(
-            choice, "feasible", problem.distortion_of(choice), problem.cost_of(choice),
-            "reckless", 0.0,
+            choice,
+            "feasible",
+            problem.distortion_of(choice),
+            problem.cost_of(choice),
+            "reckless",
+            0.0,
         )
 
     class Reckless(SolverConformance):

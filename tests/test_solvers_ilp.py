@@ -28,8 +28,9 @@ def _big(n: int = 1000, m: int = 8, seed: int = 0) -> AllocationProblem:
     dist = rng.uniform(0.1, 10, n)[:, None] * size[:, None] * 4.0**-bits
     dist *= rng.uniform(0.8, 1.2, (n, m))
     limits = {r: c.min(1).sum() + 0.5 * (c.max(1).sum() - c.min(1).sum()) for r, c in costs.items()}
-    return AllocationProblem(tuple(f"d{i}" for i in range(n)), tuple(map(str, bits)), dist,
-                             costs, limits)
+    return AllocationProblem(
+        tuple(f"d{i}" for i in range(n)), tuple(map(str, bits)), dist, costs, limits
+    )
 
 
 def _crossed() -> AllocationProblem:
@@ -174,16 +175,30 @@ def test_dominated_options_match_their_definition() -> None:
         n, m = dist.shape
         for d in range(n):
             for o in range(m):
-                by = [q for q in range(m) if q != o and p.allowed[d, q] and p.allowed[d, o]
-                      and dist[d, q] <= dist[d, o]
-                      and all(costs[r][d, q] <= costs[r][d, o] for r in res)
-                      and (q < o or dist[d, q] < dist[d, o]
-                           or any(costs[r][d, q] < costs[r][d, o] for r in res))]
+                by = [
+                    q
+                    for q in range(m)
+                    if q != o
+                    and p.allowed[d, q]
+                    and p.allowed[d, o]
+                    and dist[d, q] <= dist[d, o]
+                    and all(costs[r][d, q] <= costs[r][d, o] for r in res)
+                    and (
+                        q < o
+                        or dist[d, q] < dist[d, o]
+                        or any(costs[r][d, q] < costs[r][d, o] for r in res)
+                    )
+                ]
                 assert got[d, o] == bool(by), (seed, d, o, by)
                 if got[d, o]:
-                    assert any(not got[d, q] for q in range(m) if p.allowed[d, q] and q != o
-                               and dist[d, q] <= dist[d, o]
-                               and all(costs[r][d, q] <= costs[r][d, o] for r in res))
+                    assert any(
+                        not got[d, q]
+                        for q in range(m)
+                        if p.allowed[d, q]
+                        and q != o
+                        and dist[d, q] <= dist[d, o]
+                        and all(costs[r][d, q] <= costs[r][d, o] for r in res)
+                    )
         assert not (got & ~p.allowed).any()
 
 

@@ -32,9 +32,13 @@ def setup():  # type: ignore[no-untyped-def]
     cost = build_cost_model(model, targets, "tiny")
     rng = np.random.default_rng(0)
     table = SensitivityTable(
-        "synthetic", "tiny", "none",
-        distortions={t.name: {f.spec(): float(rng.uniform(0.5, 2.0)) * 4.0**-f.bits
-                              for f in FORMATS} for t in targets},
+        "synthetic",
+        "tiny",
+        "none",
+        distortions={
+            t.name: {f.spec(): float(rng.uniform(0.5, 2.0)) * 4.0**-f.bits for f in FORMATS}
+            for t in targets
+        },
     )
     problem = build_problem(cost, FORMATS, {"bits": 4.5}, table)
     gen = torch.Generator().manual_seed(0)

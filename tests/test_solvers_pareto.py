@@ -26,8 +26,11 @@ def _float_problem(seed: int, n: int = 6, m: int = 4) -> AllocationProblem:
     dist = np.sort(rng.uniform(0.01, 5.0, (n, m)), axis=1)[:, ::-1].copy()
     lo, hi = cost[:, 0].sum(), cost[:, -1].sum()
     return AllocationProblem(
-        tuple(f"d{i}" for i in range(n)), tuple(f"o{j}" for j in range(m)), dist,
-        {"bits": cost}, {"bits": float(lo + rng.uniform(0.1, 0.9) * (hi - lo))},
+        tuple(f"d{i}" for i in range(n)),
+        tuple(f"o{j}" for j in range(m)),
+        dist,
+        {"bits": cost},
+        {"bits": float(lo + rng.uniform(0.1, 0.9) * (hi - lo))},
     )
 
 
@@ -140,6 +143,7 @@ def test_infeasible_and_trivial() -> None:
     tight = AllocationProblem(p.decisions, p.options, p.distortion, p.costs, {"bits": least - 1})
     sol = solve_pareto(tight)
     assert sol.status == "infeasible" and sol.min_feasible == {"bits": least}
-    one = AllocationProblem(("a",), ("x",), np.array([[1.0]]), {"bits": np.array([[4.0]])},
-                            {"bits": 4.0})
+    one = AllocationProblem(
+        ("a",), ("x",), np.array([[1.0]]), {"bits": np.array([[4.0]])}, {"bits": 4.0}
+    )
     assert solve_pareto(one).choice.tolist() == [0]

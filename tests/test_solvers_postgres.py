@@ -69,14 +69,29 @@ def postgres_url() -> Iterator[str]:
     log = os.path.join(folder, "server.log")
     try:
         subprocess.run(
-            [*as_user, initdb, "-D", data, "-A", "trust", "-U", "postgres", "--no-sync",
-             "-E", "UTF8"],
-            check=True, capture_output=True, timeout=120,
+            [
+                *as_user,
+                initdb,
+                "-D",
+                data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         opts = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
         subprocess.run(
             [*as_user, pg_ctl, "-D", data, "-l", log, "-w", "-t", "60", "-o", opts, "start"],
-            check=True, capture_output=True, timeout=120,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -85,8 +100,11 @@ def postgres_url() -> Iterator[str]:
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -110,7 +128,11 @@ def test_two_worker_processes_share_one_study(postgres_url: str) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, postgres_url, str(seed), str(n)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for seed, n in enumerate(per_worker)
     ]

@@ -120,8 +120,15 @@ def test_shaped_return_is_the_plan_against_the_lp_bound(seed: int) -> None:
     dec, opt = np.nonzero(p.allowed)
     a_eq = np.zeros((8, len(dec)))
     a_eq[dec, np.arange(len(dec))] = 1
-    lp = linprog(p.distortion[dec, opt], A_ub=p.costs["bits"][dec, opt][None], b_ub=[
-        p.limits["bits"]], A_eq=a_eq, b_eq=np.ones(8), bounds=(0, 1), method="highs").fun
+    lp = linprog(
+        p.distortion[dec, opt],
+        A_ub=p.costs["bits"][dec, opt][None],
+        b_ub=[p.limits["bits"]],
+        A_eq=a_eq,
+        b_eq=np.ones(8),
+        bounds=(0, 1),
+        method="highs",
+    ).fun
     ep = AllocationEpisode(p, reward_scale=7.0)
     rng = np.random.default_rng(seed)
     total, finished = 0.0, False
@@ -199,8 +206,9 @@ def test_policy_transfers_to_other_budgets() -> None:
     lo = p.min_costs()["bits"]
     hi = float(p.costs["bits"].max(axis=1).sum())
     for frac in (0.0, 0.2, 0.8, 1.0):
-        q = AllocationProblem(p.decisions, p.options, p.distortion, p.costs,
-                              {"bits": lo + frac * (hi - lo)})
+        q = AllocationProblem(
+            p.decisions, p.options, p.distortion, p.costs, {"bits": lo + frac * (hi - lo)}
+        )
         sol = solve_sac(q, model=model, level=False)  # no training: the policy's own plan
         assert q.feasible(sol.choice) and sol.stats["timesteps"] == 0
         assert sol.stats["source"] == "policy"
@@ -221,8 +229,9 @@ def test_sac_on_a_measure_and_bad_input() -> None:
         solve_sac(AllocationProblem(p.decisions, p.options, p.distortion, p.costs, {}))
     with pytest.raises(MpqError, match="infeasible"):
         train_sac(p, total_timesteps=10, budgets=[{"bits": 0.0}])
-    tight = AllocationProblem(p.decisions, p.options, p.distortion, p.costs,
-                              {"bits": p.min_costs()["bits"] - 1})
+    tight = AllocationProblem(
+        p.decisions, p.options, p.distortion, p.costs, {"bits": p.min_costs()["bits"] - 1}
+    )
     inf = solve_sac(tight, total_timesteps=10)
     assert inf.status == "infeasible" and inf.min_feasible == tight.min_costs()
     assert solve_ilp(tight).status == "infeasible"
@@ -268,8 +277,9 @@ def test_fit_actor_puts_actions_inside_their_intervals() -> None:
     assert np.mean((acts >= lo - 0.05) & (acts <= hi + 0.05)) > 0.95  # measured: 1.0
     again = fit_actor(Labelled(obs, lo, hi), epochs=200, lr=3e-3, seed=0)
     assert all(np.array_equal(w[k], again[k]) for k in w)  # deterministic for a seed
-    zero = NumpyActor(fit_actor(Labelled(obs, -np.ones(400), np.ones(400)), net_arch=(16,),
-                                epochs=2, seed=0), {})
+    zero = NumpyActor(
+        fit_actor(Labelled(obs, -np.ones(400), np.ones(400)), net_arch=(16,), epochs=2, seed=0), {}
+    )
     assert all(zero(o) == 0.0 for o in obs[:20])  # no label off 0: the water level stays
 
 
@@ -318,8 +328,13 @@ def _classifier_problem(frac: float) -> AllocationProblem:
     dist = sens[:, None] * size[:, None] * 4.0 ** -bits[None, :]
     cost = size[:, None] * bits[None, :]
     lo, hi = cost.min(1).sum(), cost.max(1).sum()
-    return AllocationProblem(tuple(f"d{i}" for i in range(6)), tuple(f"{b:g}" for b in bits),
-                             dist, {"bits": cost}, {"bits": lo + frac * (hi - lo)})
+    return AllocationProblem(
+        tuple(f"d{i}" for i in range(6)),
+        tuple(f"{b:g}" for b in bits),
+        dist,
+        {"bits": cost},
+        {"bits": lo + frac * (hi - lo)},
+    )
 
 
 def test_rounding_the_lump_finds_the_optimum_when_one_huge_decision_matters() -> None:
@@ -354,6 +369,11 @@ def test_rounding_needs_one_budget_and_a_lump() -> None:
     cost = np.tile(bits, (30, 1))
     for frac in (0.2, 0.5, 0.8):
         budget = cost.min(1).sum() + frac * (cost.max(1).sum() - cost.min(1).sum())
-        p = AllocationProblem(tuple(f"d{i}" for i in range(30)), ("2", "3", "4", "5"), dist,
-                              {"bits": cost}, {"bits": float(budget)})
+        p = AllocationProblem(
+            tuple(f"d{i}" for i in range(30)),
+            ("2", "3", "4", "5"),
+            dist,
+            {"bits": cost},
+            {"bits": float(budget)},
+        )
         assert np.array_equal(level_plan(p, rounding=True), level_plan(p))

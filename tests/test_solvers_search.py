@@ -241,8 +241,7 @@ def test_bayes_frontier_nsga2() -> None:
         u = np.full(len(p.decisions), o)
         if p.feasible(u):
             assert any(
-                pt.costs["bits"] <= p.cost_of(u)["bits"] and pt.measured <= m(u)
-                for pt in f.points
+                pt.costs["bits"] <= p.cost_of(u)["bits"] and pt.measured <= m(u) for pt in f.points
             )
     # Seeded from the table's own frontier: each seed is the table's optimum at its cost, was
     # measured, and is matched or beaten by the measured frontier.
@@ -300,8 +299,15 @@ def test_guard_without_a_fitting_uniform_plan_and_with_an_infeasible_mix() -> No
     sol, why = guard_uniform(p, mixed)
     assert sol.stats["guard"] == "no_uniform" and "no uniform plan" in why
     q = mid_problem(9)
-    bad = Solution(np.full(len(q.decisions), -1), "infeasible", float("inf"), {}, "x", 0.0,
-                   min_feasible={"bits": 0.0})
+    bad = Solution(
+        np.full(len(q.decisions), -1),
+        "infeasible",
+        float("inf"),
+        {},
+        "x",
+        0.0,
+        min_feasible={"bits": 0.0},
+    )
     sol, why = guard_uniform(q, bad)
     assert sol.solver == "uniform" and q.feasible(sol.choice) and "found no plan" in why
 

@@ -39,26 +39,42 @@ def test_good_problem_passes() -> None:
 @pytest.mark.parametrize(
     ("over", "message"),
     [
-        ({"distortion": np.array([[np.nan, 0.5], [2.0, 0.1]])},
-         r"distortion is NaN at \('a', '4'\): re-measure"),
-        ({"distortion": np.array([[1.0, -0.5], [2.0, 0.1]])},
-         r"distortion is negative at \('a', '8'\)"),
-        ({"distortion": np.array([[1.0, 0.5], [-np.inf, 0.1]])},
-         r"distortion is negative at \('b', '4'\).*\+inf means not allowed"),
-        ({"distortion": np.array([[np.inf, np.inf], [2.0, 0.1]])},
-         r"decisions \['a'\] have no allowed option"),
+        (
+            {"distortion": np.array([[np.nan, 0.5], [2.0, 0.1]])},
+            r"distortion is NaN at \('a', '4'\): re-measure",
+        ),
+        (
+            {"distortion": np.array([[1.0, -0.5], [2.0, 0.1]])},
+            r"distortion is negative at \('a', '8'\)",
+        ),
+        (
+            {"distortion": np.array([[1.0, 0.5], [-np.inf, 0.1]])},
+            r"distortion is negative at \('b', '4'\).*\+inf means not allowed",
+        ),
+        (
+            {"distortion": np.array([[np.inf, np.inf], [2.0, 0.1]])},
+            r"decisions \['a'\] have no allowed option",
+        ),
         ({"distortion": np.ones((3, 2))}, r"distortion has shape \(3, 2\), expected"),
-        ({"costs": {"bits": np.array([[4.0, np.nan], [4.0, 8.0]])}},
-         r"cost 'bits' is missing \(NaN or inf\) for allowed options \('a', '8'\)"),
-        ({"costs": {"bits": np.array([[4.0, 8.0], [np.inf, 8.0]])}},
-         r"cost 'bits' is missing .* \('b', '4'\)"),
-        ({"costs": {"bits": np.array([[4.0, -8.0], [4.0, 8.0]])}},
-         r"cost 'bits' is negative for \('a', '8'\)"),
+        (
+            {"costs": {"bits": np.array([[4.0, np.nan], [4.0, 8.0]])}},
+            r"cost 'bits' is missing \(NaN or inf\) for allowed options \('a', '8'\)",
+        ),
+        (
+            {"costs": {"bits": np.array([[4.0, 8.0], [np.inf, 8.0]])}},
+            r"cost 'bits' is missing .* \('b', '4'\)",
+        ),
+        (
+            {"costs": {"bits": np.array([[4.0, -8.0], [4.0, 8.0]])}},
+            r"cost 'bits' is negative for \('a', '8'\)",
+        ),
         ({"costs": {"bits": np.ones((2, 3))}}, r"cost 'bits' has shape \(2, 3\)"),
         ({"decisions": ("a", "a")}, r"duplicate decision names \['a'\].*tie group is one"),
         ({"options": ("4", "4")}, r"duplicate option names \['4'\]"),
-        ({"limits": {"watts": 3.0}},
-         r"budget on unknown resource 'watts': the problem has costs for \['bits'\]"),
+        (
+            {"limits": {"watts": 3.0}},
+            r"budget on unknown resource 'watts': the problem has costs for \['bits'\]",
+        ),
         ({"limits": {"bits": float("nan")}}, r"budget bits=nan is not a finite number"),
         ({"limits": {"bits": float("inf")}}, r"drop 'bits' from the limits"),
     ],

@@ -18,8 +18,15 @@ def _lp(dist: np.ndarray, cost: np.ndarray, allowed: np.ndarray, budget: float) 
     n = dist.shape[0]
     a_eq = np.zeros((n, len(d)))
     a_eq[d, np.arange(len(d))] = 1.0
-    res = linprog(dist[d, o], A_ub=cost[d, o][None, :], b_ub=[budget], A_eq=a_eq,
-                  b_eq=np.ones(n), bounds=(0, 1), method="highs")
+    res = linprog(
+        dist[d, o],
+        A_ub=cost[d, o][None, :],
+        b_ub=[budget],
+        A_eq=a_eq,
+        b_eq=np.ones(n),
+        bounds=(0, 1),
+        method="highs",
+    )
     return float(res.fun) if res.status == 0 else float("inf")
 
 

@@ -61,7 +61,10 @@ def _stats(prep: Prepared, calib: str) -> dict[str, InputStats]:
         task = task_for(prep, data, "calib", int(n), 512, None)
         parts.append(
             cached_input_stats(
-                prep.loaded.model, names, task, model_id=prep.loaded.model_id,
+                prep.loaded.model,
+                names,
+                task,
+                model_id=prep.loaded.model_id,
                 cache_root=cache_root() / "stats",
             )  # fmt: skip
         )
@@ -152,7 +155,9 @@ def run(args: argparse.Namespace) -> None:
                             Path(args.work) / f"llama-{emb}-{data}.log",
                         )  # fmt: skip
                         row["gguf"][f"llama_{data}"] = {
-                            "ratio": s.ratio, "ci": 1.96 * s.ratio_se, "kld": s.kld
+                            "ratio": s.ratio,
+                            "ci": 1.96 * s.ratio_se,
+                            "kld": s.kld,
                         }
         del fake, packed
         with out.open("a") as fh:

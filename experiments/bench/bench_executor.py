@@ -50,14 +50,20 @@ def main() -> None:
             resident = sum(tensor_bits(t) for t in unique_tensors(q.state_dict()).values()) // 8
             rows.append((f"uniform:{spec}", mode, predicted, resident, _prefill(q, ids)))
             del q
-    print(f"Machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| plan | mode | predicted bytes | resident bytes | bytes vs fp32 | prefill tok/s "
-          "| speed vs fp32 |")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        "| plan | mode | predicted bytes | resident bytes | bytes vs fp32 | prefill tok/s "
+        "| speed vs fp32 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, mode, pred, res, tps in rows:
-        print(f"| {name} | {mode} | {pred:,} | {res:,} | {res / fp_bytes:.3f} | {tps:.0f} "
-              f"| {tps / fp_tps:.2f} |")
+        print(
+            f"| {name} | {mode} | {pred:,} | {res:,} | {res / fp_bytes:.3f} | {tps:.0f} "
+            f"| {tps / fp_tps:.2f} |"
+        )
 
 
 if __name__ == "__main__":

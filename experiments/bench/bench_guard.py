@@ -39,8 +39,10 @@ def main() -> None:
     table = sensitivity_table(prep, Fisher(), formats, calib, progress=False)
     print(f"Fisher table: {time.perf_counter() - t0:.1f} s (cached when 0)")
     plans = {}
-    print("\n| budget | guard | plan bits | unseen NLL plan | uniform below | uniform above "
-          "| uniform bits at equal unseen NLL | saved (unseen) | guard s |")
+    print(
+        "\n| budget | guard | plan bits | unseen NLL plan | uniform below | uniform above "
+        "| uniform bits at equal unseen NLL | saved (unseen) | guard s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for b in BUDGETS:
         t1 = time.perf_counter()

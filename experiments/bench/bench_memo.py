@@ -57,8 +57,10 @@ def main() -> None:
     by = {lab: [r for r in rows if r[0] == lab] for lab in ("without memo", "with memo")}
     later = [sum(r[2] + r[3] for r in by[lab][1:]) / max(1, len(by[lab]) - 1) for lab in by]
     same = all(a[4] == b[4] for a, b in zip(by["without memo"], by["with memo"], strict=True))
-    print(f"\nper plan after the first: {later[0]:.2f} s without, {later[1]:.2f} s with the memo "
-          f"({later[0] / later[1]:.1f}x); KLs identical: {same}")
+    print(
+        f"\nper plan after the first: {later[0]:.2f} s without, {later[1]:.2f} s with the memo "
+        f"({later[0] / later[1]:.1f}x); KLs identical: {same}"
+    )
 
 
 if __name__ == "__main__":

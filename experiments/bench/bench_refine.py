@@ -76,9 +76,7 @@ def main() -> None:
             plans[f"{name}@{b}"] = plan
             nll = unseen(plan)[0]["nll"]
             kl = measure(np.asarray(sol.choice))
-            extra = (
-                f"{ref.stats['evaluations']} | {seconds:.0f}" if name == "refine" else "- | -"
-            )
+            extra = f"{ref.stats['evaluations']} | {seconds:.0f}" if name == "refine" else "- | -"
             print(
                 f"| {b} | {name} | {prep.cost.plan_cost(plan).effective_bits:.3f} | "
                 f"{problem.distortion_of(np.asarray(sol.choice)):.4f} | {kl:.4f} | {nll:.4f} "

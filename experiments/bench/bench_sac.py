@@ -40,12 +40,16 @@ def main() -> None:
     args = ap.parse_args()
     actor = load_policy()
     meta = actor.meta
-    print(f"shipped policy: {meta.get('name')} v{meta.get('version')}, "
-          f"{meta.get('trained_by')}, on {meta.get('trained_on')} "
-          f"({meta.get('train_minutes')} min), kept {meta.get('kept_stage')}")
+    print(
+        f"shipped policy: {meta.get('name')} v{meta.get('version')}, "
+        f"{meta.get('trained_by')}, on {meta.get('trained_on')} "
+        f"({meta.get('train_minutes')} min), kept {meta.get('kept_stage')}"
+    )
     print()
-    head = ("| model | bits | decisions | ILP optimum | ILP s | water level gap "
-            "| rounded level gap | policy alone gap | sac zero-shot gap | source | s")
+    head = (
+        "| model | bits | decisions | ILP optimum | ILP s | water level gap "
+        "| rounded level gap | policy alone gap | sac zero-shot gap | source | s"
+    )
     if args.timesteps:
         head += f" | sac fine-tuned {args.timesteps} steps gap | s"
     print(head + " |")
@@ -65,9 +69,11 @@ def main() -> None:
             t = time.perf_counter()
             zero = solve_sac(p)
             t_zero = time.perf_counter() - t
-            row = (f"| {model_id} | {bits:g} | {len(p.decisions)} | {opt:.6g} | {t_ilp:.2f} "
-                   f"| {level:.3%} | {rounded:.3%} | {alone:.3%} | {zero.objective / opt - 1:.3%} "
-                   f"| {zero.stats['source']} | {t_zero:.2f}")
+            row = (
+                f"| {model_id} | {bits:g} | {len(p.decisions)} | {opt:.6g} | {t_ilp:.2f} "
+                f"| {level:.3%} | {rounded:.3%} | {alone:.3%} | {zero.objective / opt - 1:.3%} "
+                f"| {zero.stats['source']} | {t_zero:.2f}"
+            )
             if args.timesteps:
                 t = time.perf_counter()
                 tuned = solve_sac(p, total_timesteps=args.timesteps, seed=0)
@@ -81,30 +87,43 @@ def held_out(actor: NumpyActor, n: int) -> None:
     """Mean (max) gaps over held-out synthetic groups; 'better / worse': the rounded level
     against the plain one."""
     groups = {
-        "synthetic, 3 budgets": [with_budget(synthetic(9000 + i), f)
-                                 for i in range(n) for f in (0.25, 0.5, 0.75)],
-        "lumpy synthetic, 3 budgets": [with_budget(synthetic(9500 + i, lumpy=True), f)
-                                       for i in range(n) for f in (0.25, 0.5, 0.75)],
+        "synthetic, 3 budgets": [
+            with_budget(synthetic(9000 + i), f) for i in range(n) for f in (0.25, 0.5, 0.75)
+        ],
+        "lumpy synthetic, 3 budgets": [
+            with_budget(synthetic(9500 + i, lumpy=True), f)
+            for i in range(n)
+            for f in (0.25, 0.5, 0.75)
+        ],
         "suite, 6 decisions, 1 or 3 resources": [small(30_000 + i) for i in range(2 * n)],
     }
     print()
-    print("| held-out group | problems | water level | rounded level | rounded better / worse "
-          "| policy alone | sac zero-shot |")
+    print(
+        "| held-out group | problems | water level | rounded level | rounded better / worse "
+        "| policy alone | sac zero-shot |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, problems in groups.items():
         rows = []
         for p in problems:
             opt = solve_ilp(p).objective
-            rows.append([p.distortion_of(level_plan(p)) / opt - 1,
-                         p.distortion_of(level_plan(p, rounding=True)) / opt - 1,
-                         p.distortion_of(policy_plan(actor, p)[0]) / opt - 1,
-                         solve_sac(p).objective / opt - 1])
+            rows.append(
+                [
+                    p.distortion_of(level_plan(p)) / opt - 1,
+                    p.distortion_of(level_plan(p, rounding=True)) / opt - 1,
+                    p.distortion_of(policy_plan(actor, p)[0]) / opt - 1,
+                    solve_sac(p).objective / opt - 1,
+                ]
+            )
         g = np.array(rows)
         better = int(np.sum(g[:, 1] < g[:, 0] - 1e-12))
         worse = int(np.sum(g[:, 1] > g[:, 0] + 1e-12))
         cells = [f"{m:.3%} (max {x:.2%})" for m, x in zip(g.mean(0), g.max(0), strict=True)]
-        print(f"| {name} | {len(problems)} | {cells[0]} | {cells[1]} | {better} / {worse} "
-              f"| {cells[2]} | {cells[3]} |", flush=True)
+        print(
+            f"| {name} | {len(problems)} | {cells[0]} | {cells[1]} | {better} / {worse} "
+            f"| {cells[2]} | {cells[3]} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -100,19 +100,49 @@ def table_rows(p: AllocationProblem, args: argparse.Namespace) -> list[Row]:
         return s.objective
 
     rows: list[Row] = [("ilp (HiGHS): the optimum", f"{opt:.6g}", "0", f"{t_ilp:.2f}", "")]
-    rows.append(("greedy", f"{greedy.objective:.6g}",
-                 f"{100 * (greedy.objective / opt - 1):.3f}%", f"{greedy.wall_time:.2f}", ""))
-    rows.append(run(f"sac ({args.timesteps} steps)",
-                    lambda: solve_sac(p, total_timesteps=args.timesteps, seed=args.seed), obj, opt))
-    rows.append(run(f"optuna-TPE, start=False ({args.trials} trials)",
-                    lambda: solve_bayes(p, n_trials=args.trials, seed=args.seed, start=False),
-                    obj, opt))
-    rows.append(run(f"optuna-TPE from ilp/greedy/uniform ({args.trials} trials)",
-                    lambda: solve_bayes(p, n_trials=args.trials, seed=args.seed), obj, opt))
-    rows.append(run(f"evolution from greedy ({args.generations} generations)",
-                    lambda: solve_evolution(p, start=greedy.choice,
-                                            generations=args.generations, seed=args.seed),
-                    obj, opt))
+    rows.append(
+        (
+            "greedy",
+            f"{greedy.objective:.6g}",
+            f"{100 * (greedy.objective / opt - 1):.3f}%",
+            f"{greedy.wall_time:.2f}",
+            "",
+        )
+    )
+    rows.append(
+        run(
+            f"sac ({args.timesteps} steps)",
+            lambda: solve_sac(p, total_timesteps=args.timesteps, seed=args.seed),
+            obj,
+            opt,
+        )
+    )
+    rows.append(
+        run(
+            f"optuna-TPE, start=False ({args.trials} trials)",
+            lambda: solve_bayes(p, n_trials=args.trials, seed=args.seed, start=False),
+            obj,
+            opt,
+        )
+    )
+    rows.append(
+        run(
+            f"optuna-TPE from ilp/greedy/uniform ({args.trials} trials)",
+            lambda: solve_bayes(p, n_trials=args.trials, seed=args.seed),
+            obj,
+            opt,
+        )
+    )
+    rows.append(
+        run(
+            f"evolution from greedy ({args.generations} generations)",
+            lambda: solve_evolution(
+                p, start=greedy.choice, generations=args.generations, seed=args.seed
+            ),
+            obj,
+            opt,
+        )
+    )
     return rows
 
 
@@ -124,21 +154,44 @@ def measured_rows(p: AllocationProblem, args: argparse.Namespace) -> list[Row]:
     def val(s: Solution) -> float:
         return measure(s.choice)
 
-    rows: list[Row] = [("ilp on the hidden table (unreachable reference)", f"{ref:.6g}", "0",
-                        "", "")]
+    rows: list[Row] = [
+        ("ilp on the hidden table (unreachable reference)", f"{ref:.6g}", "0", "", "")
+    ]
     rows.append(run("ilp on the visible table (baseline)", lambda: solve_ilp(p), val, ref))
-    rows.append(run(f"sac on the measure ({args.timesteps} steps)",
-                    lambda: solve_sac(p, measure, total_timesteps=args.timesteps,
-                                      seed=args.seed), val, ref))
-    rows.append(run(f"sac on the measure, unshaped ({args.timesteps} steps)",
-                    lambda: solve_sac(p, measure, total_timesteps=args.timesteps,
-                                      seed=args.seed, shaped=False), val, ref))
-    rows.append(run(f"optuna-TPE from ilp/greedy/uniform ({args.trials} trials)",
-                    lambda: solve_bayes(p, measure, n_trials=args.trials, seed=args.seed),
-                    val, ref))
-    rows.append(run(f"evolution from ilp ({args.generations} generations)",
-                    lambda: solve_evolution(p, measure, generations=args.generations,
-                                            seed=args.seed), val, ref))
+    rows.append(
+        run(
+            f"sac on the measure ({args.timesteps} steps)",
+            lambda: solve_sac(p, measure, total_timesteps=args.timesteps, seed=args.seed),
+            val,
+            ref,
+        )
+    )
+    rows.append(
+        run(
+            f"sac on the measure, unshaped ({args.timesteps} steps)",
+            lambda: solve_sac(
+                p, measure, total_timesteps=args.timesteps, seed=args.seed, shaped=False
+            ),
+            val,
+            ref,
+        )
+    )
+    rows.append(
+        run(
+            f"optuna-TPE from ilp/greedy/uniform ({args.trials} trials)",
+            lambda: solve_bayes(p, measure, n_trials=args.trials, seed=args.seed),
+            val,
+            ref,
+        )
+    )
+    rows.append(
+        run(
+            f"evolution from ilp ({args.generations} generations)",
+            lambda: solve_evolution(p, measure, generations=args.generations, seed=args.seed),
+            val,
+            ref,
+        )
+    )
     return rows
 
 
@@ -177,11 +230,15 @@ def start_counts(args: argparse.Namespace) -> None:
         b = solve_bayes(p, measure, n_trials=40, seed=seed)
         e = solve_evolution(p, measure, generations=10, offspring=8, seed=seed)
         rows["bayes (TPE, 40 trials)"].append(
-            (b.stats["start"] != "search", b.stats["measured"] / start - 1))
+            (b.stats["start"] != "search", b.stats["measured"] / start - 1)
+        )
         rows["evolution (10 x 8 from the ILP plan)"].append(
-            (not e.stats["improved"], e.stats["measured"] / start - 1))
-    print(f"Best plan = a start plan, over {args.starts} problems ({args.decisions} decisions x "
-          f"{args.options} options, hidden measure = table x lognormal(0, 0.5)):")
+            (not e.stats["improved"], e.stats["measured"] / start - 1)
+        )
+    print(
+        f"Best plan = a start plan, over {args.starts} problems ({args.decisions} decisions x "
+        f"{args.options} options, hidden measure = table x lognormal(0, 0.5)):"
+    )
     print()
     print("| search | best is a start plan | measured vs the ILP plan, mean | best |")
     print("|---|---|---|---|")
@@ -203,8 +260,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="the model of --table")
     ap.add_argument("--budget", default="bits=4.0", help="budget for --table")
     ap.add_argument("--table-only", action="store_true", help="skip the synthetic problem")
-    ap.add_argument("--starts", type=int, default=0,
-                    help="only count how often bayes/evolution end on a start plan, N problems")
+    ap.add_argument(
+        "--starts",
+        type=int,
+        default=0,
+        help="only count how often bayes/evolution end on a start plan, N problems",
+    )
     args = ap.parse_args()
     if args.starts:
         start_counts(args)
@@ -218,25 +279,33 @@ def main() -> None:
     solve_ilp(warm)
     solve_bayes(warm, n_trials=2)
     solve_sac(warm, total_timesteps=8, learning_starts=4)
-    print(f"Machine: {platform.node()} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch threads 1), Python {platform.python_version()}, "
-          f"optuna {version('optuna')}, stable-baselines3 {version('stable-baselines3')}, "
-          f"torch {version('torch')}, scipy {version('scipy')}, numpy {version('numpy')}")
+    print(
+        f"Machine: {platform.node()} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch threads 1), Python {platform.python_version()}, "
+        f"optuna {version('optuna')}, stable-baselines3 {version('stable-baselines3')}, "
+        f"torch {version('torch')}, scipy {version('scipy')}, numpy {version('numpy')}"
+    )
     if not args.table_only:
-        print(f"Problem: {args.decisions} decisions x {args.options} options, budget on bits "
-              f"halfway, seed {args.seed}")
+        print(
+            f"Problem: {args.decisions} decisions x {args.options} options, budget on bits "
+            f"halfway, seed {args.seed}"
+        )
         print()
         print("Objective = the table's summed distortion; gap to the ILP optimum:")
         print()
         table_md(table_rows(p, args), "solver")
-        print("Objective = a hidden table (visible x lognormal(0, 0.5)) seen only through a "
-              "measure; gap to the ILP on the hidden table:")
+        print(
+            "Objective = a hidden table (visible x lognormal(0, 0.5)) seen only through a "
+            "measure; gap to the ILP on the hidden table:"
+        )
         print()
         table_md(measured_rows(p, args), "solver")
     if args.table:
         q = real_problem(args)
-        print(f"Real table {args.table} ({len(q.decisions)} decisions x {len(q.options)} "
-              f"options, {args.budget}); gap to the ILP optimum:")
+        print(
+            f"Real table {args.table} ({len(q.decisions)} decisions x {len(q.options)} "
+            f"options, {args.budget}); gap to the ILP optimum:"
+        )
         print()
         table_md(table_rows(q, args), "solver")
 

@@ -46,8 +46,7 @@ def make_problem(n: int, m: int, seed: int) -> AllocationProblem:
     dist = rng.uniform(0.1, 10, n)[:, None] * size[:, None] * 4.0**-bits
     dist *= rng.uniform(0.8, 1.2, (n, m))
     limits = {
-        r: float(c.min(1).sum() + 0.5 * (c.max(1).sum() - c.min(1).sum()))
-        for r, c in costs.items()
+        r: float(c.min(1).sum() + 0.5 * (c.max(1).sum() - c.min(1).sum())) for r, c in costs.items()
     }
     return AllocationProblem(
         tuple(f"d{i}" for i in range(n)), tuple(f"{b:g}" for b in bits), dist, costs, limits
@@ -87,19 +86,29 @@ def main() -> None:
         red = sol.stats.get("reduction")
         note = f"{wall / t_full:.2f} x whole-model HiGHS"
         if red:
-            note += (f"; core {red['core_options']} of {int(p.allowed.sum())} options, "
-                     f"{red['free_decisions']} free decisions, {red['core_solves']} core solves")
+            note += (
+                f"; core {red['core_options']} of {int(p.allowed.sum())} options, "
+                f"{red['free_decisions']} free decisions, {red['core_solves']} core solves"
+            )
         rows.append((label, sol.status, f"{sol.objective:.6f}", f"{wall:.2f}", note))
         assert sol.status == "optimal" and abs(sol.objective - opt) <= 1e-9 * opt, label
     for name, solve in (("greedy", solve_greedy), ("closed_form", solve_closed_form)):
         t = time.perf_counter()
         sol = solve(p)
         wall = time.perf_counter() - t
-        rows.append((name, sol.status, f"{sol.objective:.6f}", f"{wall:.2f}",
-                     f"objective {sol.objective / opt:.4f} x ILP"))
+        rows.append(
+            (
+                name,
+                sol.status,
+                f"{sol.objective:.6f}",
+                f"{wall:.2f}",
+                f"objective {sol.objective / opt:.4f} x ILP",
+            )
+        )
 
-    single = AllocationProblem(p.decisions, p.options, p.distortion, {"bits": p.costs["bits"]},
-                               {"bits": p.limits["bits"]})
+    single = AllocationProblem(
+        p.decisions, p.options, p.distortion, {"bits": p.costs["bits"]}, {"bits": p.limits["bits"]}
+    )
     t = time.perf_counter()
     front = pareto_frontier(single)
     budgets = np.linspace(front.cost[0], front.cost[-1], args.budgets)
@@ -112,8 +121,9 @@ def main() -> None:
         lb = front.lower_bound(float(b))
         certified.append(pt.distortion / lb - 1 if lb > 0 else 0.0)
     for b in budgets[5 :: args.budgets // 10]:
-        q = AllocationProblem(p.decisions, p.options, p.distortion, {"bits": p.costs["bits"]},
-                              {"bits": float(b)})
+        q = AllocationProblem(
+            p.decisions, p.options, p.distortion, {"bits": p.costs["bits"]}, {"bits": float(b)}
+        )
         exact = solve_ilp(q).objective
         pt = front.pick(float(b))
         assert pt is not None
@@ -124,23 +134,31 @@ def main() -> None:
         f"| {max(certified):.2e} |"
     )
 
-    print(f"Machine: {platform.node()} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs), Python {platform.python_version()}, "
-          f"scipy {version('scipy')} (HiGHS), PuLP {version('pulp')} (CBC), "
-          f"numpy {version('numpy')}")
-    print(f"Problem: {args.decisions} decisions x {args.options} options x 3 resources "
-          f"(bits, bops, latency), seed {args.seed}")
+    print(
+        f"Machine: {platform.node()} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs), Python {platform.python_version()}, "
+        f"scipy {version('scipy')} (HiGHS), PuLP {version('pulp')} (CBC), "
+        f"numpy {version('numpy')}"
+    )
+    print(
+        f"Problem: {args.decisions} decisions x {args.options} options x 3 resources "
+        f"(bits, bops, latency), seed {args.seed}"
+    )
     print()
     print("| solver | status | objective | wall s | vs |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print()
-    print(f"Pareto frontier of `bits` alone (other budgets dropped), {args.budgets} budgets "
-          f"picked evenly from the cheapest to the best plan:")
+    print(
+        f"Pareto frontier of `bits` alone (other budgets dropped), {args.budgets} budgets "
+        f"picked evenly from the cheapest to the best plan:"
+    )
     print()
-    print("| points | DP states | exact DP | frontier + picks s | of which DP s "
-          "| gap to ILP at 10 budgets, max / mean | certified gap bound, max of all |")
+    print(
+        "| points | DP states | exact DP | frontier + picks s | of which DP s "
+        "| gap to ILP at 10 budgets, max / mean | certified gap bound, max of all |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(pareto)
 

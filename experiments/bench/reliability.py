@@ -110,8 +110,10 @@ def ctrl_c(tmp: Path, env: dict[str, str]) -> None:
           f"{'Traceback' in err}; table written {(work / 't.json').exists()}")  # fmt: skip
     again = run(argv, e, work)
     total = len(entries())
-    print(f"CTRL-C RESUME: {kept} layers cached when interrupted; the rerun (exit "
-          f"{again.returncode}) computed the {total - kept} layers not yet cached, of {total}")
+    print(
+        f"CTRL-C RESUME: {kept} layers cached when interrupted; the rerun (exit "
+        f"{again.returncode}) computed the {total - kept} layers not yet cached, of {total}"
+    )
 
 
 def medium_folder(folder: Path) -> Path:
@@ -197,9 +199,14 @@ def bayes_workers(tmp: Path, env: dict[str, str]) -> None:
             "--budget", "bits=5", "--formats", "3,4,6,8", "--storage", str(db),
             "--study", "shared", "--n", "1", "--seq-len", "32", "--no-guard"]  # fmt: skip
     procs = [
-        subprocess.Popen([*CLI, *argv, "--seed", str(s), "--out", str(tmp / f"b{s}.json")],
-                         env=e, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
+        subprocess.Popen(
+            [*CLI, *argv, "--seed", str(s), "--out", str(tmp / f"b{s}.json")],
+            env=e,
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for s in (0, 1)
     ]
     codes = [p.wait() for p in procs]

@@ -69,8 +69,13 @@ def synthetic(seed: int, lumpy: bool = False) -> AllocationProblem:
     sens = 10.0 ** rng.uniform(-2, 2, n)
     dist = sens[:, None] * size[:, None] * 4.0 ** -bits[None, :]
     dist *= np.exp(rng.normal(0, 0.3, (n, m)))
-    return AllocationProblem(tuple(f"d{i}" for i in range(n)), tuple(f"{b:g}" for b in bits),
-                             dist, costs, {"bits": _budget(costs["bits"], 0.5)})
+    return AllocationProblem(
+        tuple(f"d{i}" for i in range(n)),
+        tuple(f"{b:g}" for b in bits),
+        dist,
+        costs,
+        {"bits": _budget(costs["bits"], 0.5)},
+    )
 
 
 def small(seed: int) -> AllocationProblem:
@@ -85,8 +90,14 @@ def _budget(c: np.ndarray, frac: float) -> float:
 
 
 def with_budget(p: AllocationProblem, frac: float) -> AllocationProblem:
-    return AllocationProblem(p.decisions, p.options, p.distortion, p.costs,
-                             {"bits": _budget(p.costs["bits"], frac)}, p.meta)
+    return AllocationProblem(
+        p.decisions,
+        p.options,
+        p.distortion,
+        p.costs,
+        {"bits": _budget(p.costs["bits"], frac)},
+        p.meta,
+    )
 
 
 def table_problem(model_id: str, path: str, bits: float | None = None) -> AllocationProblem:
@@ -129,9 +140,13 @@ class Validation:
         self.rounding = rounding
         self.optima = {k: [solve_ilp(p).objective for p in v] for k, v in self.groups.items()}
         # solve_sac's starts: the water level, plain and with the lump rounded
-        self.levels = {k: [min(p.distortion_of(level_plan(p)),
-                               p.distortion_of(level_plan(p, rounding=True))) for p in v]
-                       for k, v in self.groups.items()}
+        self.levels = {
+            k: [
+                min(p.distortion_of(level_plan(p)), p.distortion_of(level_plan(p, rounding=True)))
+                for p in v
+            ]
+            for k, v in self.groups.items()
+        }
         self.best = float("inf")
         self.best_weights: dict[str, np.ndarray] | None = None
         self.best_stage = ""
@@ -151,24 +166,37 @@ class Validation:
             alone[k], answer[k] = float(np.mean(own)), float(np.mean(best))
         g = float(np.mean(list(answer.values())))
         self.history.append((stage, g))
-        print(f"  validation {stage}: score {g:.4%}; answer "
-              + ", ".join(f"{k} {v:.4%}" for k, v in answer.items()) + "; actor alone "
-              + ", ".join(f"{k} {v:.4%}" for k, v in alone.items()), flush=True)
+        print(
+            f"  validation {stage}: score {g:.4%}; answer "
+            + ", ".join(f"{k} {v:.4%}" for k, v in answer.items())
+            + "; actor alone "
+            + ", ".join(f"{k} {v:.4%}" for k, v in alone.items()),
+            flush=True,
+        )
         if g < self.best:
             self.best, self.best_weights, self.best_stage = g, weights, stage
         return g
 
 
-def sac_stage(weights: dict[str, np.ndarray], pool: list, steps: int, valid: Validation,
-              every: int, args: argparse.Namespace) -> None:
+def sac_stage(
+    weights: dict[str, np.ndarray],
+    pool: list,
+    steps: int,
+    valid: Validation,
+    every: int,
+    args: argparse.Namespace,
+) -> None:
     """SAC from the imitation weights on the table's shaped reward; every ``every`` steps
     the actor is checked on the validation problems."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     def actor_weights(model: object) -> dict[str, np.ndarray]:
         state = model.policy.state_dict()  # type: ignore[attr-defined]
-        return {k: v.detach().cpu().numpy().copy() for k, v in state.items()
-                if k.startswith("actor.latent_pi.") or k.startswith("actor.mu.")}
+        return {
+            k: v.detach().cpu().numpy().copy()
+            for k, v in state.items()
+            if k.startswith("actor.latent_pi.") or k.startswith("actor.mu.")
+        }
 
     class Every(BaseCallback):
         def _on_step(self) -> bool:
@@ -177,10 +205,20 @@ def sac_stage(weights: dict[str, np.ndarray], pool: list, steps: int, valid: Val
             return True
 
     first, budgets = pool[0]
-    model = train_sac(first, total_timesteps=steps, seed=args.seed, budgets=budgets,
-                      others=pool[1:], n_envs=args.envs, init=NumpyActor(weights, valid.meta),
-                      callbacks=[Every()], learning_rate=args.lr, ent_coef=args.ent_coef,
-                      target_entropy=args.target_entropy, learning_starts=args.learning_starts)
+    model = train_sac(
+        first,
+        total_timesteps=steps,
+        seed=args.seed,
+        budgets=budgets,
+        others=pool[1:],
+        n_envs=args.envs,
+        init=NumpyActor(weights, valid.meta),
+        callbacks=[Every()],
+        learning_rate=args.lr,
+        ent_coef=args.ent_coef,
+        target_entropy=args.target_entropy,
+        learning_starts=args.learning_starts,
+    )
     valid.check(f"sac step {steps}", actor_weights(model))
 
 
@@ -192,8 +230,12 @@ def main() -> None:
     ap.add_argument("--table", action="append", default=[], help="MODEL=TABLE.json")
     ap.add_argument("--rounds", type=int, default=4, help="DAgger rounds (0: expert states)")
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--share", type=float, default=0.4,
-                    help="share of the episodes rolled out by the actor in each later round")
+    ap.add_argument(
+        "--share",
+        type=float,
+        default=0.4,
+        help="share of the episodes rolled out by the actor in each later round",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sac-steps", type=int, default=0, help="SAC steps after imitation")
     ap.add_argument("--every", type=int, default=2000, help="SAC validation every N steps")
@@ -202,8 +244,11 @@ def main() -> None:
     ap.add_argument("--ent-coef", default="auto_0.01", help="SAC's entropy coefficient")
     ap.add_argument("--target-entropy", type=float, default=-2.0)
     ap.add_argument("--learning-starts", type=int, default=1000)
-    ap.add_argument("--rounding", action="store_true",
-                    help="episodes with the lump rounded (policy v3; v2 was trained without)")
+    ap.add_argument(
+        "--rounding",
+        action="store_true",
+        help="episodes with the lump rounded (policy v3; v2 was trained without)",
+    )
     ap.add_argument("--out", default=str(PRETRAINED))
     ap.add_argument("--data", default="", help="save the labelled states here (.npz)")
     ap.add_argument("--from-data", default="", help="fit on these saved states (no rollouts)")
@@ -216,14 +261,24 @@ def main() -> None:
         big.append(table_problem(model_id, path))
     pool = [(p, [{"bits": _budget(p.costs["bits"], f)} for f in FRACS]) for p in big]
     pool += [(q, [dict(q.limits)]) for q in (small(10_000 + i) for i in range(args.small))]
-    valid = Validation({
-        "synthetic": [with_budget(synthetic(3000 + i), f) for i in range(8) for f in (0.3, 0.7)],
-        "lumpy": [with_budget(synthetic(4000 + i, True), f) for i in range(8) for f in (0.3, 0.7)],
-        "small": [small(20_000 + i) for i in range(40)],
-    }, args.rounding)
+    valid = Validation(
+        {
+            "synthetic": [
+                with_budget(synthetic(3000 + i), f) for i in range(8) for f in (0.3, 0.7)
+            ],
+            "lumpy": [
+                with_budget(synthetic(4000 + i, True), f) for i in range(8) for f in (0.3, 0.7)
+            ],
+            "small": [small(20_000 + i) for i in range(40)],
+        },
+        args.rounding,
+    )
     episodes = [(AllocationEpisode(p, rounding=args.rounding), b) for p, bs in pool for b in bs]
-    print(f"{len(pool)} training problems, {len(episodes)} (problem, budget) episodes; "
-          f"{sum(map(len, valid.groups.values()))} validation problems", flush=True)
+    print(
+        f"{len(pool)} training problems, {len(episodes)} (problem, budget) episodes; "
+        f"{sum(map(len, valid.groups.values()))} validation problems",
+        flush=True,
+    )
     valid.check("water level", None)
     parts: list[Labelled] = []
     weights: dict[str, np.ndarray] | None = None
@@ -238,8 +293,7 @@ def main() -> None:
         policy = None if weights is None else NumpyActor(weights, valid.meta)
         solves = 0
         rng = np.random.default_rng(args.seed + r)
-        chosen = episodes if r == 0 else [
-            e for e in episodes if rng.uniform() < args.share]
+        chosen = episodes if r == 0 else [e for e in episodes if rng.uniform() < args.share]
         for ep, limits in chosen:
             lab, k = collect(ep, limits, policy, ilp_choice)
             parts.append(lab)
@@ -249,8 +303,11 @@ def main() -> None:
             np.savez(args.data, obs=data.obs, lo=data.lo, hi=data.hi)
         moved = float(np.mean((data.lo > 0) | (data.hi < 0)))
         weights = fit_actor(data, epochs=args.epochs, seed=args.seed, ignore=MODEL_COLUMNS)
-        print(f"DAgger round {r}: {len(data.obs)} states ({moved:.1%} off the water level), "
-              f"{solves} ILP solves, {time.perf_counter() - t:.0f} s", flush=True)
+        print(
+            f"DAgger round {r}: {len(data.obs)} states ({moved:.1%} off the water level), "
+            f"{solves} ILP solves, {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
         valid.check(f"dagger round {r}", weights)
     if args.sac_steps and weights is not None:
         sac_stage(valid.best_weights or weights, pool, args.sac_steps, valid, args.every, args)
@@ -259,38 +316,54 @@ def main() -> None:
     if kept is None:
         print("no stage beat the water level; nothing written")
         return
-    save_weights(kept, Path(args.out), {
-        "name": Path(args.out).stem,
-        "trained_by": "DAgger on ILP labels" + (f" + SAC {args.sac_steps} steps"
-                                                if args.sac_steps else ""),
-        "rounds": str(args.rounds),
-        "kept_stage": valid.best_stage,
-        "validation_gap": f"{valid.best:.6f}",
-        "trained_on": f"{args.problems} synthetic + {args.lumpy} lumpy synthetic + {args.small} "
-                      f"small tables + {','.join(args.table) or 'no real table'}",
-        "train_minutes": f"{minutes:.1f}",
-        "seed": str(args.seed),
-        **valid.meta,
-    })
-    print(f"kept {valid.best_stage} (validation mean gap {valid.best:.4%}); {minutes:.1f} min "
-          f"({os.cpu_count()} CPUs, torch threads {os.environ.get('MPQ_THREADS', 'default')}); "
-          f"wrote {args.out}")
+    save_weights(
+        kept,
+        Path(args.out),
+        {
+            "name": Path(args.out).stem,
+            "trained_by": "DAgger on ILP labels"
+            + (f" + SAC {args.sac_steps} steps" if args.sac_steps else ""),
+            "rounds": str(args.rounds),
+            "kept_stage": valid.best_stage,
+            "validation_gap": f"{valid.best:.6f}",
+            "trained_on": f"{args.problems} synthetic + {args.lumpy} lumpy synthetic + "
+            f"{args.small} small tables + {','.join(args.table) or 'no real table'}",
+            "train_minutes": f"{minutes:.1f}",
+            "seed": str(args.seed),
+            **valid.meta,
+        },
+    )
+    print(
+        f"kept {valid.best_stage} (validation mean gap {valid.best:.4%}); {minutes:.1f} min "
+        f"({os.cpu_count()} CPUs, torch threads {os.environ.get('MPQ_THREADS', 'default')}); "
+        f"wrote {args.out}"
+    )
     actor = NumpyActor(kept, valid.meta)
-    for name, make in (("synthetic", lambda i: synthetic(5000 + i)),
-                       ("lumpy", lambda i: synthetic(6000 + i, lumpy=True))):
+    for name, make in (
+        ("synthetic", lambda i: synthetic(5000 + i)),
+        ("lumpy", lambda i: synthetic(6000 + i, lumpy=True)),
+    ):
         gaps, base = [], []
         for i in range(20):
             for frac in (0.25, 0.5, 0.75):
                 p = with_budget(make(i), frac)
                 opt = solve_ilp(p).objective
                 gaps.append(p.distortion_of(policy_plan(actor, p)[0]) / opt - 1)
-                base.append(min(p.distortion_of(level_plan(p)),
-                                p.distortion_of(level_plan(p, rounding=True))) / opt - 1)
-        print(f"held-out {name} (20 tables x 3 budgets): policy gap to ILP max {max(gaps):.3%} "
-              f"median {np.median(gaps):.3%} mean {np.mean(gaps):.3%}; water level alone max "
-              f"{max(base):.3%} median {np.median(base):.3%} mean {np.mean(base):.3%}; "
-              f"policy worse on {sum(g > b + 1e-12 for g, b in zip(gaps, base, strict=True))}"
-              f" / {len(gaps)}")
+                base.append(
+                    min(
+                        p.distortion_of(level_plan(p)),
+                        p.distortion_of(level_plan(p, rounding=True)),
+                    )
+                    / opt
+                    - 1
+                )
+        print(
+            f"held-out {name} (20 tables x 3 budgets): policy gap to ILP max {max(gaps):.3%} "
+            f"median {np.median(gaps):.3%} mean {np.mean(gaps):.3%}; water level alone max "
+            f"{max(base):.3%} median {np.median(base):.3%} mean {np.mean(base):.3%}; "
+            f"policy worse on {sum(g > b + 1e-12 for g, b in zip(gaps, base, strict=True))}"
+            f" / {len(gaps)}"
+        )
 
 
 if __name__ == "__main__":
