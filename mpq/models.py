@@ -42,6 +42,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("MPQ_CACHE") or Path.home() / ".cache" / "mpq")
 
 
+def models_root() -> Path:
+    """Where converted checkpoints live: ``$MPQ_MODELS``, else ``cache_root() / "models"``.
+    Set it to share one conversion among several caches (the test suite does)."""
+    env = os.environ.get("MPQ_MODELS")
+    return Path(env) if env else cache_root() / "models"
+
+
 @dataclass
 class LoadedModel:
     """A model ready for mpq: the module (eval mode, fp32), its tokenizer and defaults."""
@@ -127,7 +134,7 @@ def write_converted(target: Path, save: Callable[[Path], None]) -> None:
 def _load_smollm2() -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_root() / "models" / "smollm2-135m-fp32"
+    target = models_root() / "smollm2-135m-fp32"
     problem = converted_problem(target) if target.exists() else "not converted yet"
     if problem is not None:
         if target.exists():

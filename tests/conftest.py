@@ -61,6 +61,22 @@ def mpq_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_models(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One folder of converted checkpoints for the whole session (``$MPQ_MODELS``, unless the
+    caller set it), whatever ``$MPQ_CACHE`` a test sets: SmolLM2 is converted from its GGUF
+    once (~40 s), not once per private cache, and never into the home cache."""
+    if os.environ.get("MPQ_MODELS"):
+        yield Path(os.environ["MPQ_MODELS"])
+        return
+    folder = tmp_path_factory.mktemp("models")
+    os.environ["MPQ_MODELS"] = str(folder)
+    try:
+        yield folder
+    finally:
+        os.environ.pop("MPQ_MODELS", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaMA saved as a local HF folder (build it once; tests only read it)."""

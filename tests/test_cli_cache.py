@@ -21,8 +21,9 @@ def _fill(root: Path) -> None:
 
 @pytest.mark.usefixtures("mpq_env")
 def test_cache_shows_each_kind_and_clears_only_the_one_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("MPQ_MODELS", raising=False)  # the default layout: models in the cache
     root = tmp_path / "cache"
     _fill(root)
     assert main(["cache"]) == 0
@@ -44,3 +45,29 @@ def test_an_unknown_kind_is_named_with_the_choices(capsys: pytest.CaptureFixture
     assert main(["cache", "--clear", "weights"]) == 2
     err = capsys.readouterr().err
     assert "'weights' is not a kind of cache" in err and "quant" in err and "all" in err
+
+
+@pytest.mark.usefixtures("mpq_env")
+def test_models_elsewhere_are_counted_and_cleared_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$MPQ_MODELS`` moves the converted checkpoints out of the cache: the loader, ``mpq
+    cache`` and ``--clear models`` all go there, and a models folder left in the cache is not
+    the one they mean."""
+    from mpq.models import models_root
+
+    root, elsewhere = tmp_path / "cache", tmp_path / "shared-models"
+    monkeypatch.setenv("MPQ_MODELS", str(elsewhere))
+    assert models_root() == elsewhere
+    for folder, n in ((elsewhere / "m", 2), (root / "models" / "old", 1)):
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i}.bin").write_bytes(b"x" * 10)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()}
+    assert rows["models"][0] == "2" and str(elsewhere) in out
+    assert main(["cache", "--clear", "models"]) == 0
+    assert not elsewhere.exists() and (root / "models" / "old" / "0.bin").exists()
+    monkeypatch.delenv("MPQ_MODELS")
+    assert models_root() == root / "models"

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpq.models import cache_root
+from mpq.models import cache_root, models_root
 
 VERSION = "0.3.36"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
@@ -512,7 +512,7 @@ def main() -> None:
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     loaded = load_model("smollm2-135m")
-    hf = cache_root() / "models" / "smollm2-135m-fp32"
+    hf = models_root() / "smollm2-135m-fp32"
     texts = write_texts(loaded.tokenizer, root, args.chunks, args.ctx)
     f32 = root / "f32.gguf"
     if not f32.is_file():

@@ -186,7 +186,7 @@ def compress(args: argparse.Namespace) -> None:
 
     from mpq.config import load_config
     from mpq.data import text_windows
-    from mpq.models import load_model
+    from mpq.models import load_model, models_root
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def compress(args: argparse.Namespace) -> None:
             print(f"ratio {ratio:g}: cached in {out}")
             continue
         out.mkdir(parents=True, exist_ok=True)
-        argv = [str(py), str(HERE), "_worker", "--model", str(_cache() / "models" /
+        argv = [str(py), str(HERE), "_worker", "--model", str(models_root() /
                 "smollm2-135m-fp32"), "--calib", str(calib), "--ratio", str(ratio), "--out",
                 str(out), "--threads", str(args.threads)]  # fmt: skip
         t0 = time.perf_counter()

@@ -11,7 +11,8 @@ from mpq.errors import MpqError
 
 #: what each top-level folder of ``$MPQ_CACHE`` holds (ARCHITECTURE.md "Caches")
 KINDS = {
-    "models": "converted checkpoints (rebuilt from the offline packages on the next load)",
+    "models": "converted checkpoints (rebuilt from the offline packages on the next load; "
+    "$MPQ_MODELS puts them elsewhere)",
     "sensitivity": "sensitivity tables, one file per target",
     "stats": "per-layer input statistics (importance, Hessians)",
     "quant": "quantized weights (capped by $MPQ_QUANT_CACHE_MB)",
@@ -32,10 +33,14 @@ def usage(folder: Path) -> tuple[int, int]:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from mpq.models import cache_root
+    from mpq.models import cache_root, models_root
     from mpq.quantstore import cap_bytes
 
     root = cache_root()
+
+    def folder(kind: str) -> Path:
+        return models_root() if kind == "models" else root / kind
+
     present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     kinds = list(KINDS) + [k for k in present if k not in KINDS]
     clear = list(dict.fromkeys(args.clear or []))
@@ -47,12 +52,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
             f"--clear {unknown[0]!r} is not a kind of cache; choose from {', '.join(kinds)} or all"
         )
     for kind in clear:
-        shutil.rmtree(root / kind, ignore_errors=True)
+        shutil.rmtree(folder(kind), ignore_errors=True)
     print(f"cache: {root}")
+    if models_root() != root / "models":
+        print(f"models: {models_root()} ($MPQ_MODELS)")
     print(f"{'kind':<12} {'files':>7} {'MB':>9}  what")
     total = 0
     for kind in kinds:
-        files, size = usage(root / kind)
+        files, size = usage(folder(kind))
         total += size
         what = KINDS.get(kind, "")
         if kind == "quant":
