@@ -63,10 +63,34 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _unresolved(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> bool:
+    """Whether two rows' ``metric`` differ by less than 1.96 standard errors of the difference
+    of two independent estimates (``sqrt(se_a^2 + se_b^2)``; ppl compared as mean NLL, its log).
+    False where the rows carry no standard errors. Unpaired, so it is conservative: plans scored
+    on the same windows are usually resolved more finely by the paired KL columns."""
+    value, se = ("nll", "nll_se") if metric == "ppl" else (metric, f"{metric}_se")
+    try:
+        diff = abs(float(a[value]) - float(b[value]))
+        spread = math.hypot(float(a[se]), float(b[se]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return math.isfinite(diff) and math.isfinite(spread) and spread > 0 and diff < 1.96 * spread
+
+
+def _compare(mine: float, other: float, lower: bool) -> int:
+    """+1 when ``mine`` is better than ``other``, -1 when worse, 0 when equal."""
+    if mine == other:
+        return 0
+    return 1 if (mine < other) == lower else -1
+
+
 def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per mixed plan: does it beat the best uniform plan within its effective bits?"""
+    """One line per mixed plan: does it beat the best uniform plan within its effective bits?
+    Equal values are called ties, and a difference under 1.96 combined standard errors is
+    marked as not resolved by the evaluation (:func:`_unresolved`)."""
     metric, lower = primary_metric(rows)
     uniform = [r for r in rows if r["policy"] == "uniform"]
+    noise = " (within the evaluation's noise: 1.96 combined se)"
     out = []
     for r in rows:
         if r["policy"] in ("uniform", "fp32"):
@@ -79,18 +103,19 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
             line += "no uniform plan fits within its bits."
         else:
             best = (min if lower else max)(fits, key=lambda u: u[metric])
-            worse = mine > best[metric] if lower else mine < best[metric]
-            word = "LOSES to" if worse else "beats"
+            word = {1: "beats", 0: "ties with", -1: "LOSES to"}[_compare(mine, best[metric], lower)]
             line += (
                 f"{word} the best uniform plan within its bits, {best['plan']} "
-                f"({best['effective_bits']:.3f} bits, {metric} {_fmt(best[metric])})."
+                f"({best['effective_bits']:.3f} bits, {metric} {_fmt(best[metric])})"
+                f"{noise if word != 'ties with' and _unresolved(r, best, metric) else ''}."
             )
         if above:
             nxt = min(above, key=lambda u: u["effective_bits"])
-            cmp = "better" if (nxt[metric] < mine if lower else nxt[metric] > mine) else "worse"
+            cmp = {1: "worse", 0: "equal", -1: "better"}[_compare(mine, nxt[metric], lower)]
             line += (
                 f" The next uniform plan up, {nxt['plan']}, spends {nxt['effective_bits']:.3f} "
-                f"bits and is {cmp} ({metric} {_fmt(nxt[metric])})."
+                f"bits and is {cmp} ({metric} {_fmt(nxt[metric])})"
+                f"{noise if cmp != 'equal' and _unresolved(r, nxt, metric) else ''}."
             )
         out.append(line)
     return out

@@ -57,6 +57,40 @@ def test_bits_saved_interpolates_the_uniform_curve_in_log_ppl() -> None:
     assert "outside the uniform range" in by_plan["ilp@6"]
 
 
+def test_equal_values_tie_and_noise_is_named() -> None:
+    """Equal accuracies are a tie, not a win or a loss; a difference under 1.96 combined se is
+    marked unresolved, a larger one is not (ppl through its mean NLL)."""
+
+    def acc(plan: str, policy: str, bits: float, a: float, se: float) -> dict:
+        return {"plan": plan, "policy": policy, "effective_bits": bits, "acc": a, "acc_se": se}
+
+    rows = [
+        acc("uniform:4", "uniform", 4.26, 0.9531, 0.010),
+        acc("uniform:5", "uniform", 5.26, 0.9554, 0.010),
+        acc("ilp@5", "ilp", 5.0, 0.9531, 0.010),
+        acc("ilp@4.5", "ilp", 4.5, 0.9554, 0.010),
+    ]
+    tie, close = verdicts(rows)
+    assert "ties with the best uniform plan within its bits, uniform:4 " in tie
+    assert "is better (acc 0.9554) (within the evaluation's noise" in tie
+    assert "beats" in close and "uniform:4 (4.260 bits, acc 0.9531) (within" in close
+    assert "is equal (acc 0.9554)." in close
+    far = [
+        acc("uniform:4", "uniform", 4.26, 0.80, 0.010),
+        acc("ilp@4.5", "ilp", 4.5, 0.90, 0.010),
+    ]
+    assert "beats" in verdicts(far)[0] and "noise" not in verdicts(far)[0]
+
+    def nll(plan: str, policy: str, bits: float, v: float) -> dict:
+        return {"plan": plan, "policy": policy, "effective_bits": bits, "ppl": math.exp(v),
+                "nll": v, "nll_se": 0.05}  # fmt: skip
+
+    near = verdicts([nll("uniform:4", "uniform", 4.0, 3.20), nll("ilp", "ilp", 4.2, 3.15)])
+    apart = verdicts([nll("uniform:4", "uniform", 4.0, 3.50), nll("ilp", "ilp", 4.2, 3.15)])
+    assert "beats" in near[0] and "noise" in near[0]
+    assert "beats" in apart[0] and "noise" not in apart[0]
+
+
 def test_accuracy_is_higher_is_better() -> None:
     rows = [
         {"plan": "uniform:4", "policy": "uniform", "effective_bits": 4.0, "acc": 0.9, "kl": 0},
