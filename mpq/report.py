@@ -103,19 +103,21 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
             line += "no uniform plan fits within its bits."
         else:
             best = (min if lower else max)(fits, key=lambda u: u[metric])
-            word = {1: "beats", 0: "ties with", -1: "LOSES to"}[_compare(mine, best[metric], lower)]
+            c = _compare(mine, best[metric], lower)
+            word = {1: "beats", 0: "ties with", -1: "LOSES to"}[c]
             line += (
                 f"{word} the best uniform plan within its bits, {best['plan']} "
                 f"({best['effective_bits']:.3f} bits, {metric} {_fmt(best[metric])})"
-                f"{noise if word != 'ties with' and _unresolved(r, best, metric) else ''}."
+                f"{noise if c and _unresolved(r, best, metric) else ''}."
             )
         if above:
             nxt = min(above, key=lambda u: u["effective_bits"])
-            cmp = {1: "worse", 0: "equal", -1: "better"}[_compare(mine, nxt[metric], lower)]
+            c = _compare(mine, nxt[metric], lower)
             line += (
                 f" The next uniform plan up, {nxt['plan']}, spends {nxt['effective_bits']:.3f} "
-                f"bits and is {cmp} ({metric} {_fmt(nxt[metric])})"
-                f"{noise if cmp != 'equal' and _unresolved(r, nxt, metric) else ''}."
+                f"bits and is {({1: 'worse', 0: 'equal', -1: 'better'})[c]} "
+                f"({metric} {_fmt(nxt[metric])})"
+                f"{noise if c and _unresolved(r, nxt, metric) else ''}."
             )
         out.append(line)
     return out

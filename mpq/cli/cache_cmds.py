@@ -36,10 +36,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from mpq.models import cache_root, models_root
     from mpq.quantstore import cap_bytes
 
-    root = cache_root()
+    root, models = cache_root(), models_root()
 
     def folder(kind: str) -> Path:
-        return models_root() if kind == "models" else root / kind
+        return models if kind == "models" else root / kind
 
     present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     kinds = list(KINDS) + [k for k in present if k not in KINDS]
@@ -54,8 +54,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for kind in clear:
         shutil.rmtree(folder(kind), ignore_errors=True)
     print(f"cache: {root}")
-    if models_root() != root / "models":
-        print(f"models: {models_root()} ($MPQ_MODELS)")
+    if models != root / "models":
+        print(f"models: {models} ($MPQ_MODELS)")
     print(f"{'kind':<12} {'files':>7} {'MB':>9}  what")
     total = 0
     for kind in kinds:
